@@ -1,0 +1,142 @@
+"""Opening and reading slides: every shared slide, level choice, MPP sources and failures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import CMU, SLIDES, needs_data, write_pyramid
+from wsi_medcam.errors import MissingMetadataError, ResolutionError, SlideOpenError
+from wsi_medcam.slide import MppOverrides, _mpp_from_resolution_tags, open_slide, read_mpp_csv
+
+pytestmark = needs_data
+
+ALL_SLIDES = sorted(p for p in SLIDES.rglob("*") if p.is_file()) if SLIDES.is_dir() else []
+# boxes.tiff declares 352 µm/px (a synthetic file): implausible, so it needs an explicit --mpp.
+NEEDS_OVERRIDE = {"boxes.tiff"}
+
+
+@pytest.mark.parametrize("path", ALL_SLIDES, ids=lambda p: p.name)
+def test_every_shared_slide_opens_and_reads(path):
+    overrides = MppOverrides(run=0.5) if path.name in NEEDS_OVERRIDE else None
+    with open_slide(path, overrides=overrides) as slide:
+        d = slide.describe()
+        assert d["levels"][0]["dimensions"] == list(slide.dimensions)
+        assert 0.05 <= d["mpp"]["x"] <= 5
+        assert d["mpp"]["source"] == ("override" if path.name in NEEDS_OVERRIDE else "metadata")
+        w, h = slide.dimensions
+        region = slide.read_level((0, 0), 0, (min(w, 64), min(h, 64)))
+        assert region.shape == (min(h, 64), min(w, 64), 3) and region.dtype == np.uint8
+    expected_backend = "tiffslide" if path.name.endswith(".ome.tif") else "openslide"
+    assert d["backend"] == expected_backend
+
+
+def test_ome_tiff_falls_back_to_tiffslide_with_physical_size():
+    with open_slide(SLIDES / "OS-1-detail.ome.tif") as slide:
+        assert slide.backend == "tiffslide"
+        assert slide.mpp.x == pytest.approx(0.2271, abs=1e-3)
+
+
+def test_dicom_through_openslide():
+    with open_slide(SLIDES / "format-fixtures" / "boxes_0.dcm") as slide:
+        assert slide.backend == "openslide" and slide.vendor == "dicom"
+
+
+def test_implausible_mpp_is_refused_with_the_flag_to_use():
+    with pytest.raises(MissingMetadataError, match=r"boxes.tiff.*352.*--mpp"):
+        open_slide(SLIDES / "format-fixtures" / "boxes.tiff")
+
+
+def test_best_level_counts_4_0003_as_4(built_pyramid):
+    with open_slide(built_pyramid) as slide:
+        # 2967 rows halve to 1483 then 741: the real downsamples are not exact powers of two
+        assert len(slide.level_downsamples) == 3 and slide.level_downsamples[2] != 4.0
+        assert slide.best_level(2.0, 0.02) == 1
+        assert slide.best_level(4.0, 0.02) == 2
+        assert slide.best_level(3.9, 0.02) == 1
+    # OpenSlide's own get_best_level_for_downsample(4) picks level 0 when a level says 4.0003
+    from wsi_medcam.slide import Slide
+
+    class _Fake:
+        level_downsamples = (1.0, 4.0003, 16.0012)
+
+    fake = Slide.__new__(Slide)
+    fake._handle = _Fake()
+    assert fake.best_level(4.0, 0.02) == 1
+    assert fake.best_level(16.0, 0.02) == 2
+    assert fake.best_level(4.0, 0.0) == 0
+
+
+def test_read_at_target_mpp_matches_level_and_area_filter(built_pyramid, cmu_pixels):
+    """Reading 0.5 µm/px from a 0.25 µm/px pyramid uses level 1; 1 µm/px reads level 2 directly."""
+    with open_slide(built_pyramid) as slide:
+        tile = slide.read_region_at((400, 600), 224, 0.5)
+        assert tile.shape == (224, 224, 3)
+        ref = cmu_pixels[300:300 + 224, 200:200 + 224].astype(np.float32)  # level 1 = CMU pixels
+        assert np.abs(tile.astype(np.float32) - ref).mean() < 12  # JPEG round trip only
+        coarse = slide.read_region_at((400, 600), 112, 1.0)
+        assert coarse.shape == (112, 112, 3)
+        # an area-filtered 0.75 µm/px read reduces level 1 by 1.5
+        mid = slide.read_region_at((0, 0), 100, 0.75)
+        assert mid.shape == (100, 100, 3)
+        with pytest.raises(ResolutionError, match="refusing to upsample"):
+            slide.read_region_at((0, 0), 64, 0.1)
+
+
+def test_outside_the_slide_is_white_not_black():
+    with open_slide(CMU) as slide:
+        w, h = slide.dimensions
+        region = slide.read_level((w - 10, h - 10), 0, (40, 40))
+        assert region[20:, 20:].min() == 255
+
+
+def test_mpp_from_resolution_tags():
+    assert _mpp_from_resolution_tags({"tiff.ResolutionUnit": "centimeter", "tiff.XResolution": "40000",
+                                      "tiff.YResolution": "20000"}) == (0.25, 0.5)
+    assert _mpp_from_resolution_tags({"tiff.ResolutionUnit": "INCH", "tiff.XResolution": 50800,
+                                      "tiff.YResolution": 50800}) == (0.5, 0.5)
+    assert _mpp_from_resolution_tags({"tiff.ResolutionUnit": "none", "tiff.XResolution": "1"}) is None
+
+
+def test_generic_tiff_mpp_comes_from_resolution_tags(tmp_path, cmu_pixels):
+    path = write_pyramid(tmp_path / "generic.tif", cmu_pixels[:1024, :1024], mpp=0.3, levels=2, aperio=False)
+    for backend in ("openslide", "tiffslide"):
+        with open_slide(path, backend=backend) as slide:
+            assert slide.mpp.x == pytest.approx(0.3, rel=1e-4)
+
+
+def test_missing_mpp_needs_an_override(tmp_path, cmu_pixels):
+    path = write_pyramid(tmp_path / "nompp.tif", cmu_pixels[:512, :512], mpp=None, levels=1, aperio=False)
+    with pytest.raises(MissingMetadataError, match=r"nompp.tif: no plausible microns-per-pixel; pass --mpp"):
+        open_slide(path)
+    with open_slide(path, overrides=MppOverrides(run=0.5)) as slide:
+        assert (slide.mpp.x, slide.mpp.source) == (0.5, "override")
+    csv = tmp_path / "mpp.csv"
+    csv.write_text(f"path,mpp\n{path},0.42\n")
+    with open_slide(path, overrides=MppOverrides(run=0.5, per_slide=read_mpp_csv(csv))) as slide:
+        assert (slide.mpp.x, slide.mpp.source) == (0.42, "csv")
+
+
+def test_not_a_slide_and_empty_file(tmp_path):
+    text = tmp_path / "notes.svs"
+    text.write_text("not a slide")
+    with pytest.raises(SlideOpenError, match="notes.svs: not a readable slide"):
+        open_slide(text)
+    empty = tmp_path / "empty.svs"
+    empty.touch()
+    with pytest.raises(SlideOpenError, match="empty file"):
+        open_slide(empty)
+    with pytest.raises(SlideOpenError, match="no such file"):
+        open_slide(tmp_path / "missing.svs")
+
+
+def test_thumbnail_is_read_in_blocks_and_matches_a_plain_resize(cmu_pixels):
+    from PIL import Image
+
+    with open_slide(CMU) as slide:
+        thumb, mpp = slide.read_thumbnail(8.0, block_level_px=700)
+    h, w = cmu_pixels.shape[:2]
+    assert mpp == pytest.approx(0.499 * w / thumb.shape[1])
+    assert abs(thumb.shape[1] - w * 0.499 / 8) <= 1
+    plain = np.asarray(Image.fromarray(cmu_pixels).resize((thumb.shape[1], thumb.shape[0]), Image.Resampling.BOX))
+    assert np.abs(thumb.astype(int) - plain.astype(int)).mean() < 4

@@ -1,0 +1,58 @@
+"""Tiles as a torch Dataset, fed to the models by a prefetching DataLoader.
+
+The dataset keeps a :class:`SlideRef` (path, backend, µm/px) and opens its own handle lazily in
+each worker process, so no slide handle is ever pickled or shared across processes (a tiffslide
+handle inherited by forked workers yields corrupt JPEG reads).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .slide import Slide, SlideRef
+from .tiling import TileGrid
+
+
+class TileDataset(Dataset):
+    """Item ``i`` is (uint8 tensor 3×H×W at the grid's µm/px, i). Normalisation happens on the device."""
+
+    def __init__(self, ref: SlideRef, grid: TileGrid, *, tolerance: float = 0.02):
+        self.ref = ref
+        self.grid = grid
+        self.tolerance = tolerance
+        self._slide: Slide | None = None
+
+    def __len__(self) -> int:
+        return len(self.grid)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_slide"] = None
+        return state
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if self._slide is None:
+            self._slide = self.ref.open()
+        rgb = self._slide.read_region_at(
+            self.grid.xy_level0(i), self.grid.tile_size, self.grid.mpp, tolerance=self.tolerance
+        )
+        return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))), i
+
+
+def make_loader(dataset: TileDataset, *, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
+    """Ordered batches (the stitcher streams row by row), read ahead by ``workers`` processes."""
+    kwargs: dict[str, Any] = {}
+    if workers > 0:
+        kwargs.update(prefetch_factor=4, persistent_workers=False)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        **kwargs,
+    )

@@ -1,0 +1,228 @@
+"""The ``wsi-medcam`` command line: thin wrappers that build a config, call one API function, and turn
+this package's errors into one readable line and a non-zero exit status."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .bundles import ClassifierConfig, SegmenterConfig, import_classifier, make_segmenter
+from .config import RunConfig
+from .errors import WsiMedcamError
+from .slide import MppOverrides, open_slide
+
+app = typer.Typer(
+    help="Med-CAM minimal-evidence explanations for patch classifiers on whole-slide images.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out_console = Console()
+
+SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".dcm", ".svslide"}
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False, show_time=False)], force=True)
+
+
+def expand_slides(items: list[str]) -> list[Path]:
+    """Paths, globs and directories (their slide files, recursively) → unique paths in given order."""
+    found: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES))
+        elif any(ch in item for ch in "*?[") and not path.exists():
+            found.extend(Path(p) for p in sorted(glob.glob(item, recursive=True)))
+        else:
+            found.append(path)
+    unique: dict[Path, None] = {}
+    for p in found:
+        unique.setdefault(p, None)
+    return list(unique)
+
+
+@app.command()
+def info(
+    slides: Annotated[list[str], typer.Argument(help="slide files, globs or folders")],
+    backend: Annotated[str, typer.Option(help="auto (OpenSlide, then tiffslide), openslide or tiffslide")] = "auto",
+    mpp: Annotated[Optional[float], typer.Option(help="µm/px to assume when the slide has none")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON document on stdout")] = False,
+) -> None:
+    """Show vendor, backend, levels, microns per pixel (and where it came from) and associated images."""
+    paths = expand_slides(slides)
+    if not paths:
+        raise _fail("no slides matched")
+    described, failed = [], 0
+    for path in paths:
+        try:
+            with open_slide(path, backend=backend, overrides=MppOverrides(mpp)) as slide:  # type: ignore[arg-type]
+                described.append(slide.describe())
+        except WsiMedcamError as exc:
+            failed += 1
+            described.append({"path": str(path), "error": str(exc)})
+            if not as_json:
+                console.print(f"[red]error:[/red] {exc}", highlight=False)
+    if as_json:
+        out_console.print_json(json.dumps(described if len(described) > 1 else described[0]))
+    else:
+        for d in described:
+            if "error" in d:
+                continue
+            table = Table(title=f"{Path(d['path']).name}", title_justify="left", show_header=True)
+            table.add_column("level")
+            table.add_column("width × height")
+            table.add_column("downsample")
+            table.add_column("µm/px")
+            for i, lvl in enumerate(d["levels"]):
+                w, h = lvl["dimensions"]
+                table.add_row(str(i), f"{w} × {h}", f"{lvl['downsample']:.4g}", f"{d['mpp']['x'] * lvl['downsample']:.4g}")
+            out_console.print(table)
+            out_console.print(f"  vendor: {d['vendor'] or 'unknown'}   backend: {d['backend']}   "
+                              f"mpp: {d['mpp']['x']:.4g} × {d['mpp']['y']:.4g} ({d['mpp']['source']})   "
+                              f"associated: {', '.join(d['associated_images']) or 'none'}", highlight=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def run(
+    slides: Annotated[list[str], typer.Argument(help="slide files, globs or folders")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="output folder; one sub-folder per slide")] = Path("wsi-medcam-out"),
+    classifier: Annotated[Optional[Path], typer.Option(help="classifier bundle folder")] = None,
+    segmenter: Annotated[Optional[Path], typer.Option(help="Med-CAM segmenter bundle; omit for a classify-only run")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML config (see configs/default.yaml); flags override it")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="auto, openslide or tiffslide")] = None,
+    mpp: Annotated[Optional[float], typer.Option(help="µm/px for slides whose metadata has none")] = None,
+    mpp_csv: Annotated[Optional[Path], typer.Option(help="CSV of path,mpp for slides without metadata")] = None,
+    tile_mpp: Annotated[Optional[float], typer.Option(help="override the classifier's µm/px (warns)")] = None,
+    tile_size: Annotated[Optional[int], typer.Option(help="override the classifier's tile size, px (warns)")] = None,
+    overlap: Annotated[Optional[int], typer.Option(help="tile overlap, px at the tile resolution")] = None,
+    min_tissue: Annotated[Optional[float], typer.Option(help="minimum tissue fraction of a kept tile, 0–1")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="tiles per batch (default 256 on CUDA, 32 on CPU)")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader reader processes")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads")] = None,
+    mask_mpp: Annotated[Optional[float], typer.Option(help="µm/px of the evidence store's level 0 (default: the slide's)")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="redo slides that are already finished")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="debug log, with tracebacks of failed slides")] = False,
+) -> None:
+    """Tissue → tiles → classifier (+ segmenter) → OME-Zarr evidence, GeoJSON, CSV, overview and report per slide.
+
+    Finished slides are skipped on a rerun; a failed slide is reported and the others go on; the
+    exit status is 1 if any slide failed.
+    """
+    from .pipeline import load_models, run_slides
+
+    _setup_logging(verbose)
+    overrides = {
+        "classifier": classifier, "segmenter": segmenter,
+        "slide.backend": backend, "slide.mpp": mpp, "slide.mpp_csv": mpp_csv,
+        "tiling.mpp": tile_mpp, "tiling.tile_size": tile_size, "tiling.overlap": overlap, "tiling.min_tissue": min_tissue,
+        "inference.batch_size": batch_size, "inference.workers": workers, "inference.device": device,
+        "inference.precision": precision, "inference.threads": threads,
+        "output.mask_mpp": mask_mpp, "output.overwrite": overwrite or None,
+    }
+    try:
+        cfg = RunConfig.from_yaml(config, {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()})
+        paths = expand_slides(slides)
+        if not paths:
+            raise WsiMedcamError("no slides matched " + " ".join(slides))
+        models = load_models(cfg)
+    except WsiMedcamError as exc:
+        raise _fail(str(exc)) from None
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        overall = bar.add_task("slides", total=len(paths))
+        tiles_task = bar.add_task("tiles", total=None)
+
+        def on_progress(name: str, done: int, total: int) -> None:
+            bar.update(tiles_task, description=f"{name[:40]}", completed=done, total=total)
+
+        def on_result(result) -> None:  # noqa: ANN001
+            bar.advance(overall)
+            colour = {"done": "green", "skipped": "yellow", "failed": "red"}[result.status]
+            bar.console.print(f"[{colour}]{result.status}[/{colour}] {result.path}  {result.reason}", highlight=False)
+
+        results = run_slides(paths, out, cfg, models=models, progress=on_progress, on_result=on_result)
+    failed = [r for r in results if r.status == "failed"]
+    summary = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
+    console.print(f"{summary['done']} done, {summary['skipped']} skipped, {summary['failed']} failed → {out}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("import-classifier")
+def import_classifier_cmd(
+    out: Annotated[Path, typer.Option("-o", "--out", help="bundle folder to create")],
+    arch: Annotated[str, typer.Option(help="timm model name, e.g. resnet18")],
+    classes: Annotated[str, typer.Option(help="comma-separated class names, in output order")],
+    mpp: Annotated[float, typer.Option(help="µm/px the model was trained at")],
+    tile_size: Annotated[int, typer.Option(help="input tile edge, px")],
+    weights: Annotated[Optional[Path], typer.Option(help=".safetensors, or .pth/.pt state_dict (loaded weights_only)")] = None,
+    untrained: Annotated[bool, typer.Option("--untrained", help="random weights, for experiments and tests")] = False,
+    mean: Annotated[str, typer.Option(help="normalisation mean r,g,b")] = "0.485,0.456,0.406",
+    std: Annotated[str, typer.Option(help="normalisation std r,g,b")] = "0.229,0.224,0.225",
+) -> None:
+    """Convert a timm state_dict checkpoint into a classifier bundle (config.json + model.safetensors)."""
+    if (weights is None) == (not untrained):
+        raise _fail("give exactly one of --weights FILE or --untrained")
+    try:
+        cfg = ClassifierConfig(arch=arch, class_names=[c.strip() for c in classes.split(",") if c.strip()], mpp=mpp,
+                               tile_size=tile_size, mean=_floats(mean), std=_floats(std))
+        path = import_classifier(cfg, out, weights=weights)
+    except (WsiMedcamError, ValueError) as exc:
+        raise _fail(str(exc).splitlines()[0] if isinstance(exc, WsiMedcamError) else _pydantic_line(exc)) from None
+    console.print(f"classifier bundle written to {path}")
+
+
+@app.command("make-segmenter")
+def make_segmenter_cmd(
+    out: Annotated[Path, typer.Option("-o", "--out", help="bundle folder to create")],
+    encoder: Annotated[str, typer.Option(help="segmentation-models-pytorch encoder")] = "resnet18",
+    tile_size: Annotated[int, typer.Option(help="tile edge, px")] = 224,
+) -> None:
+    """Create an untrained Med-CAM segmenter bundle (U-Net, one logit channel), e.g. for tests."""
+    try:
+        path = make_segmenter(SegmenterConfig(encoder=encoder, tile_size=tile_size), out)
+    except WsiMedcamError as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"segmenter bundle written to {path}")
+
+
+def _floats(text: str) -> tuple[float, float, float]:
+    values = tuple(float(v) for v in text.split(","))
+    if len(values) != 3:
+        raise ValueError(f"expected three comma-separated numbers, got '{text}'")
+    return values  # type: ignore[return-value]
+
+
+def _pydantic_line(exc: ValueError) -> str:
+    from pydantic import ValidationError
+
+    from .config import format_validation_error
+
+    return format_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,124 @@
+"""Validated, frozen configuration for every stage of ``wsi-medcam run``.
+
+Defaults live here and only here; ``configs/default.yaml`` mirrors them so users see every knob.
+Each stage receives only its own slice (``cfg.tissue``, ``cfg.tiling`` ...). Unknown keys, wrong
+types and out-of-range values are rejected with one readable message naming the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SlideConfig(_Frozen):
+    """How slides are opened and how their resolution is established."""
+
+    backend: Literal["auto", "openslide", "tiffslide"] = "auto"
+    mpp: float | None = Field(None, gt=0, description="µm/px override for every slide of the run")
+    mpp_csv: Path | None = Field(None, description="CSV of path,mpp overrides per slide")
+    level_tolerance: float = Field(0.02, ge=0, le=0.25, description="relative slack when matching a level downsample")
+
+
+class TissueConfig(_Frozen):
+    """Tissue detection on a low-resolution thumbnail; sizes are physical (µm, µm²)."""
+
+    mpp: float = Field(8.0, gt=0, description="thumbnail resolution, µm/px")
+    saturation_floor: float = Field(0.07, ge=0, le=1, description="minimum HSV saturation threshold (Otsu is raised to it)")
+    median_um: float = Field(24.0, ge=0, description="median filter size on the saturation channel, µm")
+    min_value: float = Field(0.12, ge=0, le=1, description="pixels darker than this HSV value are not tissue")
+    max_value: float = Field(0.97, ge=0, le=1, description="pixels brighter than this (and unsaturated) are glass")
+    close_um: float = Field(32.0, ge=0, description="closing disk diameter, µm")
+    min_object_um2: float = Field(20000.0, ge=0, description="smaller tissue islands are dropped, µm²")
+    min_hole_um2: float = Field(20000.0, ge=0, description="smaller holes are filled, µm²")
+    reject_pen: bool = True
+
+
+class TilingConfig(_Frozen):
+    """The tile grid at the model's resolution; None means 'take it from the classifier bundle'."""
+
+    mpp: float | None = Field(None, gt=0, description="tile resolution, µm/px")
+    tile_size: int | None = Field(None, ge=16, le=4096, description="tile edge, px at the tile resolution")
+    overlap: int = Field(0, ge=0, description="overlap between neighbouring tiles, px at the tile resolution")
+    min_tissue: float = Field(0.25, ge=0, le=1, description="minimum tissue fraction for a tile to be kept")
+
+
+class InferenceConfig(_Frozen):
+    """How the models are driven."""
+
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    batch_size: int | None = Field(None, ge=1, description="tiles per batch; None: 256 on CUDA, 32 on CPU")
+    workers: int = Field(2, ge=0, le=64, description="DataLoader reader processes")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = True
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; None: torch's default")
+
+
+class OutputConfig(_Frozen):
+    """What is written per slide."""
+
+    mask_mpp: float | None = Field(None, gt=0, description="µm/px of the evidence store's level 0; None: the slide's level 0")
+    chunk_size: int = Field(1024, ge=64, le=8192, description="zarr chunk edge, px")
+    min_pyramid_size: int = Field(512, ge=16, description="stop the pyramid when the longer side is below this")
+    overwrite: bool = False
+
+
+class RunConfig(_Frozen):
+    """Everything ``wsi-medcam run`` needs besides the slide paths."""
+
+    classifier: Path | None = None
+    segmenter: Path | None = None
+    slide: SlideConfig = SlideConfig()
+    tissue: TissueConfig = TissueConfig()
+    tiling: TilingConfig = TilingConfig()
+    inference: InferenceConfig = InferenceConfig()
+    output: OutputConfig = OutputConfig()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        """Validate a nested dict; raise :class:`ConfigError` with one readable line per problem."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc)) from None
+
+    @classmethod
+    def from_yaml(cls, path: Path | None = None, overrides: dict[str, Any] | None = None) -> "RunConfig":
+        """Load ``path`` (or the defaults), then apply dotted ``overrides`` such as ``{"tiling.overlap": 32}``."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            try:
+                loaded = yaml.safe_load(Path(path).read_text()) or {}
+            except (OSError, yaml.YAMLError) as exc:
+                raise ConfigError(f"cannot read config {path}: {exc}") from None
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"config {path} must be a mapping at the top level")
+            data = loaded
+        for dotted, value in (overrides or {}).items():
+            if value is None:
+                continue
+            node = data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = value
+        return cls.from_dict(data)
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """Turn a pydantic error into ``field.path: message`` lines a user can act on."""
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{where}: {msg}")
+    return "invalid config: " + "; ".join(lines)

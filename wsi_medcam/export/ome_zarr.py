@@ -1,0 +1,204 @@
+"""OME-NGFF 0.4 stores on Zarr v2 — the combination QuPath 0.6+ (Bio-Formats) and napari read.
+
+The evidence image is written chunk by chunk while tiles stream in (see
+:mod:`wsi_medcam.stitching`); its pyramid is then built level by level from the chunks that
+exist, reading one 2×2 group of chunks at a time, so no level is ever held in memory and
+background chunks are neither read nor written. Metadata goes through ome-zarr-py with
+``FormatV04`` so the layout is the library's, not ours.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numcodecs
+import numpy as np
+import zarr
+from ome_zarr.format import FormatV04
+from ome_zarr.writer import add_metadata, write_label_metadata, write_multiscales_metadata
+
+AXES = [
+    {"name": "c", "type": "channel"},
+    {"name": "y", "type": "space", "unit": "micrometer"},
+    {"name": "x", "type": "space", "unit": "micrometer"},
+]
+LABEL_NAME = "evidence"
+
+
+def _compressor() -> numcodecs.abc.Codec:
+    return numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)
+
+
+def _create(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str) -> zarr.Array:
+    return group.create_array(
+        name,
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        fill_value=0,
+        compressors=_compressor(),
+        chunk_key_encoding={"name": "v2", "separator": "/"},
+    )
+
+
+def _datasets(mpps: list[float]) -> list[dict[str, Any]]:
+    return [
+        {"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": [1.0, mpp, mpp]}]}
+        for i, mpp in enumerate(mpps)
+    ]
+
+
+def pyramid_shapes(shape: tuple[int, int], min_size: int) -> list[tuple[int, int]]:
+    """Level shapes halving until the longer side is below ``min_size`` (always at least level 0).
+
+    >>> pyramid_shapes((3000, 2000), 512)
+    [(3000, 2000), (1500, 1000), (750, 500), (375, 250)]
+    """
+    shapes = [shape]
+    while max(shapes[-1]) >= min_size and max(shapes[-1]) > 1:
+        h, w = shapes[-1]
+        shapes.append((math.ceil(h / 2), math.ceil(w / 2)))
+    return shapes
+
+
+def _halve_mean(block: np.ndarray) -> np.ndarray:
+    """2×2 area mean; an odd trailing row/column is averaged with itself."""
+    h, w = block.shape
+    padded = np.pad(block.astype(np.uint16), ((0, h % 2), (0, w % 2)), mode="edge")
+    total = padded[0::2, 0::2] + padded[1::2, 0::2] + padded[0::2, 1::2] + padded[1::2, 1::2]
+    return ((total + 2) // 4).astype(np.uint8)
+
+
+def _halve_nearest(block: np.ndarray) -> np.ndarray:
+    """Nearest-neighbour halving for labels (no invented class values)."""
+    return block[0::2, 0::2]
+
+
+class EvidenceStore:
+    """``evidence.ome.zarr``: soft evidence (uint8 0–255) and ``labels/evidence`` (class index + 1).
+
+    Implements :class:`wsi_medcam.stitching.ChunkWriter` for level 0.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        shape: tuple[int, int],
+        mpp: float,
+        chunk: int,
+        min_size: int,
+        class_names: list[str],
+        colors: list[tuple[int, int, int]],
+        name: str,
+    ):
+        self.path = Path(path)
+        self.shape = shape
+        self.mpp = mpp
+        self.chunk = chunk
+        self.class_names = class_names
+        self.colors = colors
+        self.name = name
+        self.shapes = pyramid_shapes(shape, min_size)
+        self.root = zarr.open_group(str(self.path), mode="w", zarr_format=2)
+        label_group = self.root.create_group("labels").create_group(LABEL_NAME)
+        self._image = [_create(self.root, str(i), (1, *s), (1, chunk, chunk), "uint8") for i, s in enumerate(self.shapes)]
+        self._labels = [_create(label_group, str(i), (1, *s), (1, chunk, chunk), "uint8") for i, s in enumerate(self.shapes)]
+        self._written: set[tuple[int, int]] = set()
+
+    def write(self, y: int, x: int, evidence: np.ndarray, labels: np.ndarray) -> None:
+        """Store one chunk-aligned level-0 block."""
+        if y % self.chunk or x % self.chunk:
+            raise ValueError(f"write at ({y}, {x}) is not aligned to chunks of {self.chunk}")
+        h, w = evidence.shape
+        self._image[0][0, y : y + h, x : x + w] = evidence
+        self._labels[0][0, y : y + h, x : x + w] = labels
+        self._written.add((y // self.chunk, x // self.chunk))
+
+    def finalize(self, attrs: dict[str, Any]) -> None:
+        """Build the pyramid from the written chunks, then write NGFF 0.4 metadata (last, so an
+        interrupted store is never mistaken for a complete one)."""
+        written = self._written
+        for level in range(1, len(self.shapes)):
+            written = self._downsample(level, written)
+        mpps = [self.mpp * 2**i for i in range(len(self.shapes))]
+        fmt = FormatV04()
+        write_multiscales_metadata(self.root, _datasets(mpps), fmt=fmt, axes=AXES, name=self.name)
+        add_metadata(self.root, {"omero": {
+            "name": self.name,
+            "channels": [{"label": "evidence", "color": "FFFFFF", "active": True,
+                          "window": {"min": 0, "max": 255, "start": 0, "end": 255}}],
+            "rdefs": {"model": "greyscale"},
+        }})
+        add_metadata(self.root, {"wsi_medcam": attrs})
+        labels = self.root["labels"]
+        write_multiscales_metadata(labels[LABEL_NAME], _datasets(mpps), fmt=fmt, axes=AXES, name=LABEL_NAME)
+        write_label_metadata(  # also lists the label image in the labels group
+            labels,
+            LABEL_NAME,
+            colors=[{"label-value": i + 1, "rgba": [*c, 255]} for i, c in enumerate(self.colors)],
+            properties=[{"label-value": i + 1, "class": n} for i, n in enumerate(self.class_names)],
+            fmt=fmt,
+        )
+
+    def coarsest(self) -> np.ndarray:
+        """The smallest pyramid level (at most ``min_size`` px per side), for previews."""
+        return self._image[-1][0]
+
+    def _downsample(self, level: int, below: set[tuple[int, int]]) -> set[tuple[int, int]]:
+        c = self.chunk
+        parents = {(cy // 2, cx // 2) for cy, cx in below}
+        done: set[tuple[int, int]] = set()
+        h, w = self.shapes[level]
+        for cy, cx in sorted(parents):
+            y0, x0 = cy * c, cx * c
+            if y0 >= h or x0 >= w:
+                continue
+            src = (0, slice(2 * y0, 2 * y0 + 2 * c), slice(2 * x0, 2 * x0 + 2 * c))
+            evidence = _halve_mean(self._image[level - 1][src])
+            labels = _halve_nearest(self._labels[level - 1][src])
+            if not evidence.any():
+                continue
+            eh, ew = evidence.shape
+            self._image[level][0, y0 : y0 + eh, x0 : x0 + ew] = evidence
+            self._labels[level][0, y0 : y0 + eh, x0 : x0 + ew] = labels
+            done.add((cy, cx))
+        return done
+
+
+def write_probabilities(
+    path: Path,
+    grid_probs: np.ndarray,
+    *,
+    pixel_um: float,
+    offset_um: float,
+    class_names: list[str],
+    colors: list[tuple[int, int, int]],
+    attrs: dict[str, Any],
+) -> None:
+    """``probabilities.ome.zarr``: (classes, rows, cols) float32 at tile-grid resolution.
+
+    ``pixel_um`` is the grid stride in µm; ``offset_um`` shifts pixel centres onto tile centres
+    when tiles overlap. Positions with no tile are 0.
+    """
+    root = zarr.open_group(str(path), mode="w", zarr_format=2)
+    n, rows, cols = grid_probs.shape
+    arr = _create(root, "0", (n, rows, cols), (1, min(rows, 1024), min(cols, 1024)), "float32")
+    arr[:] = grid_probs
+    datasets = [{"path": "0", "coordinateTransformations": [
+        {"type": "scale", "scale": [1.0, pixel_um, pixel_um]},
+        {"type": "translation", "translation": [0.0, offset_um, offset_um]},
+    ]}]
+    write_multiscales_metadata(root, datasets, fmt=FormatV04(), axes=AXES, name="probabilities")
+    add_metadata(root, {"omero": {
+        "name": "probabilities",
+        "channels": [
+            {"label": name, "color": "%02X%02X%02X" % tuple(color), "active": True,
+             "window": {"min": 0.0, "max": 1.0, "start": 0.0, "end": 1.0}}
+            for name, color in zip(class_names, colors)
+        ],
+        "rdefs": {"model": "color"},
+    }})
+    add_metadata(root, {"wsi_medcam": attrs})

@@ -1,0 +1,59 @@
+"""``overview.png``: thumbnail, tissue mask, class heatmap and evidence overlay side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def class_heatmap(grid_probs: np.ndarray, colors: list[tuple[int, int, int]]) -> np.ndarray:
+    """RGB (rows, cols): the predicted class's colour, brightness = its probability; black = no tile."""
+    conf = grid_probs.max(axis=0)
+    pred = grid_probs.argmax(axis=0)
+    palette = np.asarray(colors, np.float32)
+    return (palette[pred] * conf[..., None]).astype(np.uint8)
+
+
+def _fit(img: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarray:
+    method = Image.Resampling.NEAREST if nearest else Image.Resampling.BOX
+    return np.asarray(Image.fromarray(img).resize(size, method))
+
+
+def write_overview(
+    path: Path,
+    thumbnail: np.ndarray,
+    tissue: np.ndarray,
+    heatmap: np.ndarray,
+    evidence: np.ndarray | None,
+    *,
+    max_side: int = 512,
+) -> None:
+    """Four panels at the thumbnail's aspect ratio, at most ``max_side`` px high or wide each.
+
+    ``heatmap`` must cover the slide's extent (callers crop the tile grid to the slide); ``evidence``
+    is any-resolution uint8 0–255 evidence over the same extent, or None.
+    """
+    h, w = thumbnail.shape[:2]
+    scale = min(1.0, max_side / max(h, w))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    thumb = _fit(thumbnail, size, nearest=False)
+    panels = [
+        thumb,
+        _fit((tissue.astype(np.uint8) * 255), size, nearest=True)[..., None].repeat(3, axis=2),
+        _fit(heatmap, size, nearest=True),
+    ]
+    if evidence is not None:
+        ev = _fit(evidence, size, nearest=False).astype(np.float32)[..., None] / 255
+        red = np.array([255, 0, 0], np.float32)
+        panels.append((thumb * (1 - 0.6 * ev) + red * 0.6 * ev).astype(np.uint8))
+    titles = ["slide", "tissue", "class heatmap", "evidence"][: len(panels)]
+    gap, header = 8, 18
+    canvas = Image.new("RGB", (len(panels) * (size[0] + gap) - gap, size[1] + header), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (panel, title) in enumerate(zip(panels, titles)):
+        x = i * (size[0] + gap)
+        canvas.paste(Image.fromarray(panel), (x, header))
+        draw.text((x + 2, 2), title, fill="black")
+    canvas.save(path)

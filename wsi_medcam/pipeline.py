@@ -1,0 +1,338 @@
+"""One slide end to end, reading as the data flow: open → tissue → tiles → batches → models →
+stitched stores, GeoJSON, tables, overview and report. And many slides, one after another, with
+skip-if-done, atomic outputs and per-slide failure isolation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .batching import TileDataset, make_loader
+from .bundles import Bundle, load_classifier, load_segmenter
+from .config import RunConfig
+from .errors import OutputError, WsiMedcamError
+from .export.geojson import write_evidence
+from .export.ome_zarr import EvidenceStore, write_probabilities
+from .export.overview import class_heatmap, write_overview
+from .export.tiles import TileRecord, TileWriter
+from .inference import Predictor, default_batch_size
+from .slide import MppOverrides, SlideRef, open_slide, read_mpp_csv
+from .stitching import EvidenceStitcher
+from .tiling import plan_tiles
+from .tissue import detect_tissue
+
+log = logging.getLogger("wsi_medcam")
+
+REPORT_NAME = "report.json"
+PARTIAL_SUFFIX = ".partial"
+ProgressHook = Callable[[str, int, int], None]
+"""Called as (slide name, tiles done so far, total tiles)."""
+
+
+@dataclass(frozen=True)
+class Models:
+    """What a worker loads once and reuses for every slide."""
+
+    classifier: Bundle
+    segmenter: Bundle | None
+    predictor: Predictor
+
+
+def load_models(cfg: RunConfig) -> Models:
+    """Load the bundles named in ``cfg`` onto the configured device."""
+    if cfg.classifier is None:
+        raise WsiMedcamError("no classifier bundle given: pass --classifier DIR")
+    if cfg.inference.threads:
+        torch.set_num_threads(cfg.inference.threads)
+    classifier = load_classifier(cfg.classifier)
+    segmenter = load_segmenter(cfg.segmenter) if cfg.segmenter else None
+    return Models(classifier, segmenter, Predictor(classifier, segmenter, cfg.inference))
+
+
+def tile_geometry(cfg: RunConfig, classifier: Bundle) -> tuple[float, int]:
+    """Tile µm/px and size: the classifier's, unless the config overrides them (with a warning)."""
+    ccfg = classifier.config
+    mpp, size = ccfg.mpp, ccfg.tile_size
+    if cfg.tiling.mpp is not None and abs(cfg.tiling.mpp - mpp) > 1e-9:
+        log.warning("tile mpp %.4g overrides the classifier's %.4g µm/px: predictions may degrade", cfg.tiling.mpp, mpp)
+        mpp = cfg.tiling.mpp
+    if cfg.tiling.tile_size is not None and cfg.tiling.tile_size != size:
+        log.warning("tile size %d overrides the classifier's %d px", cfg.tiling.tile_size, size)
+        size = cfg.tiling.tile_size
+    return mpp, size
+
+
+def output_names(paths: Sequence[Path]) -> dict[Path, str]:
+    """Output folder name per slide: its stem, plus a short hash of its folder when stems collide."""
+    stems: dict[str, int] = {}
+    for p in paths:
+        stems[_stem(p)] = stems.get(_stem(p), 0) + 1
+    names = {}
+    for p in paths:
+        stem = _stem(p)
+        if stems[stem] > 1:
+            stem = f"{stem}-{hashlib.sha1(str(p.resolve().parent).encode()).hexdigest()[:8]}"
+        names[p] = stem
+    return names
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("wsi-medcam", "torch", "timm", "segmentation-models-pytorch", "openslide-python", "openslide-bin",
+                 "tiffslide", "zarr", "ome-zarr", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+@dataclass
+class SlideResult:
+    """Outcome of one slide: ``status`` is done, skipped or failed."""
+
+    path: Path
+    status: str
+    output: Path | None = None
+    reason: str = ""
+    seconds: float = 0.0
+    tiles: int = 0
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def process_slide(
+    path: Path, work_dir: Path, cfg: RunConfig, models: Models, *, progress: ProgressHook | None = None
+) -> dict[str, Any]:
+    """Run the whole flow for one slide, writing every output into ``work_dir``; returns the report."""
+    timer = _Timer()
+    start = time.perf_counter()
+    overrides = MppOverrides(cfg.slide.mpp, read_mpp_csv(cfg.slide.mpp_csv) if cfg.slide.mpp_csv else {})
+    ccfg = models.classifier.config
+    class_names, colors = list(ccfg.class_names), ccfg.class_colors()
+    mpp, tile_size = tile_geometry(cfg, models.classifier)
+    with timer.stage("open"):
+        slide = open_slide(path, backend=cfg.slide.backend, overrides=overrides)
+    with slide:
+        downsample = slide.downsample_for(mpp, cfg.slide.level_tolerance)
+        with timer.stage("tissue"):
+            tissue = detect_tissue(slide, cfg.tissue)
+        description = slide.describe()
+        ref = SlideRef.of(slide)
+        dimensions = slide.dimensions
+    Image.fromarray(tissue.thumbnail).save(work_dir / "thumbnail.png")
+    Image.fromarray(tissue.mask.astype(np.uint8) * 255).save(work_dir / "tissue.png")
+    with timer.stage("tiling"):
+        grid = plan_tiles(dimensions, downsample, tissue.mask, cfg.tiling, mpp=mpp, tile_size=tile_size)
+
+    slide_key = f"{path.name}:{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
+    out_mpp = cfg.output.mask_mpp or slide.mpp.mean
+    if out_mpp < slide.mpp.mean * (1 - 1e-6):
+        raise WsiMedcamError(f"{path.name}: --mask-mpp {out_mpp} is finer than the slide's {slide.mpp.mean:.4g} µm/px")
+    width0, height0 = grid.slide_dimensions
+    out_shape = (max(1, round(height0 * slide.mpp.mean / out_mpp)), max(1, round(width0 * slide.mpp.mean / out_mpp)))
+    store = stitcher = None
+    if models.segmenter is not None:
+        store = EvidenceStore(work_dir / "evidence.ome.zarr", shape=out_shape, mpp=out_mpp,
+                              chunk=cfg.output.chunk_size, min_size=cfg.output.min_pyramid_size,
+                              class_names=class_names, colors=colors, name=path.name)
+        stitcher = EvidenceStitcher(grid, store)
+
+    grid_probs = np.zeros((len(class_names), *grid.grid_shape), np.float32)
+    counts = np.zeros(len(class_names), np.int64)
+    evidence_fractions: list[float] = []
+    batch_size = cfg.inference.batch_size or default_batch_size(models.predictor.device)
+    loader = make_loader(TileDataset(ref, grid, tolerance=cfg.slide.level_tolerance), batch_size=batch_size,
+                         workers=min(cfg.inference.workers, max(0, len(grid) // batch_size)),
+                         pin_memory=models.predictor.device.type == "cuda")
+    done = 0
+    with timer.stage("inference+stitching"), TileWriter(
+        work_dir / "tiles.csv", work_dir / "tiles.geojson", slide_key=slide_key, class_names=class_names, colors=colors
+    ) as tiles_out:
+        for result in models.predictor.run(loader if len(grid) else []):
+            for k, i in enumerate(result.indices):
+                probs = result.probs[k]
+                pred = int(probs.argmax())
+                grid_probs[:, grid.rows[i], grid.cols[i]] = probs
+                counts[pred] += 1
+                fraction = None
+                if result.soft is not None and stitcher is not None:
+                    fraction = float((result.soft[k] > 0.5).mean())
+                    evidence_fractions.append(fraction)
+                    stitcher.add(int(i), result.soft[k], pred, float(probs[pred]))
+                x, y = grid.xy_level0(int(i))
+                tiles_out.write(TileRecord(int(i), x, y, grid.size_level0, float(grid.tissue_fraction[i]),
+                                           probs, pred, fraction))
+            done += len(result.indices)
+            if progress:
+                progress(path.name, done, len(grid))
+        if stitcher is not None:
+            stitcher.finish()
+
+    attrs = {"slide": path.name, "slide_mpp": slide.mpp.mean, "tile_mpp": mpp, "tile_size": tile_size,
+             "classes": class_names, "config": cfg.model_dump(mode="json")}
+    evidence_stats: dict[str, Any] = {}
+    evidence_thumb = None
+    if store is not None and stitcher is not None:
+        with timer.stage("pyramid"):
+            store.finalize(attrs)
+        with timer.stage("evidence-geojson"):
+            per_class: dict[str, dict[str, float]] = {}
+            polygons = []
+            for class_index, poly in stitcher.polygons.merged(simplify_px=grid.downsample * 0.5):
+                clipped = poly.intersection(_slide_box(width0, height0))
+                if clipped.is_empty:
+                    continue
+                for part in getattr(clipped, "geoms", [clipped]):
+                    if part.geom_type == "Polygon":
+                        polygons.append((class_index, part))
+                        entry = per_class.setdefault(class_names[class_index], {"polygons": 0, "area_um2": 0.0})
+                        entry["polygons"] += 1
+                        entry["area_um2"] += part.area * slide.mpp.mean**2
+            n_polygons = write_evidence(work_dir / "evidence.geojson", polygons, slide_key=slide_key,
+                                        class_names=class_names, colors=colors, mpp=slide.mpp.mean)
+        evidence_stats = {
+            "mean_tile_evidence_fraction": float(np.mean(evidence_fractions)) if evidence_fractions else 0.0,
+            "median_tile_evidence_fraction": float(np.median(evidence_fractions)) if evidence_fractions else 0.0,
+            "polygons": n_polygons,
+            "per_class": per_class,
+            "level0_chunks_written": stitcher.chunks_written,
+            "store_levels": len(store.shapes),
+            "store_level0_shape": list(out_shape),
+            "store_mpp": out_mpp,
+        }
+        evidence_thumb = store.coarsest()
+    with timer.stage("probabilities"):
+        write_probabilities(work_dir / "probabilities.ome.zarr", grid_probs, pixel_um=grid.stride * mpp,
+                            offset_um=(grid.tile_size - grid.stride) / 2 * mpp, class_names=class_names,
+                            colors=colors, attrs=attrs)
+    with timer.stage("overview"):
+        rows = min(grid.grid_shape[0], max(1, round(height0 / grid.downsample / grid.stride)))
+        cols = min(grid.grid_shape[1], max(1, round(width0 / grid.downsample / grid.stride)))
+        write_overview(work_dir / "overview.png", tissue.thumbnail, tissue.mask,
+                       class_heatmap(grid_probs[:, :rows, :cols], colors), evidence_thumb)
+    report = {
+        "slide": description,
+        "parameters": {"tile_mpp": mpp, "tile_size": tile_size, "stride": grid.stride, "downsample": downsample,
+                       "batch_size": batch_size, "device": str(models.predictor.device),
+                       "precision": str(models.predictor.dtype or "fp32"), "config": cfg.model_dump(mode="json")},
+        "models": {name: {"path": str(b.path), "sha256": b.sha256, "config": b.config.model_dump(mode="json")}
+                   for name, b in (("classifier", models.classifier), ("segmenter", models.segmenter)) if b},
+        "tissue": {"mpp": tissue.mpp, "fraction": float(tissue.mask.mean()) if tissue.mask.size else 0.0},
+        "tiles": {"grid_shape": list(grid.grid_shape), "count": len(grid),
+                  "per_class": {n: int(c) for n, c in zip(class_names, counts)}},
+        "evidence": evidence_stats,
+        "timings_s": {**{k: round(v, 3) for k, v in timer.seconds.items()},
+                      "total": round(time.perf_counter() - start, 3)},
+        "versions": _versions(),
+    }
+    (work_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _slide_box(width: int, height: int):  # noqa: ANN202 - shapely geometry
+    from shapely.geometry import box
+
+    return box(0, 0, width, height)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line for the console and status records; unexpected errors keep their type name."""
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    if "DataLoader worker" in first and len(text) > 1:  # the worker's own message is the last line
+        first = text[-1]
+    return first if isinstance(exc, WsiMedcamError) else f"{type(exc).__name__}: {first}"
+
+
+def is_complete(out_dir: Path) -> bool:
+    """A slide folder counts as finished only once it was renamed into place with its report."""
+    return (out_dir / REPORT_NAME).is_file()
+
+
+def run_slide(
+    path: Path, out_dir: Path, cfg: RunConfig, models: Models, *, progress: ProgressHook | None = None
+) -> SlideResult:
+    """Process one slide into ``out_dir`` atomically: a ``.partial`` sibling is renamed when complete.
+
+    Finished folders are skipped unless ``cfg.output.overwrite``; half-finished ones are removed.
+    Errors of this package are caught and reported in the result, never raised.
+    """
+    start = time.perf_counter()
+    partial = out_dir.with_name(f".{out_dir.name}{PARTIAL_SUFFIX}")
+    if partial.exists():
+        shutil.rmtree(partial)
+    if is_complete(out_dir) and not cfg.output.overwrite:
+        return SlideResult(path, "skipped", out_dir, "already done (use --overwrite to redo)")
+    try:
+        partial.mkdir(parents=True)
+    except OSError as exc:
+        return SlideResult(path, "failed", None, str(OutputError(f"cannot create {partial}: {exc}")))
+    try:
+        report = process_slide(path, partial, cfg, models, progress=progress)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(partial, out_dir)
+    except Exception as exc:  # noqa: BLE001 - one bad slide must not stop the others
+        log.debug("%s failed", path, exc_info=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        return SlideResult(path, "failed", None, failure_reason(exc), time.perf_counter() - start)
+    return SlideResult(path, "done", out_dir, "", time.perf_counter() - start, report["tiles"]["count"], report)
+
+
+def run_slides(
+    paths: Sequence[Path],
+    out_root: Path,
+    cfg: RunConfig,
+    *,
+    models: Models | None = None,
+    progress: ProgressHook | None = None,
+    on_result: Callable[[SlideResult], None] | None = None,
+) -> list[SlideResult]:
+    """Process ``paths`` one after another into ``out_root/<name>/``; one bad slide never stops the rest."""
+    models = models or load_models(cfg)
+    out_root = Path(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
+    results = []
+    for path, name in output_names([Path(p) for p in paths]).items():
+        result = run_slide(path, out_root / name, cfg, models, progress=progress)
+        results.append(result)
+        if on_result:
+            on_result(result)
+    return results

@@ -1,0 +1,340 @@
+"""Opening whole-slide images and reading them at a physical resolution.
+
+OpenSlide is tried first (svs, ndpi, mrxs, scn, dicom, generic tiff ...); tiffslide covers what
+OpenSlide refuses (OME-TIFF). Both expose the same API, so one thin :class:`Slide` wraps either.
+Coordinates: ``xy_level0`` is always in level-0 pixels; sizes carry their resolution in the name.
+Handles are never pickled: :class:`SlideRef` carries the path and opens lazily in each process.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+from .errors import MissingMetadataError, ResolutionError, SlideOpenError, SlideReadError
+
+Backend = Literal["openslide", "tiffslide"]
+MPP_RANGE = (0.05, 5.0)
+"""Plausible scan resolutions, µm/px; anything outside is a metadata error, not a scanner."""
+
+
+def _import_backend(name: Backend) -> Any:
+    if name == "openslide":
+        import openslide
+
+        return openslide
+    import tiffslide
+
+    return tiffslide
+
+
+def _open_handle(path: Path, backend: Backend) -> Any:
+    module = _import_backend(backend)
+    cls = module.OpenSlide if backend == "openslide" else module.TiffSlide
+    return cls(str(path))
+
+
+def _composite_on_white(rgba: Image.Image) -> np.ndarray:
+    """RGBA → RGB uint8 with transparent pixels (outside the scanned area) made white, not black."""
+    arr = np.asarray(rgba)
+    if arr.ndim == 3 and arr.shape[2] == 4:
+        alpha = arr[..., 3:4].astype(np.uint16)
+        rgb = (arr[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha)) // 255
+        return rgb.astype(np.uint8)
+    return np.asarray(rgba.convert("RGB"))
+
+
+@dataclass(frozen=True)
+class Mpp:
+    """Microns per pixel at level 0 and where the value came from."""
+
+    x: float
+    y: float
+    source: str
+
+    @property
+    def mean(self) -> float:
+        return (self.x + self.y) / 2
+
+
+def _plausible(value: float | None) -> bool:
+    return value is not None and math.isfinite(value) and MPP_RANGE[0] <= value <= MPP_RANGE[1]
+
+
+def _as_float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _mpp_from_resolution_tags(props: dict[str, Any]) -> tuple[float, float] | None:
+    """TIFF XResolution/YResolution are pixels per unit; convert to µm/px."""
+    unit = str(props.get("tiff.ResolutionUnit", "")).lower()
+    per_unit = {"centimeter": 10_000.0, "inch": 25_400.0}.get(unit)
+    xres, yres = _as_float(props.get("tiff.XResolution")), _as_float(props.get("tiff.YResolution"))
+    if per_unit is None or not xres or not yres:
+        return None
+    return per_unit / xres, per_unit / yres
+
+
+def read_mpp_csv(path: Path) -> dict[str, float]:
+    """Read a ``path,mpp`` CSV (header optional) into {resolved path or bare name: mpp}."""
+    table: dict[str, float] = {}
+    with open(path, newline="") as fh:
+        for row in csv.reader(fh):
+            if len(row) < 2 or not row[0].strip() or row[0].strip().lower() == "path":
+                continue
+            value = _as_float(row[1])
+            if value is None:
+                raise MissingMetadataError(f"{path}: mpp '{row[1]}' for {row[0]} is not a number")
+            table[row[0].strip()] = value
+    return table
+
+
+@dataclass(frozen=True)
+class MppOverrides:
+    """User-supplied resolutions: one for the run (``--mpp``) and/or per slide (CSV)."""
+
+    run: float | None = None
+    per_slide: dict[str, float] = field(default_factory=dict)
+
+    def lookup(self, path: Path) -> tuple[float, str] | None:
+        for key in (str(path), str(path.resolve()), path.name, path.stem):
+            if key in self.per_slide:
+                return self.per_slide[key], "csv"
+        if self.run is not None:
+            return self.run, "override"
+        return None
+
+
+class Slide:
+    """An open slide: level geometry, resolution and region reads at a target µm/px.
+
+    Use :func:`open_slide`; close with :meth:`close` or a ``with`` block.
+    """
+
+    def __init__(self, path: Path, backend: Backend, handle: Any, mpp: Mpp):
+        self.path = path
+        self.backend = backend
+        self._handle = handle
+        self.mpp = mpp
+
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._handle.close()
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 (width, height), px."""
+        return tuple(self._handle.dimensions)  # type: ignore[return-value]
+
+    @property
+    def level_dimensions(self) -> list[tuple[int, int]]:
+        return [tuple(d) for d in self._handle.level_dimensions]  # type: ignore[misc]
+
+    @property
+    def level_downsamples(self) -> list[float]:
+        return [float(d) for d in self._handle.level_downsamples]
+
+    @cached_property
+    def properties(self) -> dict[str, Any]:
+        return dict(self._handle.properties)
+
+    @property
+    def vendor(self) -> str | None:
+        module = _import_backend(self.backend)
+        value = self.properties.get(module.PROPERTY_NAME_VENDOR)
+        return str(value) if value else None
+
+    @property
+    def associated_images(self) -> list[str]:
+        return sorted(self._handle.associated_images.keys())
+
+    def best_level(self, downsample: float, tolerance: float) -> int:
+        """Largest level whose downsample is <= ``downsample`` within ``tolerance`` (4.0003 counts as 4)."""
+        best = 0
+        for level, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * (1 + tolerance):
+                best = level
+        return best
+
+    def read_level(self, xy_level0: tuple[int, int], level: int, size_level: tuple[int, int]) -> np.ndarray:
+        """Raw region at ``level``: location in level-0 px, size in that level's px; RGB on white."""
+        try:
+            region = self._handle.read_region(tuple(int(v) for v in xy_level0), level, tuple(int(v) for v in size_level))
+        except Exception as exc:  # noqa: BLE001 - both backends raise their own hierarchies
+            raise SlideReadError(
+                f"{self.path.name}: read failed at level {level}, x,y={xy_level0}, size={size_level}: {exc}"
+            ) from exc
+        return _composite_on_white(region)
+
+    def read_region_at(
+        self, xy_level0: tuple[int, int], size_px: int | tuple[int, int], mpp: float, *, tolerance: float = 0.02
+    ) -> np.ndarray:
+        """Read ``size_px`` pixels at ``mpp`` µm/px starting at level-0 ``xy_level0``.
+
+        The finest level that needs no upsampling is read and reduced with an area (box) filter.
+
+        Raises
+        ------
+        ResolutionError
+            if ``mpp`` is finer than the scan (upsampling is refused).
+        SlideReadError
+            if the backend fails to decode the region.
+        """
+        width, height = (size_px, size_px) if isinstance(size_px, int) else size_px
+        downsample = self.downsample_for(mpp, tolerance)
+        level = self.best_level(downsample, tolerance)
+        scale = downsample / self.level_downsamples[level]
+        if abs(scale - 1) <= tolerance:
+            return self.read_level(xy_level0, level, (width, height))
+        read_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        rgb = self.read_level(xy_level0, level, read_size)
+        return np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.BOX))
+
+    def downsample_for(self, mpp: float, tolerance: float = 0.02) -> float:
+        """Level-0 pixels per pixel at ``mpp``; refuses resolutions finer than the scan."""
+        downsample = mpp / self.mpp.mean
+        if downsample < 1 / (1 + tolerance):
+            raise ResolutionError(
+                f"{self.path.name}: scanned at {self.mpp.mean:.3g} µm/px, coarser than the requested "
+                f"{mpp:.3g} µm/px; refusing to upsample (use a model trained at >= {self.mpp.mean:.3g} µm/px)"
+            )
+        return max(downsample, 1.0)
+
+    def read_thumbnail(self, mpp: float, *, block_level_px: int = 4096) -> tuple[np.ndarray, float]:
+        """Whole slide at about ``mpp`` µm/px (never finer than the scan), read block by block.
+
+        Returns the RGB image and its actual µm/px. Memory is bounded by one block plus the output,
+        so a single-level gigapixel slide does not load its level 0 at once.
+        """
+        downsample = max(mpp / self.mpp.mean, 1.0)
+        level = self.best_level(downsample, 0.02)
+        level_ds = self.level_downsamples[level]
+        width0, height0 = self.dimensions
+        out_w, out_h = max(1, round(width0 / downsample)), max(1, round(height0 / downsample))
+        level_w, level_h = self.level_dimensions[level]
+        sx, sy = out_w / level_w, out_h / level_h
+        out = np.full((out_h, out_w, 3), 255, np.uint8)
+        for by in range(0, level_h, block_level_px):
+            for bx in range(0, level_w, block_level_px):
+                bw, bh = min(block_level_px, level_w - bx), min(block_level_px, level_h - by)
+                x0, x1 = round(bx * sx), round((bx + bw) * sx)
+                y0, y1 = round(by * sy), round((by + bh) * sy)
+                if x1 <= x0 or y1 <= y0:
+                    continue
+                block = self.read_level((round(bx * level_ds), round(by * level_ds)), level, (bw, bh))
+                if (x1 - x0, y1 - y0) != (bw, bh):
+                    block = np.asarray(Image.fromarray(block).resize((x1 - x0, y1 - y0), Image.Resampling.BOX))
+                out[y0:y1, x0:x1] = block
+        return out, self.mpp.mean * width0 / out_w
+
+    def describe(self) -> dict[str, Any]:
+        """What ``wsi-medcam info`` prints and ``report.json`` records."""
+        return {
+            "path": str(self.path),
+            "backend": self.backend,
+            "vendor": self.vendor,
+            "dimensions": list(self.dimensions),
+            "levels": [
+                {"dimensions": list(dims), "downsample": ds}
+                for dims, ds in zip(self.level_dimensions, self.level_downsamples)
+            ],
+            "mpp": {"x": self.mpp.x, "y": self.mpp.y, "source": self.mpp.source},
+            "associated_images": self.associated_images,
+        }
+
+
+def _resolve_mpp(path: Path, backend: Backend, props: dict[str, Any], overrides: MppOverrides) -> Mpp:
+    module = _import_backend(backend)
+    seen: list[str] = []
+    candidates: list[tuple[float | None, float | None, str]] = [
+        (_as_float(props.get(module.PROPERTY_NAME_MPP_X)), _as_float(props.get(module.PROPERTY_NAME_MPP_Y)), "metadata"),
+    ]
+    tags = _mpp_from_resolution_tags(props)
+    if tags:
+        candidates.append((tags[0], tags[1], "tiff-resolution"))
+    user = overrides.lookup(path)
+    if user:
+        candidates.append((user[0], user[0], user[1]))
+    for x, y, source in candidates:
+        if x is None:
+            continue
+        y = y if y is not None else x
+        if _plausible(x) and _plausible(y):
+            return Mpp(x, y, source)
+        seen.append(f"{source} says {x:.4g} µm/px")
+    found = f" ({'; '.join(seen)}, outside {MPP_RANGE[0]}–{MPP_RANGE[1]} µm/px)" if seen else ""
+    raise MissingMetadataError(
+        f"{path.name}: no plausible microns-per-pixel{found}; pass --mpp VALUE or --mpp-csv FILE"
+    )
+
+
+def open_slide(
+    path: str | os.PathLike[str],
+    *,
+    backend: Literal["auto", "openslide", "tiffslide"] = "auto",
+    overrides: MppOverrides | None = None,
+) -> Slide:
+    """Open ``path`` with OpenSlide, falling back to tiffslide, and establish its µm/px.
+
+    Raises
+    ------
+    SlideOpenError
+        missing, empty or unrecognised file.
+    MissingMetadataError
+        no plausible µm/px from metadata, resolution tags or the user's overrides.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SlideOpenError(f"{path}: no such file")
+    if path.is_file() and path.stat().st_size == 0:
+        raise SlideOpenError(f"{path.name}: empty file")
+    order: list[Backend] = ["openslide", "tiffslide"] if backend == "auto" else [backend]
+    errors: list[str] = []
+    for name in order:
+        try:
+            handle = _open_handle(path, name)
+        except Exception as exc:  # noqa: BLE001 - each backend has its own error types
+            errors.append(f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            continue
+        try:
+            return Slide(path, name, handle, _resolve_mpp(path, name, dict(handle.properties), overrides or MppOverrides()))
+        except BaseException:
+            handle.close()
+            raise
+    raise SlideOpenError(f"{path.name}: not a readable slide ({'; '.join(errors)})")
+
+
+@dataclass(frozen=True)
+class SlideRef:
+    """A picklable recipe for a slide: what a worker process needs to open its own handle."""
+
+    path: Path
+    backend: Backend
+    mpp: Mpp
+
+    @classmethod
+    def of(cls, slide: Slide) -> "SlideRef":
+        return cls(slide.path, slide.backend, slide.mpp)
+
+    def open(self) -> Slide:
+        try:
+            handle = _open_handle(self.path, self.backend)
+        except Exception as exc:  # noqa: BLE001
+            raise SlideOpenError(f"{self.path.name}: cannot reopen with {self.backend}: {exc}") from exc
+        return Slide(self.path, self.backend, handle, self.mpp)

@@ -1,0 +1,205 @@
+"""Streaming per-tile evidence into slide-level masks, chunk by chunk, in bounded memory.
+
+Tiles arrive in row-major grid order. Their soft masks are accumulated on the *tile canvas* (px at
+the tile resolution) in sparse square blocks; where tiles overlap, evidence is averaged and the
+label comes from the most confident tile. As soon as no later tile can touch a band of rows, the
+output chunks covering it are resampled (nearest) to the output resolution and handed to the
+writer, the band is traced into evidence polygons, and its blocks are freed. Memory therefore
+depends on the slide's *width* in tissue blocks, never on its area, and no level-0 canvas exists.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+from rasterio import features
+from shapely import affinity
+from shapely.geometry import Polygon, shape
+from shapely.ops import unary_union
+
+from .tiling import TileGrid
+
+
+class ChunkWriter(Protocol):
+    """Receives chunk-aligned output tiles of level 0 (evidence 0–255 and labels 0 / class+1)."""
+
+    shape: tuple[int, int]
+    chunk: int
+
+    def write(self, y: int, x: int, evidence: np.ndarray, labels: np.ndarray) -> None: ...
+
+
+@dataclass
+class _Block:
+    total: np.ndarray  # summed soft evidence
+    weight: np.ndarray  # number of tiles that covered each pixel
+    label: np.ndarray  # class index + 1 of the most confident covering tile
+    score: np.ndarray  # that tile's confidence
+
+    @classmethod
+    def empty(cls, size: int) -> "_Block":
+        return cls(
+            np.zeros((size, size), np.float32),
+            np.zeros((size, size), np.uint16),
+            np.zeros((size, size), np.uint8),
+            np.full((size, size), -1.0, np.float16),
+        )
+
+
+@dataclass
+class EvidencePolygons:
+    """Traced hard-mask polygons per class index, in level-0 px, merged at the end."""
+
+    parts: dict[int, list[Polygon]] = field(default_factory=dict)
+
+    def add(self, class_index: int, polygon: Polygon) -> None:
+        self.parts.setdefault(class_index, []).append(polygon)
+
+    def merged(self, simplify_px: float = 0.0) -> Iterator[tuple[int, Polygon]]:
+        """Polygons per class after merging across block and tile borders (shared edges dissolve)."""
+        for class_index in sorted(self.parts):
+            union = unary_union(self.parts[class_index])
+            if simplify_px > 0:
+                union = union.simplify(simplify_px, preserve_topology=True)
+            geoms = getattr(union, "geoms", [union])
+            for geom in geoms:
+                if isinstance(geom, Polygon) and not geom.is_empty:
+                    yield class_index, geom
+
+
+class EvidenceStitcher:
+    """Accumulate tile masks and emit finished output chunks and polygons as rows complete.
+
+    Parameters
+    ----------
+    grid : the tile grid (defines the tile canvas).
+    writer : destination of level-0 output chunks; its ``shape`` is the output level 0 (rows, cols)
+        covering the slide's level-0 extent at any resolution.
+    block : accumulator block edge, canvas px.
+    """
+
+    def __init__(self, grid: TileGrid, writer: ChunkWriter, *, block: int = 256):
+        self.grid = grid
+        self.writer = writer
+        self.block = block
+        width0, height0 = grid.slide_dimensions
+        out_h, out_w = writer.shape
+        # canvas px per output px, per axis
+        self._fy = height0 / out_h / grid.downsample
+        self._fx = width0 / out_w / grid.downsample
+        self._blocks: dict[tuple[int, int], _Block] = {}
+        self._next_chunk_row = 0
+        self._next_trace_row = 0  # block rows below this are traced
+        self.polygons = EvidencePolygons()
+        self.chunks_written = 0
+
+    # -- accumulation ---------------------------------------------------------------------------
+    def add(self, i: int, soft: np.ndarray, class_index: int, confidence: float) -> None:
+        """Add tile ``i``'s soft mask (tile_size² in [0, 1]); tiles must come in row-major order."""
+        x0, y0 = self.grid.xy_canvas(i)
+        self._flush(before_canvas_row=y0)
+        b = self.block
+        size = soft.shape[0]
+        for by in range(y0 // b, (y0 + size - 1) // b + 1):
+            for bx in range(x0 // b, (x0 + size - 1) // b + 1):
+                blk = self._blocks.get((by, bx))
+                if blk is None:
+                    blk = self._blocks[(by, bx)] = _Block.empty(b)
+                ys, ye = max(y0, by * b), min(y0 + size, (by + 1) * b)
+                xs, xe = max(x0, bx * b), min(x0 + size, (bx + 1) * b)
+                dst = (slice(ys - by * b, ye - by * b), slice(xs - bx * b, xe - bx * b))
+                src = soft[ys - y0 : ye - y0, xs - x0 : xe - x0]
+                blk.total[dst] += src
+                blk.weight[dst] += 1
+                better = blk.score[dst] < confidence
+                blk.label[dst] = np.where(better, class_index + 1, blk.label[dst])
+                blk.score[dst] = np.where(better, confidence, blk.score[dst])
+
+    def finish(self) -> None:
+        """Flush everything left; call once after the last tile."""
+        self._flush(before_canvas_row=math.inf)
+
+    # -- reading the accumulator ----------------------------------------------------------------
+    def _canvas(self, y0: int, y1: int, x0: int, x1: int) -> tuple[np.ndarray, np.ndarray]:
+        """Mean soft evidence and hard labels on canvas rows [y0, y1) × cols [x0, x1)."""
+        b = self.block
+        soft = np.zeros((y1 - y0, x1 - x0), np.float32)
+        label = np.zeros((y1 - y0, x1 - x0), np.uint8)
+        for by in range(y0 // b, (y1 - 1) // b + 1):
+            for bx in range(x0 // b, (x1 - 1) // b + 1):
+                blk = self._blocks.get((by, bx))
+                if blk is None:
+                    continue
+                ys, ye = max(y0, by * b), min(y1, (by + 1) * b)
+                xs, xe = max(x0, bx * b), min(x1, (bx + 1) * b)
+                src = (slice(ys - by * b, ye - by * b), slice(xs - bx * b, xe - bx * b))
+                dst = (slice(ys - y0, ye - y0), slice(xs - x0, xe - x0))
+                weight = blk.weight[src]
+                mean = np.divide(blk.total[src], weight, out=np.zeros_like(blk.total[src]), where=weight > 0)
+                soft[dst] = mean
+                label[dst] = np.where(mean >= 0.5, blk.label[src], 0)
+        return soft, label
+
+    # -- flushing -------------------------------------------------------------------------------
+    def _flush(self, before_canvas_row: float) -> None:
+        """Emit every output chunk row and trace every block row lying wholly above ``before_canvas_row``."""
+        out_h, out_w = self.writer.shape
+        chunk = self.writer.chunk
+        while self._next_chunk_row * chunk < out_h:
+            y_end = min((self._next_chunk_row + 1) * chunk, out_h)
+            if math.floor((y_end - 0.5) * self._fy) >= before_canvas_row:
+                break
+            self._write_chunk_row(self._next_chunk_row * chunk, y_end, out_w, chunk)
+            self._next_chunk_row += 1
+        b = self.block
+        while (self._next_trace_row + 1) * b <= before_canvas_row and self._has_rows_from(self._next_trace_row):
+            self._trace_block_row(self._next_trace_row)
+            self._next_trace_row += 1
+        if before_canvas_row == math.inf:
+            while self._has_rows_from(self._next_trace_row):
+                self._trace_block_row(self._next_trace_row)
+                self._next_trace_row += 1
+        # blocks are needed while untraced or while an unwritten chunk row still samples them
+        needed_from = math.floor((self._next_chunk_row * chunk + 0.5) * self._fy) // b
+        keep_from = min(self._next_trace_row, needed_from)
+        for key in [k for k in self._blocks if k[0] < keep_from]:
+            del self._blocks[key]
+
+    def _has_rows_from(self, block_row: int) -> bool:
+        return any(k[0] >= block_row for k in self._blocks)
+
+    def _write_chunk_row(self, y0: int, y1: int, out_w: int, chunk: int) -> None:
+        rows = np.floor((np.arange(y0, y1) + 0.5) * self._fy).astype(np.int64)
+        b = self.block
+        block_rows = set(range(rows[0] // b, rows[-1] // b + 1))
+        block_cols = sorted({k[1] for k in self._blocks if k[0] in block_rows})
+        if not block_cols:
+            return
+        for x0 in range(0, out_w, chunk):
+            x1 = min(x0 + chunk, out_w)
+            cols = np.floor((np.arange(x0, x1) + 0.5) * self._fx).astype(np.int64)
+            if not any(cols[0] // b <= c <= cols[-1] // b for c in block_cols):
+                continue
+            soft, label = self._canvas(rows[0], rows[-1] + 1, cols[0], cols[-1] + 1)
+            if not soft.any():
+                continue
+            pick = np.ix_(rows - rows[0], cols - cols[0])
+            evidence = np.rint(soft[pick] * 255).astype(np.uint8)
+            self.writer.write(y0, x0, evidence, label[pick])
+            self.chunks_written += 1
+
+    def _trace_block_row(self, block_row: int) -> None:
+        """Polygons of the hard mask in one block row, per class, moved to level-0 px."""
+        b = self.block
+        ds = self.grid.downsample
+        for by, bx in sorted(k for k in self._blocks if k[0] == block_row):
+            _, label = self._canvas(by * b, (by + 1) * b, bx * b, (bx + 1) * b)
+            if not label.any():
+                continue
+            for geom, value in features.shapes(label, mask=label > 0, connectivity=8):
+                poly = affinity.affine_transform(shape(geom), [ds, 0, 0, ds, bx * b * ds, by * b * ds])
+                self.polygons.add(int(value) - 1, poly)

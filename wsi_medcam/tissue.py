@@ -1,0 +1,163 @@
+"""Tissue detection on a low-resolution RGB image (a slide thumbnail or a tile).
+
+Sizes come from :class:`~wsi_medcam.config.TissueConfig` in physical units (µm, µm²) and are
+converted to pixels with the image's resolution ``mpp`` (µm/px), so one configuration means the same
+thing on a thumbnail at 8 µm/px and on a tile at 0.5 µm/px.
+
+Hues below are in degrees. H&E stains tissue pink to purple, about 260°-345°. Pen ink is recognised
+in two steps: unambiguous ink (green, cyan or blue; or red-orange and very saturated) seeds a region
+that then grows over the colours ink takes where it is pale, mixed with stain, or laid on thickly
+(dark maroon red ink). Those colours also occur in tissue (blood is dark red), so they count as ink
+only when connected to unambiguous ink.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.color import rgb2hsv
+from skimage.filters import threshold_otsu
+from skimage.filters.rank import median
+from skimage.morphology import closing, disk
+
+from .config import TissueConfig
+from .slide import Slide
+
+_EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
+
+
+def composite_on_white(image: np.ndarray) -> np.ndarray:
+    """Return HxWx3 uint8 RGB, compositing RGBA onto white (transparent pixels become white).
+
+    Parameters
+    ----------
+    image : np.ndarray
+        HxWx3 RGB or HxWx4 RGBA, uint8 (0-255).
+
+    Returns
+    -------
+    np.ndarray
+        HxWx3 uint8 RGB; ``image`` itself when it is already RGB.
+    """
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ValueError(f"expected an HxWx3 or HxWx4 uint8 image, got {image.dtype} {image.shape}")
+    if image.shape[2] == 3:
+        return image
+    alpha = image[..., 3:].astype(np.float32) / 255.0
+    return np.rint(255.0 - (255.0 - image[..., :3]) * alpha).astype(np.uint8)
+
+
+def pen_mask(hsv: np.ndarray) -> np.ndarray:
+    """Find pen ink (green, cyan, blue, red, orange) in an HSV image.
+
+    Parameters
+    ----------
+    hsv : np.ndarray
+        HxWx3 float HSV as returned by :func:`skimage.color.rgb2hsv`: hue, saturation and value
+        each in [0, 1] (hue 1.0 = 360°).
+
+    Returns
+    -------
+    np.ndarray
+        HxW bool, True on ink.
+    """
+    hue = hsv[..., 0] * 360.0
+    sat, value = hsv[..., 1], hsv[..., 2]
+    red = (hue >= 350.0) | (hue <= 30.0)
+    cool = (hue >= 70.0) & (hue <= 235.0)
+    sure = (cool & (sat >= 0.15)) | (red & (sat >= 0.7))
+    # Pale or stain-mixed ink: any hue outside H&E's 260°-345° with a tint of colour.
+    off_stain = ((hue >= 345.0) | (hue <= 260.0)) & (sat >= 0.1)
+    # Thickly laid red ink turns dark maroon, the colour of blood.
+    dark_red = ((hue >= 300.0) | (hue <= 30.0)) & (sat >= 0.3) & (value < 0.5)
+    labels, _ = ndi.label(sure | off_stain | dark_red, structure=_EIGHT_NEIGHBOURS)
+    # Eroding the seeds ignores isolated pixels (a saturated red blood cell, a speck of dust).
+    seeded = np.zeros(labels.max() + 1, dtype=bool)
+    seeded[labels[ndi.binary_erosion(sure, structure=_EIGHT_NEIGHBOURS)]] = True
+    seeded[0] = False
+    return seeded[labels]
+
+
+def tissue_mask_from_rgb(rgb: np.ndarray, mpp: float, cfg: TissueConfig) -> np.ndarray:
+    """Detect tissue on a low-resolution RGB image.
+
+    HSV saturation is median-filtered and thresholded with Otsu's method (never below
+    ``cfg.saturation_floor``); near-black pixels, glass and, with ``cfg.reject_pen``, pen ink are
+    removed; the result is closed with a disk and cleaned of small islands and small holes.
+
+    Parameters
+    ----------
+    rgb : np.ndarray
+        HxWx3 uint8 RGB composited on white, or HxWx4 uint8 RGBA (composited onto white here).
+    mpp : float
+        Resolution of ``rgb``, µm/px.
+    cfg : TissueConfig
+        Thresholds and physical sizes (µm, µm²); ``cfg.mpp`` is not used, ``mpp`` is.
+
+    Returns
+    -------
+    np.ndarray
+        HxW bool, True on tissue.
+    """
+    if not mpp > 0:
+        raise ValueError(f"mpp must be positive, got {mpp}")
+    hsv = rgb2hsv(composite_on_white(rgb).astype(np.float32) / 255.0)
+    sat, value = hsv[..., 1], hsv[..., 2]
+    pen = pen_mask(hsv) if cfg.reject_pen else np.zeros(sat.shape, dtype=bool)
+
+    size = _odd(cfg.median_um / mpp)
+    sat8 = np.rint(sat * 255.0).astype(np.uint8)
+    if size > 1:
+        sat8 = median(sat8, footprint=np.ones((size, size), dtype=bool))
+    # Otsu separates tissue from glass; ink would pull the threshold up, so it is left out.
+    candidates = sat8[~pen]
+    otsu = threshold_otsu(candidates) / 255.0 if candidates.size and np.ptp(candidates) > 0 else 0.0
+    threshold = max(otsu, cfg.saturation_floor)
+
+    glass = (value > cfg.max_value) & (sat < threshold)
+    mask = (sat8 >= threshold * 255.0) & (value >= cfg.min_value) & ~glass & ~pen
+    radius = (_odd(cfg.close_um / mpp) - 1) // 2
+    if radius:
+        # Pixels beyond the border count as tissue for the erosion (mode "ignore"), so tissue
+        # touching the border is kept. The closing may bridge over ink: ink is removed again.
+        mask = closing(mask, disk(radius, decomposition="sequence"), mode="ignore") & ~pen
+    mask = _drop_small(mask, cfg.min_object_um2 / mpp**2, structure=_EIGHT_NEIGHBOURS)
+    return ~_drop_small(~mask, cfg.min_hole_um2 / mpp**2, structure=None)
+
+
+def tissue_fraction(mask: np.ndarray) -> float:
+    """Fraction of a bool mask that is tissue, in [0, 1]; 0.0 for an empty mask."""
+    return float(mask.mean()) if mask.size else 0.0
+
+
+def _odd(length_px: float) -> int:
+    """Round a length in pixels to an odd integer, at least 1."""
+    return max(1, 2 * int(round((length_px - 1.0) / 2.0)) + 1)
+
+
+def _drop_small(mask: np.ndarray, min_px: float, structure: np.ndarray | None) -> np.ndarray:
+    """Remove the connected components of ``mask`` with fewer than ``min_px`` pixels."""
+    labels, _ = ndi.label(mask, structure=structure)
+    keep = np.bincount(labels.ravel()) >= min_px
+    keep[0] = False
+    return keep[labels]
+
+
+@dataclass(frozen=True)
+class TissueMask:
+    """Tissue mask of a whole slide and the thumbnail it was computed on.
+
+    ``mask`` (bool) and ``thumbnail`` (RGB uint8) cover the slide's level-0 extent at ``mpp`` µm/px.
+    """
+
+    mask: np.ndarray
+    thumbnail: np.ndarray
+    mpp: float
+
+
+def detect_tissue(slide: Slide, cfg: TissueConfig) -> TissueMask:
+    """Read the slide at about ``cfg.mpp`` µm/px (block by block) and find its tissue."""
+    thumbnail, mpp = slide.read_thumbnail(cfg.mpp)
+    return TissueMask(tissue_mask_from_rgb(thumbnail, mpp, cfg), thumbnail, mpp)
