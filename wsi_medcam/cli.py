@@ -32,13 +32,14 @@ SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".v
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
+    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False, show_time=False)], force=True)
+    logging.getLogger("tifffile").setLevel(logging.ERROR)  # its warnings repeat what our one-line errors say
 
 
 def expand_slides(items: list[str]) -> list[Path]:
@@ -161,7 +162,7 @@ def run(
         def on_result(result) -> None:  # noqa: ANN001
             bar.advance(overall)
             colour = {"done": "green", "skipped": "yellow", "failed": "red"}[result.status]
-            bar.console.print(f"[{colour}]{result.status}[/{colour}] {result.path}  {result.reason}", highlight=False)
+            bar.console.print(f"[{colour}]{result.status}[/{colour}] {result.path}  {result.reason}", highlight=False, soft_wrap=True)
 
         results = run_slides(paths, out, cfg, models=models, progress=on_progress, on_result=on_result)
     failed = [r for r in results if r.status == "failed"]

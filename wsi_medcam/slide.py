@@ -312,6 +312,13 @@ def open_slide(
         except Exception as exc:  # noqa: BLE001 - each backend has its own error types
             errors.append(f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
             continue
+        try:  # a lazy backend may "open" garbage and fail only on first use: touch the geometry now
+            if min(min(d) for d in handle.level_dimensions) < 1 or not handle.level_count:
+                raise ValueError("no image levels")
+        except Exception as exc:  # noqa: BLE001
+            handle.close()
+            errors.append(f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            continue
         try:
             return Slide(path, name, handle, _resolve_mpp(path, name, dict(handle.properties), overrides or MppOverrides()))
         except BaseException:

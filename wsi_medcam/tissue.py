@@ -45,8 +45,9 @@ def composite_on_white(image: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected an HxWx3 or HxWx4 uint8 image, got {image.dtype} {image.shape}")
     if image.shape[2] == 3:
         return image
-    alpha = image[..., 3:].astype(np.float32) / 255.0
-    return np.rint(255.0 - (255.0 - image[..., :3]) * alpha).astype(np.uint8)
+    # 255 - (255 - rgb) * alpha / 255, rounded, in integers: the product fits in uint16.
+    ink = (255 - image[..., :3]).astype(np.uint16) * image[..., 3:]
+    return (255 - (ink + 127) // 255).astype(np.uint8)
 
 
 def pen_mask(hsv: np.ndarray) -> np.ndarray:

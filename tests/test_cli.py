@@ -1,0 +1,76 @@
+"""The command line: info on real slides, import-classifier, config validation, bad input as one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import ROOT, SLIDES, needs_data
+from wsi_medcam.cli import app
+from wsi_medcam.config import RunConfig
+from wsi_medcam.errors import ConfigError
+
+runner = CliRunner()
+
+
+@needs_data
+def test_info_json_on_every_shared_slide():
+    result = runner.invoke(app, ["info", str(SLIDES), "--json"])
+    # boxes.tiff has an implausible MPP and no override: reported, the others still described
+    assert result.exit_code == 1
+    docs = {d["path"].split("/")[-1]: d for d in json.loads(result.stdout)}
+    assert docs["CMU-1-Small-Region.svs"]["vendor"] == "aperio"
+    assert docs["CMU-1-Small-Region.svs"]["associated_images"] == ["label", "macro", "thumbnail"]
+    assert docs["OS-1-detail.ome.tif"]["backend"] == "tiffslide"
+    assert docs["boxes_0.dcm"]["vendor"] == "dicom"
+    assert "--mpp" in docs["boxes.tiff"]["error"]
+
+
+@needs_data
+def test_info_table():
+    result = runner.invoke(app, ["info", str(SLIDES / "CMU-1-Small-Region.svs")])
+    assert result.exit_code == 0
+    assert "2220 × 2967" in result.stdout and "metadata" in result.stdout
+
+
+def test_import_classifier_cli(tmp_path):
+    out = tmp_path / "b"
+    result = runner.invoke(app, ["import-classifier", "--arch", "resnet18", "--untrained", "--classes", "x,y,z",
+                                 "--mpp", "0.5", "--tile-size", "224", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["class_names"] == ["x", "y", "z"]
+    result = runner.invoke(app, ["import-classifier", "--arch", "resnet18", "--classes", "x,y",
+                                 "--mpp", "0.5", "--tile-size", "224", "-o", str(out)])
+    assert result.exit_code == 2 and "exactly one of --weights" in result.output
+    result = runner.invoke(app, ["import-classifier", "--arch", "no_such_net", "--untrained", "--classes", "x,y",
+                                 "--mpp", "0.5", "--tile-size", "224", "-o", str(out)])
+    assert result.exit_code == 2 and "unknown timm architecture 'no_such_net'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_default_yaml_holds_every_default():
+    data = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    assert RunConfig.from_dict(data) == RunConfig()
+    assert data == RunConfig().model_dump(mode="json")
+
+
+@pytest.mark.parametrize("overrides,field", [
+    ({"tiling.overlapp": 3}, "tiling.overlapp: unknown key"),
+    ({"tiling.min_tissue": 1.5}, "tiling.min_tissue"),
+    ({"inference.batch_size": "many"}, "inference.batch_size"),
+    ({"slide.backend": "bioformats"}, "slide.backend"),
+])
+def test_bad_config_is_one_readable_message(overrides, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        RunConfig.from_yaml(None, overrides)
+
+
+def test_bad_config_file_through_the_cli(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("tiling:\n  overlap: -3\n")
+    result = runner.invoke(app, ["run", "x.svs", "--config", str(cfg)])
+    assert result.exit_code == 2
+    assert "tiling.overlap" in result.output and "Traceback" not in result.output

@@ -1,0 +1,187 @@
+"""End to end on the real CMU-1-Small-Region.svs and on a multi-level pyramid built from its pixels."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from conftest import CMU, needs_data
+from qupath_rules import check_qupath_geojson
+from wsi_medcam.cli import app
+
+pytestmark = needs_data
+runner = CliRunner()
+
+
+def _run(*args: str):
+    result = runner.invoke(app, ["run", *map(str, args)])
+    return result
+
+
+@pytest.fixture(scope="module")
+def cmu_run(tmp_path_factory, bundles):
+    clf, seg = bundles
+    out = tmp_path_factory.mktemp("run")
+    result = _run(CMU, "--classifier", clf, "--segmenter", seg, "-o", out, "--workers", "2")
+    assert result.exit_code == 0, result.output
+    return out / CMU.stem, clf, seg
+
+
+def _tiles(folder: Path) -> list[dict]:
+    with open(folder / "tiles.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_all_outputs_written(cmu_run):
+    folder, _, _ = cmu_run
+    for name in ("evidence.ome.zarr", "probabilities.ome.zarr", "tiles.geojson", "evidence.geojson", "tiles.csv",
+                 "overview.png", "report.json", "tissue.png"):
+        assert (folder / name).exists(), name
+    assert not list(folder.parent.glob(".*partial"))
+
+
+def test_stores_validate_as_ngff_04_and_overlay_the_slide(cmu_run):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+    from ome_zarr_models.v04.image import Image
+    from ome_zarr_models.v04.image_label import ImageLabel
+
+    folder, _, _ = cmu_run
+    root = zarr.open_group(str(folder / "evidence.ome.zarr"), mode="r")
+    assert root.metadata.zarr_format == 2
+    image = Image.from_zarr(root)  # raises on any NGFF 0.4 violation
+    ms = image.attributes.multiscales[0]
+    assert ms.version == "0.4"
+    assert [a.name for a in ms.axes] == ["c", "y", "x"] and ms.axes[1].unit == "micrometer"
+    paths = [d.path for d in ms.datasets]
+    level0 = root[paths[0]]
+    import openslide
+
+    with openslide.OpenSlide(str(CMU)) as s:
+        width, height = s.dimensions
+        mpp = float(s.properties[openslide.PROPERTY_NAME_MPP_X])
+    assert level0.shape == (1, height, width)
+    scales = [d.coordinateTransformations[0].scale for d in ms.datasets]
+    assert scales[0][1:] == pytest.approx([mpp, mpp])
+    for prev, nxt, p in zip(scales, scales[1:], paths[1:]):
+        assert nxt[1] == pytest.approx(2 * prev[1])
+        assert root[p].shape[1] == -(-root[paths[paths.index(p) - 1]].shape[1] // 2)
+    assert max(root[paths[-1]].shape[1:]) < 512
+    label = ImageLabel.from_zarr(root["labels"]["evidence"])
+    assert label.attributes.image_label.version == "0.4"
+    assert root["labels"]["evidence"][paths[0]].shape == level0.shape
+    nodes = list(Reader(parse_url(str(folder / "evidence.ome.zarr")))())
+    assert nodes[0].data[0].shape == (1, height, width)
+
+    probs = zarr.open_group(str(folder / "probabilities.ome.zarr"), mode="r")
+    pimg = Image.from_zarr(probs)
+    grid_scale = pimg.attributes.multiscales[0].datasets[0].coordinateTransformations[0].scale
+    assert grid_scale[1] == pytest.approx(224 * 0.5)
+    assert probs["0"].shape[0] == 3
+
+
+def test_evidence_only_inside_tissue_tiles(cmu_run):
+    folder, _, _ = cmu_run
+    root = zarr.open_group(str(folder / "evidence.ome.zarr"), mode="r")
+    evidence = root["0"][0]
+    labels = root["labels"]["evidence"]["0"][0]
+    covered = np.zeros(evidence.shape, bool)
+    tiles = _tiles(folder)
+    assert tiles, "the real slide must have tissue tiles"
+    for t in tiles:
+        x, y, size = int(t["x"]), int(t["y"]), float(t["size"])
+        covered[y : y + int(np.ceil(size)) + 1, x : x + int(np.ceil(size)) + 1] = True
+        assert float(t["tissue_fraction"]) >= 0.25
+    assert evidence.any()
+    assert not evidence[~covered].any()
+    assert not labels[~covered].any()
+    assert set(np.unique(labels)) <= {0, 1, 2, 3}
+    # hard labels exactly where the soft evidence is >= 0.5 (value 128 of 255)
+    assert np.array_equal(labels > 0, evidence >= 128)
+    # the per-tile evidence fraction in the table agrees with the stored level 0 for that tile
+    t = max(tiles, key=lambda r: float(r["evidence_fraction"]))
+    x, y, size = int(t["x"]), int(t["y"]), int(float(t["size"]))
+    assert (labels[y : y + size, x : x + size] > 0).mean() == pytest.approx(float(t["evidence_fraction"]), abs=0.02)
+
+
+def test_geojson_follows_qupath_rules(cmu_run):
+    folder, _, _ = cmu_run
+    report = json.loads((folder / "report.json").read_text())
+    width, height = report["slide"]["dimensions"]
+    tiles = check_qupath_geojson(folder / "tiles.geojson", width=width, height=height)
+    assert len(tiles) == report["tiles"]["count"] == len(_tiles(folder))
+    assert {f["properties"]["objectType"] for f in tiles} == {"tile"}
+    assert "prob tumor" in tiles[0]["properties"]["measurements"]
+    evidence = check_qupath_geojson(folder / "evidence.geojson", width=width, height=height)
+    assert {f["properties"]["objectType"] for f in evidence} == {"annotation"}
+    assert len(evidence) == report["evidence"]["polygons"] > 0
+    # polygons are merged: their total area matches the stored hard mask within simplification error
+    from shapely.geometry import shape
+
+    area = sum(shape(f["geometry"]).area for f in evidence)
+    root = zarr.open_group(str(folder / "evidence.ome.zarr"), mode="r")
+    hard = (root["labels"]["evidence"]["0"][0] > 0).sum()
+    assert area == pytest.approx(hard, rel=0.1)
+
+
+def test_report_records_slide_models_and_counts(cmu_run):
+    folder, clf, seg = cmu_run
+    report = json.loads((folder / "report.json").read_text())
+    assert report["slide"]["mpp"]["source"] == "metadata"
+    assert report["slide"]["backend"] == "openslide"
+    assert sum(report["tiles"]["per_class"].values()) == report["tiles"]["count"]
+    import hashlib
+
+    assert report["models"]["classifier"]["sha256"] == hashlib.sha256((clf / "model.safetensors").read_bytes()).hexdigest()
+    assert report["models"]["segmenter"]["sha256"] == hashlib.sha256((seg / "model.safetensors").read_bytes()).hexdigest()
+    assert {"open", "tissue", "tiling", "inference+stitching", "pyramid", "total"} <= set(report["timings_s"])
+    assert "torch" in report["versions"]
+
+
+def test_rerun_skips_and_overwrite_redoes(cmu_run):
+    folder, clf, seg = cmu_run
+    out = folder.parent
+    before = (folder / "report.json").stat().st_mtime_ns
+    stale = out / f".{folder.name}.partial"
+    stale.mkdir()
+    (stale / "junk").write_text("half-finished")
+    result = _run(CMU, "--classifier", clf, "--segmenter", seg, "-o", out)
+    assert result.exit_code == 0 and "skipped" in result.output
+    assert (folder / "report.json").stat().st_mtime_ns == before
+    assert not stale.exists()
+    result = _run(CMU, "--classifier", clf, "--segmenter", seg, "-o", out, "--overwrite")
+    assert result.exit_code == 0 and "done" in result.output
+    assert (folder / "report.json").stat().st_mtime_ns != before
+
+
+def test_classify_only_on_a_built_multilevel_pyramid(tmp_path, bundles, built_pyramid):
+    clf, _ = bundles
+    result = _run(built_pyramid, "--classifier", clf, "-o", tmp_path, "--workers", "0", "--precision", "fp32")
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / built_pyramid.stem
+    report = json.loads((folder / "report.json").read_text())
+    assert len(report["slide"]["levels"]) == 3
+    assert report["parameters"]["downsample"] == pytest.approx(2.0)
+    assert report["tiles"]["count"] > 0
+    assert not (folder / "evidence.ome.zarr").exists() and not (folder / "evidence.geojson").exists()
+    rows = _tiles(folder)
+    assert all(r["evidence_fraction"] == "" for r in rows)
+    probs = np.array([[float(r[f"prob_{c}"]) for c in ("tumor", "stroma", "other")] for r in rows])
+    assert np.allclose(probs.sum(axis=1), 1, atol=1e-3)
+
+
+def test_failed_slide_is_reported_and_others_run(tmp_path, bundles):
+    clf, _ = bundles
+    bad = tmp_path / "broken.svs"
+    bad.write_bytes(b"II*\x00garbage")
+    result = _run(bad, CMU, "--classifier", clf, "-o", tmp_path / "out", "--workers", "0")
+    assert result.exit_code == 1
+    assert "broken.svs" in result.output and "not a readable slide" in result.output
+    assert (tmp_path / "out" / CMU.stem / "report.json").is_file()
+    assert not (tmp_path / "out" / "broken").exists()
