@@ -42,14 +42,26 @@ def _open_handle(path: Path, backend: Backend) -> Any:
     return cls(str(path))
 
 
-def _composite_on_white(rgba: Image.Image) -> np.ndarray:
-    """RGBA → RGB uint8 with transparent pixels (outside the scanned area) made white, not black."""
-    arr = np.asarray(rgba)
-    if arr.ndim == 3 and arr.shape[2] == 4:
-        alpha = arr[..., 3:4].astype(np.uint16)
-        rgb = (arr[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha)) // 255
-        return rgb.astype(np.uint8)
-    return np.asarray(rgba.convert("RGB"))
+def composite_on_white(image: np.ndarray) -> np.ndarray:
+    """Return HxWx3 uint8 RGB, compositing RGBA onto white (transparent pixels become white).
+
+    Parameters
+    ----------
+    image : np.ndarray
+        HxWx3 RGB or HxWx4 RGBA, uint8 (0-255).
+
+    Returns
+    -------
+    np.ndarray
+        HxWx3 uint8 RGB; ``image`` itself when it is already RGB.
+    """
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ValueError(f"expected an HxWx3 or HxWx4 uint8 image, got {image.dtype} {image.shape}")
+    if image.shape[2] == 3:
+        return image
+    # 255 - (255 - rgb) * alpha / 255, rounded, in integers: the product fits in uint16.
+    ink = (255 - image[..., :3]).astype(np.uint16) * image[..., 3:]
+    return (255 - (ink + 127) // 255).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -180,7 +192,7 @@ class Slide:
             raise SlideReadError(
                 f"{self.path.name}: read failed at level {level}, x,y={xy_level0}, size={size_level}: {exc}"
             ) from exc
-        return _composite_on_white(region)
+        return composite_on_white(np.asarray(region))
 
     def read_region_at(
         self, xy_level0: tuple[int, int], size_px: int | tuple[int, int], mpp: float, *, tolerance: float = 0.02

@@ -23,31 +23,9 @@ from skimage.filters.rank import median
 from skimage.morphology import closing, disk
 
 from .config import TissueConfig
-from .slide import Slide
+from .slide import Slide, composite_on_white
 
 _EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
-
-
-def composite_on_white(image: np.ndarray) -> np.ndarray:
-    """Return HxWx3 uint8 RGB, compositing RGBA onto white (transparent pixels become white).
-
-    Parameters
-    ----------
-    image : np.ndarray
-        HxWx3 RGB or HxWx4 RGBA, uint8 (0-255).
-
-    Returns
-    -------
-    np.ndarray
-        HxWx3 uint8 RGB; ``image`` itself when it is already RGB.
-    """
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
-        raise ValueError(f"expected an HxWx3 or HxWx4 uint8 image, got {image.dtype} {image.shape}")
-    if image.shape[2] == 3:
-        return image
-    # 255 - (255 - rgb) * alpha / 255, rounded, in integers: the product fits in uint16.
-    ink = (255 - image[..., :3]).astype(np.uint16) * image[..., 3:]
-    return (255 - (ink + 127) // 255).astype(np.uint8)
 
 
 def pen_mask(hsv: np.ndarray) -> np.ndarray:
@@ -123,7 +101,7 @@ def tissue_mask_from_rgb(rgb: np.ndarray, mpp: float, cfg: TissueConfig) -> np.n
     if radius:
         # Pixels beyond the border count as tissue for the erosion (mode "ignore"), so tissue
         # touching the border is kept. The closing may bridge over ink: ink is removed again.
-        mask = closing(mask, disk(radius, decomposition="sequence"), mode="ignore") & ~pen
+        mask = closing(mask, disk(radius, decomposition="crosses"), mode="ignore") & ~pen
     mask = _drop_small(mask, cfg.min_object_um2 / mpp**2, structure=_EIGHT_NEIGHBOURS)
     return ~_drop_small(~mask, cfg.min_hole_um2 / mpp**2, structure=None)
 
