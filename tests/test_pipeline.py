@@ -185,3 +185,21 @@ def test_failed_slide_is_reported_and_others_run(tmp_path, bundles):
     assert "broken.svs" in result.output and "not a readable slide" in result.output
     assert (tmp_path / "out" / CMU.stem / "report.json").is_file()
     assert not (tmp_path / "out" / "broken").exists()
+
+
+def test_coarser_mask_mpp_with_overlapping_tiles(tmp_path, bundles, built_pyramid):
+    """--mask-mpp writes a coarser level 0 covering the same extent; overlapping tiles blend without seams."""
+    clf, seg = bundles
+    result = _run(built_pyramid, "--classifier", clf, "--segmenter", seg, "-o", tmp_path, "--workers", "0",
+                  "--mask-mpp", "1.0", "--overlap", "32")
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / built_pyramid.stem
+    report = json.loads((folder / "report.json").read_text())
+    width, height = report["slide"]["dimensions"]
+    root = zarr.open_group(str(folder / "evidence.ome.zarr"), mode="r")
+    assert root["0"].shape == (1, round(height * 0.25), round(width * 0.25))
+    scale = root.attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
+    assert scale[1:] == [1.0, 1.0]
+    assert report["parameters"]["stride"] == 224 - 32
+    assert root["0"][0].any()
+    check_qupath_geojson(folder / "evidence.geojson", width=width, height=height)

@@ -1,0 +1,1 @@
+"""Med-CAM: Classifier Activation Matching — the loss, training, baselines and evaluation."""
