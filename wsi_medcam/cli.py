@@ -196,6 +196,96 @@ def import_classifier_cmd(
     console.print(f"classifier bundle written to {path}")
 
 
+@app.command("train-classifier")
+def train_classifier_cmd(
+    data: Annotated[Path, typer.Option(help="ImageFolder: one sub-folder of tiles per class")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="classifier bundle folder to create")],
+    arch: Annotated[str, typer.Option(help="timm model name")] = "resnet18",
+    mpp: Annotated[float, typer.Option(help="µm/px of the training tiles")] = 0.5,
+    tile_size: Annotated[int, typer.Option(help="tile edge, px (tiles are resized to it)")] = 224,
+    epochs: Annotated[int, typer.Option(min=1)] = 10,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    lr: Annotated[float, typer.Option(help="peak learning rate (one-cycle)")] = 1e-3,
+    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="held-out share of the tiles")] = 0.2,
+    weights: Annotated[Optional[Path], typer.Option(help="local initial weights (.safetensors or state_dict .pth)")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Train a timm classifier (from scratch unless --weights) on labelled tiles and write its bundle."""
+    from .bundles import save_bundle
+    from .classifier_training import load_image_folder, train_classifier
+
+    try:
+        images, labels, classes = load_image_folder(data, tile_size)
+        cfg = ClassifierConfig(arch=arch, class_names=classes, mpp=mpp, tile_size=tile_size)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console) as bar:
+            task = bar.add_task("epochs", total=epochs)
+
+            def on_epoch(rec: dict[str, float]) -> None:
+                bar.update(task, advance=1, description=f"loss {rec['loss']:.3f} val acc {rec['val_accuracy']:.3f}")
+
+            result = train_classifier(images, labels, cfg, epochs=epochs, batch_size=batch_size, lr=lr,
+                                      val_fraction=val_fraction, seed=seed, init_weights=weights, on_epoch=on_epoch)
+        cfg = cfg.model_copy(update={"val_accuracy": result.val_accuracy, "train_tiles": int(len(labels))})
+        save_bundle(result.model, cfg, out)
+    except (WsiMedcamError, ValueError, OSError) as exc:
+        raise _fail(str(exc).splitlines()[0]) from None
+    console.print(f"{len(labels)} tiles, {len(classes)} classes, validation accuracy {result.val_accuracy:.3f} → {out}")
+
+
+@app.command("train-cam")
+def train_cam_cmd(
+    classifier: Annotated[Path, typer.Option(help="classifier bundle (frozen during training)")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="training folder: log, checkpoint, and segmenter/ bundle")],
+    slides: Annotated[Optional[list[Path]], typer.Option("--slides", help="sample tissue tiles from these slides")] = None,
+    tiles: Annotated[Optional[Path], typer.Option(help="or read tiles from this folder (any layout)")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML training config (see configs/train-cam.yaml)")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="optimisation steps")] = None,
+    batch_size: Annotated[Optional[int], typer.Option()] = None,
+    preset: Annotated[Optional[str], typer.Option(help="loss weights: minimal, notebook, paper-bach-vit, paper-ham-convnext, ...")] = None,
+    mpp: Annotated[Optional[float], typer.Option(help="µm/px for slides without metadata")] = None,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Train the amortised Med-CAM segmenter label-free against a frozen classifier (resumes if interrupted)."""
+    import yaml
+    from pydantic import ValidationError
+
+    from .bundles import load_classifier
+    from .config import format_validation_error
+    from .medcam.data import tiles_from_folder, tiles_from_slides
+    from .medcam.train import CamTrainConfig, train_segmenter
+
+    _setup_logging(verbose)
+    if bool(slides) == bool(tiles):
+        raise _fail("give either --slides S... or --tiles DIR")
+    try:
+        data = yaml.safe_load(config.read_text()) if config else {}
+        data.update({k: v for k, v in {"steps": steps, "batch_size": batch_size, "preset": preset}.items() if v is not None})
+        cfg = CamTrainConfig.model_validate(data)
+        cfg.loss_weights()
+        bundle = load_classifier(classifier)
+        size, tile_mpp = bundle.config.tile_size, bundle.config.mpp
+        if tiles:
+            images = tiles_from_folder(tiles, size)
+        else:
+            images = tiles_from_slides(slides or [], mpp=tile_mpp, tile_size=size, per_slide=cfg.tiles_per_slide,
+                                       overrides=MppOverrides(mpp), seed=cfg.seed)
+        console.print(f"{len(images)} tiles of {size} px; training {cfg.steps} steps")
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TimeRemainingColumn(), console=console) as bar:
+            task = bar.add_task("train-cam", total=cfg.steps)
+
+            def on_step(step: int, terms: dict[str, float]) -> None:
+                bar.update(task, completed=step, description=f"loss {terms['total']:.2f} area {terms['area']:.3f}")
+
+            path, summary = train_segmenter(bundle, images, cfg, out, on_step=on_step)
+    except ValidationError as exc:
+        raise _fail(format_validation_error(exc)) from None
+    except (WsiMedcamError, ValueError, OSError, yaml.YAMLError) as exc:
+        raise _fail(str(exc).splitlines()[0]) from None
+    console.print(f"segmenter bundle written to {path}; validation: {json.dumps(summary['validation'])}")
+
+
 @app.command("make-segmenter")
 def make_segmenter_cmd(
     out: Annotated[Path, typer.Option("-o", "--out", help="bundle folder to create")],

@@ -1,0 +1,197 @@
+"""Amortised Med-CAM: one segmenter trained label-free over many tiles with the Med-CAM loss.
+
+The classifier is frozen; its own prediction is the target, so no labels are needed. The loop is
+deliberately one visible function: sample a batch, compute the reference activations, one loss
+step, log every term, validate on held-out tiles now and then, checkpoint, resume.
+
+Why a mask-logit bias: a sigmoid head starts at p ≈ 0.5, so the hard mask starts nearly full and
+the method document measured that it then stays full. Starting the head's bias negative starts the
+mask near empty; the class-keeping terms then have to *add* evidence.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+
+from ..bundles import Bundle, SegmenterConfig, build_segmenter, save_bundle
+from ..classifier_training import augment, normalise
+from ..inference import cpu_supports_bf16
+from .fills import FILL_KINDS
+from .layers import LayerSpec, deep_only, layer_preset
+from .loss import WEIGHT_PRESETS, LossWeights, MedCamObjective
+from .metrics import null_mask_sufficiency, sufficiency
+
+log = logging.getLogger("wsi_medcam")
+
+
+class CamTrainConfig(BaseModel):
+    """Everything ``train-cam`` needs; ``configs/train-cam.yaml`` mirrors these defaults."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    preset: str = Field("minimal", description="loss weight preset (see WEIGHT_PRESETS)")
+    weights: dict[str, float] = Field(default_factory=dict, description="overrides of single loss weights")
+    layers: str = Field("deep", description="'preset' (all layers of the family preset) or 'deep' (deep ones only)")
+    fill: str = Field("mean", description="training fill")
+    heldout_fill: str = Field("white", description="fill used only for validation")
+    encoder: str = Field("resnet18", description="segmentation-models-pytorch encoder")
+    mask_bias: float = Field(-2.0, description="initial bias of the mask logit (negative: start near empty)")
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    val_every: int = Field(250, ge=1)
+    checkpoint_every: int = Field(250, ge=1)
+    tiles_per_slide: int = Field(1000, ge=1)
+    seed: int = 0
+
+    def loss_weights(self) -> LossWeights:
+        if self.preset not in WEIGHT_PRESETS:
+            raise ValueError(f"unknown preset '{self.preset}', expected one of {', '.join(WEIGHT_PRESETS)}")
+        return WEIGHT_PRESETS[self.preset].model_copy(update=self.weights) if self.weights else WEIGHT_PRESETS[self.preset]
+
+    def layer_specs(self, model: torch.nn.Module, arch: str) -> list[LayerSpec]:
+        specs = layer_preset(model, arch)
+        if self.layers == "deep":
+            return deep_only(specs)
+        if self.layers == "preset":
+            return specs
+        raise ValueError(f"layers must be 'preset' or 'deep', got '{self.layers}'")
+
+
+@dataclass(frozen=True)
+class Validation:
+    """Held-out figures: hard-mask area and how often the evidence alone keeps the class."""
+
+    area: float
+    sufficiency: dict[str, float]
+    null_mask_keeps: dict[str, float]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"area": self.area, "sufficiency": self.sufficiency, "null_mask_keeps": self.null_mask_keeps}
+
+
+def new_segmenter(encoder: str, tile_size: int, mask_bias: float, classifier: Bundle) -> tuple[torch.nn.Module, SegmenterConfig]:
+    """A from-scratch U-Net whose mask starts at sigmoid(``mask_bias``) everywhere."""
+    cfg = SegmenterConfig(encoder=encoder, tile_size=tile_size, mean=classifier.config.mean, std=classifier.config.std)
+    model = build_segmenter(cfg)
+    head = model.segmentation_head[0]
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.constant_(head.bias, mask_bias)
+    return model, cfg
+
+
+@torch.no_grad()
+def validate(segmenter: torch.nn.Module, classifier: torch.nn.Module, x: torch.Tensor, fills: list[str], *,
+             mean: tuple[float, ...], std: tuple[float, ...], seed: int = 0) -> Validation:
+    """Area and sufficiency of the hard masks on normalised tiles ``x`` under each fill, and the
+    null-mask control (what the fill alone keeps)."""
+    segmenter.eval()
+    hard = (torch.sigmoid(segmenter(x)) > 0.5).float()[:, 0]
+    segmenter.train()
+    kept = sufficiency(classifier, x, hard, fills, mean=mean, std=std, generator=torch.Generator().manual_seed(seed))
+    null = null_mask_sufficiency(classifier, x, fills, mean=mean, std=std, generator=torch.Generator().manual_seed(seed))
+    return Validation(float(hard.mean()), {f: float(v.mean()) for f, v in kept.items()},
+                      {f: float(v.mean()) for f, v in null.items()})
+
+
+def _checkpoint_paths(out_dir: Path) -> tuple[Path, Path, Path]:
+    ckpt = out_dir / "checkpoint"
+    return ckpt / "segmenter.safetensors", ckpt / "optimizer.pt", ckpt / "state.json"
+
+
+def train_segmenter(
+    classifier: Bundle,
+    tiles: np.ndarray,
+    cfg: CamTrainConfig,
+    out_dir: Path,
+    *,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Train the amortised segmenter on uint8 tiles (N, S, S, 3); write its bundle to ``out_dir``.
+
+    Resumes from ``out_dir/checkpoint`` when present. Every loss term is appended to
+    ``out_dir/train_log.jsonl``. Returns the bundle path and the final validation figures.
+    """
+    for fill in (cfg.fill, cfg.heldout_fill):
+        if fill not in FILL_KINDS:
+            raise ValueError(f"unknown fill '{fill}', expected one of {', '.join(FILL_KINDS)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ccfg = classifier.config
+    tile_size = tiles.shape[1]
+    clf = classifier.model.eval()
+    specs = cfg.layer_specs(clf, ccfg.arch)
+    objective = MedCamObjective(clf, specs, cfg.loss_weights(), mean=ccfg.mean, std=ccfg.std, fill=cfg.fill)
+
+    order = torch.randperm(len(tiles), generator=torch.Generator().manual_seed(cfg.seed))
+    n_val = int(round(len(tiles) * cfg.val_fraction)) if len(tiles) >= 10 else 0
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    x_all = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2)
+    x_val = normalise(x_all[val_idx].float() / 255, ccfg.mean, ccfg.std)
+
+    segmenter, seg_cfg = new_segmenter(cfg.encoder, tile_size, cfg.mask_bias, classifier)
+    opt = torch.optim.Adam(segmenter.parameters(), lr=cfg.lr)
+    seg_path, opt_path, state_path = _checkpoint_paths(out_dir)
+    step = 0
+    if state_path.is_file():
+        segmenter.load_state_dict(load_file(str(seg_path)))
+        opt.load_state_dict(torch.load(opt_path, weights_only=True))
+        state = json.loads(state_path.read_text())
+        step = int(state["step"])
+        gen.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        log.info("resuming from step %d", step)
+    amp = cpu_supports_bf16()
+    segmenter.train()
+    log_file = open(out_dir / "train_log.jsonl", "a")
+    validation = None
+    try:
+        while step < cfg.steps:
+            start = time.perf_counter()
+            idx = train_idx[torch.randint(len(train_idx), (cfg.batch_size,), generator=gen)]
+            x = normalise(augment(x_all[idx].float() / 255, gen), ccfg.mean, ccfg.std)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                ref = objective.reference(x)
+                total, terms = objective(x, segmenter(x).float(), ref, generator=gen)
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            step += 1
+            terms["step"] = step
+            terms["seconds"] = time.perf_counter() - start
+            log_file.write(json.dumps(terms) + "\n")
+            if on_step:
+                on_step(step, terms)
+            if n_val and (step % cfg.val_every == 0 or step == cfg.steps):
+                validation = validate(segmenter, clf, x_val, [cfg.fill, cfg.heldout_fill], mean=ccfg.mean, std=ccfg.std)
+                log_file.write(json.dumps({"step": step, "validation": validation.as_dict()}) + "\n")
+                log.info("step %d validation %s", step, validation.as_dict())
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                seg_path.parent.mkdir(exist_ok=True)
+                save_file({k: v.contiguous() for k, v in segmenter.state_dict().items()}, str(seg_path))
+                torch.save(opt.state_dict(), opt_path)
+                state_path.write_text(json.dumps({"step": step, "generator": gen.get_state().tolist()}))
+                log_file.flush()
+    finally:
+        log_file.close()
+    segmenter.eval()
+    summary = {"steps": step, "train_tiles": int(len(train_idx)), "val_tiles": int(n_val),
+               "validation": validation.as_dict() if validation else None,
+               "loss": cfg.loss_weights().model_dump(), "layers": [s.name for s in specs],
+               "train_config": cfg.model_dump(), "classifier_sha256": classifier.sha256}
+    seg_cfg = seg_cfg.model_copy(update={"medcam": summary})
+    bundle = save_bundle(segmenter, seg_cfg, out_dir / "segmenter")
+    return bundle, summary
