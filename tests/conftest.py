@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
-from PIL import Image
+
+from wsi_medcam import slide_writer
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -17,38 +17,9 @@ CMU = SLIDES / "CMU-1-Small-Region.svs"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared test data not found at {DATA}")
 
 
-def write_pyramid(
-    path: Path,
-    level0: np.ndarray,
-    *,
-    mpp: float | None,
-    levels: int = 3,
-    aperio: bool = True,
-    tile: int = 256,
-) -> Path:
-    """Write a tiled JPEG multi-level TIFF in the Aperio layout OpenSlide and tiffslide both read.
-
-    Level 0 first, a small stripped thumbnail second, then each 2× reduced level as its own page.
-    ``mpp=None`` writes no resolution at all (a slide without metadata).
-    """
-    h, w = level0.shape[:2]
-    desc = f"Aperio Image Library v12.0.16\r\n{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) JPEG/RGB Q=90"
-    if mpp is not None:
-        desc += f"|AppMag = 20|MPP = {mpp}"
-    extra = dict(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER") if mpp else {}
-    pyramid = [level0]
-    for _ in range(1, levels):
-        prev = pyramid[-1]
-        pyramid.append(np.asarray(Image.fromarray(prev).resize((max(1, prev.shape[1] // 2), max(1, prev.shape[0] // 2)), Image.Resampling.BOX)))
-    thumb = np.asarray(Image.fromarray(level0).resize((max(1, w // 16), max(1, h // 16))))
-    with tifffile.TiffWriter(path) as tif:
-        for i, arr in enumerate(pyramid):
-            kwargs = dict(photometric="rgb", compression="jpeg", compressionargs={"level": 90}, metadata=None, **extra)
-            tif.write(arr, tile=(tile, tile), description=desc if aperio or i == 0 else None,
-                      subfiletype=0 if i == 0 else 1, **kwargs)
-            if i == 0 and aperio:
-                tif.write(thumb, photometric="rgb", compression="jpeg", metadata=None, description=desc)
-    return path
+def write_pyramid(path: Path, level0: np.ndarray, **kwargs) -> Path:
+    """A pyramid of an in-memory RGB array (see :func:`wsi_medcam.slide_writer.write_pyramid`)."""
+    return slide_writer.write_pyramid(path, slide_writer.array_reader(level0), level0.shape[1], level0.shape[0], **kwargs)
 
 
 @pytest.fixture(scope="session")

@@ -60,6 +60,33 @@ def expand_slides(items: list[str]) -> list[Path]:
 
 
 @app.command()
+def demo(
+    out: Annotated[Path, typer.Option("-o", "--out", help="where the demo writes everything")] = Path("wsi-medcam-demo"),
+    steps: Annotated[int, typer.Option(help="Med-CAM training steps")] = 200,
+    epochs: Annotated[int, typer.Option(help="classifier training epochs")] = 8,
+) -> None:
+    """Start here: builds a slide with known evidence, trains a classifier and Med-CAM, runs the pipeline with
+    Med-CAM and Grad-CAM, and scores both against the truth. Offline, CPU, a few minutes."""
+    from .demo import run_demo
+
+    _setup_logging(False)
+    try:
+        summary = run_demo(out, epochs=epochs, cam_steps=steps,
+                           step=lambda msg: console.print(f"[bold]•[/bold] {msg}", highlight=False))
+    except (WsiMedcamError, ValueError, OSError, RuntimeError) as exc:
+        raise _fail(str(exc).splitlines()[0]) from None
+    table = Table(title="evidence vs the planted truth", title_justify="left")
+    for col in ("method", "IoU", "pointing game", "evidence area", "truth area", "certified (mean fill)", "outputs"):
+        table.add_column(col)
+    for name, m in summary["methods"].items():
+        table.add_row(name, f"{m['iou']:.3f}", f"{m['pointing_game']:.2f}", f"{m['evidence_area']:.4f}",
+                      f"{m['truth_area']:.4f}", f"{m['certified'].get('mean', float('nan')):.2f}", m["output"])
+    out_console.print(table)
+    out_console.print(f"classifier validation accuracy {summary['classifier_val_accuracy']:.3f}; "
+                      f"summary in {out / 'demo.json'}; open the outputs as described in the README.")
+
+
+@app.command()
 def info(
     slides: Annotated[list[str], typer.Argument(help="slide files, globs or folders")],
     backend: Annotated[str, typer.Option(help="auto (OpenSlide, then tiffslide), openslide or tiffslide")] = "auto",
@@ -122,6 +149,7 @@ def run(
     precision: Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads")] = None,
     mask_mpp: Annotated[Optional[float], typer.Option(help="µm/px of the evidence store's level 0 (default: the slide's)")] = None,
+    explainer: Annotated[Optional[str], typer.Option(help="medcam (needs --segmenter), gradcam, gradcam++, hirescam, layercam, scorecam")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="redo slides that are already finished")] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="debug log, with tracebacks of failed slides")] = False,
 ) -> None:
@@ -138,7 +166,7 @@ def run(
         "slide.backend": backend, "slide.mpp": mpp, "slide.mpp_csv": mpp_csv,
         "tiling.mpp": tile_mpp, "tiling.tile_size": tile_size, "tiling.overlap": overlap, "tiling.min_tissue": min_tissue,
         "inference.batch_size": batch_size, "inference.workers": workers, "inference.device": device,
-        "inference.precision": precision, "inference.threads": threads,
+        "inference.precision": precision, "inference.threads": threads, "inference.explainer": explainer,
         "output.mask_mpp": mask_mpp, "output.overwrite": overwrite or None,
     }
     try:
@@ -284,6 +312,83 @@ def train_cam_cmd(
     except (WsiMedcamError, ValueError, OSError, yaml.YAMLError) as exc:
         raise _fail(str(exc).splitlines()[0]) from None
     console.print(f"segmenter bundle written to {path}; validation: {json.dumps(summary['validation'])}")
+
+
+@app.command()
+def explain(
+    images: Annotated[list[Path], typer.Argument(help="tile images (png, jpg, tif)")],
+    classifier: Annotated[Path, typer.Option(help="classifier bundle")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="folder for <name>.mask.png, .soft.png, .json")],
+    segmenter: Annotated[Optional[Path], typer.Option(help="amortised segmenter bundle (one forward pass)")] = None,
+    per_image: Annotated[bool, typer.Option("--per-image", help="optimise a fresh mask network per image (the paper's mode); with --segmenter: refine it")] = False,
+    steps: Annotated[int, typer.Option(help="per-image: maximum steps")] = 880,
+    lr: Annotated[float, typer.Option(help="per-image: Adam learning rate")] = 5e-5,
+    preset: Annotated[str, typer.Option(help="per-image: loss weight preset")] = "minimal",
+) -> None:
+    """Explain single tiles: evidence masks plus whether the evidence alone keeps the prediction."""
+    from .bundles import load_classifier, load_segmenter
+    from .medcam.explain import PerImageOptions, explain_files
+
+    if segmenter is None and not per_image:
+        raise _fail("give --segmenter DIR, --per-image, or both")
+    try:
+        clf = load_classifier(classifier)
+        seg = load_segmenter(segmenter) if segmenter else None
+        options = PerImageOptions(steps=steps, lr=lr, preset=preset) if per_image else None
+        missing = [str(p) for p in images if not p.is_file()]
+        if missing:
+            raise WsiMedcamError(f"no such image: {missing[0]}")
+        records = explain_files(clf, images, out, segmenter=seg, per_image=options)
+    except (WsiMedcamError, ValueError, OSError) as exc:
+        raise _fail(str(exc).splitlines()[0]) from None
+    for rec in records:
+        kept = ", ".join(f"{f}:{'yes' if v else 'no'}" for f, v in rec["keeps_prediction"].items())
+        out_console.print(f"{Path(rec['image']).name}: {rec['prediction']} ({rec['probability']:.2f}), "
+                          f"mask area {rec['mask_area']:.3f}, evidence keeps it [{kept}]", highlight=False)
+
+
+@app.command("eval")
+def eval_cmd(
+    classifier: Annotated[Path, typer.Option(help="classifier bundle")],
+    tiles: Annotated[Path, typer.Option(help="folder of held-out tile images")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="report JSON to write")],
+    segmenter: Annotated[Optional[Path], typer.Option(help="amortised Med-CAM segmenter bundle")] = None,
+    baselines: Annotated[str, typer.Option(help="comma-separated: gradcam, gradcam++, hirescam, layercam, scorecam; empty for none")] = "gradcam,gradcam++",
+    per_image: Annotated[bool, typer.Option("--per-image", help="also run per-image Med-CAM (slow)")] = False,
+    steps: Annotated[int, typer.Option(help="per-image: maximum steps")] = 880,
+) -> None:
+    """Area, sufficiency under several fills, necessity, deletion/insertion AUC and runtime per method."""
+    from .bundles import load_classifier, load_segmenter
+    from .medcam.data import tiles_from_folder
+    from .medcam.evaluate import evaluate
+    from .medcam.explain import PerImageOptions
+
+    try:
+        clf = load_classifier(classifier)
+        seg = load_segmenter(segmenter) if segmenter else None
+        images = tiles_from_folder(tiles, clf.config.tile_size)
+        report = evaluate(clf, images, segmenter=seg, baselines=[b for b in baselines.split(",") if b],
+                          per_image=PerImageOptions(steps=steps) if per_image else None)
+    except (WsiMedcamError, ValueError, OSError) as exc:
+        raise _fail(str(exc).splitlines()[0]) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    out_console.print(metrics_table(report))
+
+
+def metrics_table(report: dict) -> Table:
+    """One row per method: the figures of :func:`wsi_medcam.medcam.evaluate.evaluate`."""
+    fills = report["fills"]
+    table = Table(title=f"{report['tiles']} tiles; null mask keeps: "
+                  + ", ".join(f"{f} {v:.2f}" for f, v in report["null_mask_keeps"].items()), title_justify="left")
+    for col in ["method", "area", *[f"suff {f}" for f in fills], "nec drop", "del AUC", "ins AUC", "IoU", "pointing", "s/tile"]:
+        table.add_column(col, justify="right")
+    for name, m in report["methods"].items():
+        table.add_row(name, f"{m['area']:.3f}", *[f"{m['sufficiency'][f]:.2f}" for f in fills],
+                      f"{m['necessity_drop']:.3f}", f"{m['deletion_auc']:.3f}", f"{m['insertion_auc']:.3f}",
+                      f"{m['iou']:.3f}" if "iou" in m else "–", f"{m['pointing_game']:.2f}" if "pointing_game" in m else "–",
+                      f"{m['seconds_per_tile']:.3f}")
+    return table
 
 
 @app.command("make-segmenter")

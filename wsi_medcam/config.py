@@ -61,6 +61,9 @@ class InferenceConfig(_Frozen):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None: torch's default")
+    explainer: Literal["medcam", "gradcam", "gradcam++", "hirescam", "layercam", "scorecam"] = "medcam"
+    certify_fills: tuple[Literal["mean", "white", "blur", "noise", "uniform", "colour"], ...] = Field(
+        ("mean", "white"), description="fills under which each tile's hard evidence is re-classified")
 
 
 class OutputConfig(_Frozen):

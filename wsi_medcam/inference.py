@@ -15,6 +15,8 @@ import torch
 
 from .bundles import Bundle
 from .config import InferenceConfig
+from .medcam.baselines import cam_heatmaps
+from .medcam.fills import compose, make_fill
 
 
 def resolve_device(name: str) -> torch.device:
@@ -54,55 +56,77 @@ class BatchResult:
 
     indices : tile indices into the grid.
     probs : (B, classes) softmax probabilities.
-    soft : (B, H, W) segmenter evidence in [0, 1] at tile resolution, or None without a segmenter.
+    soft : (B, H, W) evidence in [0, 1] at tile resolution (segmenter or CAM heatmap), or None.
+    kept : per certification fill, (B,) bool: does the hard evidence alone keep the prediction.
     """
 
     indices: np.ndarray
     probs: np.ndarray
     soft: np.ndarray | None
+    kept: dict[str, np.ndarray]
 
 
 class Predictor:
-    """Classifier (+ optional segmenter) on one device, ready for batches of uint8 tiles."""
+    """Classifier plus an explainer (Med-CAM segmenter or a Grad-CAM method) on one device."""
 
     def __init__(self, classifier: Bundle, segmenter: Bundle | None, cfg: InferenceConfig):
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_precision(cfg.precision, self.device)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.explainer = cfg.explainer
+        self.certify_fills = tuple(cfg.certify_fills)
+        self.arch = classifier.config.arch
         self.classifier = classifier.model.to(self.device, memory_format=self.memory_format).eval()
-        self.segmenter = (
-            segmenter.model.to(self.device, memory_format=self.memory_format).eval() if segmenter else None
-        )
+        use_segmenter = segmenter is not None and cfg.explainer == "medcam"
+        self.segmenter = segmenter.model.to(self.device, memory_format=self.memory_format).eval() if use_segmenter else None
         ccfg = classifier.config
+        self.mean, self.std = tuple(ccfg.mean), tuple(ccfg.std)
         self._mean = torch.tensor(ccfg.mean, device=self.device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(ccfg.std, device=self.device).view(1, 3, 1, 1) * 255
-        scfg = segmenter.config if segmenter else None
+        scfg = segmenter.config if use_segmenter and segmenter else None
         if scfg is not None and scfg.mean is not None and scfg.std is not None:
             self._seg_mean = torch.tensor(scfg.mean, device=self.device).view(1, 3, 1, 1) * 255
             self._seg_std = torch.tensor(scfg.std, device=self.device).view(1, 3, 1, 1) * 255
         else:
             self._seg_mean, self._seg_std = self._mean, self._std
 
+    @property
+    def explains(self) -> bool:
+        """Whether this predictor produces evidence (a segmenter, or a Grad-CAM method)."""
+        return self.segmenter is not None or self.explainer != "medcam"
+
     def _autocast(self):  # noqa: ANN202 - context manager
         if self.dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    @torch.inference_mode()
-    def predict(self, tiles_uint8: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-        """(probabilities (B, C), soft evidence (B, H, W) or None) for uint8 tiles (B, 3, H, W)."""
-        x = tiles_uint8.to(self.device, non_blocking=True).float()
-        x_cls = ((x - self._mean) / self._std).contiguous(memory_format=self.memory_format)
-        with self._autocast():
-            probs = torch.softmax(self.classifier(x_cls).float(), dim=1)
-            soft = None
-            if self.segmenter is not None:
-                x_seg = x_cls if self._seg_mean is self._mean else (x - self._seg_mean) / self._seg_std
-                soft = torch.sigmoid(self.segmenter(x_seg.contiguous(memory_format=self.memory_format)).float())[:, 0]
-        return probs.cpu().numpy(), None if soft is None else soft.cpu().numpy()
+    def predict(self, tiles_uint8: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray]]:
+        """(probabilities (B, C), evidence (B, H, W) or None, kept per fill) for uint8 tiles (B, 3, H, W)."""
+        with torch.no_grad():
+            x = tiles_uint8.to(self.device, non_blocking=True).float()
+            x_cls = ((x - self._mean) / self._std).contiguous(memory_format=self.memory_format)
+            with self._autocast():
+                probs = torch.softmax(self.classifier(x_cls).float(), dim=1)
+                soft = None
+                if self.segmenter is not None:
+                    x_seg = x_cls if self._seg_mean is self._mean else (x - self._seg_mean) / self._seg_std
+                    soft = torch.sigmoid(self.segmenter(x_seg.contiguous(memory_format=self.memory_format)).float())[:, 0]
+        pred = probs.argmax(1)
+        if self.explainer != "medcam":
+            heat = cam_heatmaps(self.classifier, x_cls, self.explainer, pred.tolist(), arch=self.arch, batch_size=len(x_cls))
+            soft = torch.from_numpy(heat).to(self.device)
+        kept: dict[str, np.ndarray] = {}
+        if soft is not None and self.certify_fills:
+            with torch.no_grad(), self._autocast():
+                gen = torch.Generator(device=self.device).manual_seed(0)
+                hard = (soft > 0.5).float()[:, None]
+                for fill in self.certify_fills:
+                    b = make_fill(fill, x_cls.float(), mean=self.mean, std=self.std, generator=gen)
+                    kept[fill] = (self.classifier(compose(x_cls, hard, b)).argmax(1) == pred).cpu().numpy()
+        return probs.cpu().numpy(), None if soft is None else soft.float().cpu().numpy(), kept
 
     def run(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[BatchResult]:
         """Results batch by batch, in the loader's order."""
         for tiles, indices in batches:
-            probs, soft = self.predict(tiles)
-            yield BatchResult(indices.numpy(), probs, soft)
+            probs, soft, kept = self.predict(tiles)
+            yield BatchResult(indices.numpy(), probs, soft, kept)

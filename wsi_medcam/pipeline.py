@@ -168,7 +168,7 @@ def process_slide(
     width0, height0 = grid.slide_dimensions
     out_shape = (max(1, round(height0 * slide.mpp.mean / out_mpp)), max(1, round(width0 * slide.mpp.mean / out_mpp)))
     store = stitcher = None
-    if models.segmenter is not None:
+    if models.predictor.explains:
         store = EvidenceStore(work_dir / "evidence.ome.zarr", shape=out_shape, mpp=out_mpp,
                               chunk=cfg.output.chunk_size, min_size=cfg.output.min_pyramid_size,
                               class_names=class_names, colors=colors, name=path.name)
@@ -177,13 +177,15 @@ def process_slide(
     grid_probs = np.zeros((len(class_names), *grid.grid_shape), np.float32)
     counts = np.zeros(len(class_names), np.int64)
     evidence_fractions: list[float] = []
+    kept_counts = {f: 0 for f in cfg.inference.certify_fills}
     batch_size = cfg.inference.batch_size or default_batch_size(models.predictor.device)
     loader = make_loader(TileDataset(ref, grid, tolerance=cfg.slide.level_tolerance), batch_size=batch_size,
                          workers=min(cfg.inference.workers, max(0, len(grid) // batch_size)),
                          pin_memory=models.predictor.device.type == "cuda")
     done = 0
     with timer.stage("inference+stitching"), TileWriter(
-        work_dir / "tiles.csv", work_dir / "tiles.geojson", slide_key=slide_key, class_names=class_names, colors=colors
+        work_dir / "tiles.csv", work_dir / "tiles.geojson", slide_key=slide_key, class_names=class_names, colors=colors,
+        certify_fills=tuple(cfg.inference.certify_fills) if models.predictor.explains else ()
     ) as tiles_out:
         for result in models.predictor.run(loader if len(grid) else []):
             for k, i in enumerate(result.indices):
@@ -192,13 +194,16 @@ def process_slide(
                 grid_probs[:, grid.rows[i], grid.cols[i]] = probs
                 counts[pred] += 1
                 fraction = None
+                kept = {f: bool(v[k]) for f, v in result.kept.items()}
+                for f, v in kept.items():
+                    kept_counts[f] += v
                 if result.soft is not None and stitcher is not None:
                     fraction = float((result.soft[k] > 0.5).mean())
                     evidence_fractions.append(fraction)
                     stitcher.add(int(i), result.soft[k], pred, float(probs[pred]))
                 x, y = grid.xy_level0(int(i))
                 tiles_out.write(TileRecord(int(i), x, y, grid.size_level0, float(grid.tissue_fraction[i]),
-                                           probs, pred, fraction))
+                                           probs, pred, fraction, kept))
             done += len(result.indices)
             if progress:
                 progress(path.name, done, len(grid))
@@ -228,6 +233,8 @@ def process_slide(
             n_polygons = write_evidence(work_dir / "evidence.geojson", polygons, slide_key=slide_key,
                                         class_names=class_names, colors=colors, mpp=slide.mpp.mean)
         evidence_stats = {
+            "explainer": cfg.inference.explainer,
+            "certified_fraction": {f: c / len(grid) if len(grid) else 0.0 for f, c in kept_counts.items()},
             "mean_tile_evidence_fraction": float(np.mean(evidence_fractions)) if evidence_fractions else 0.0,
             "median_tile_evidence_fraction": float(np.median(evidence_fractions)) if evidence_fractions else 0.0,
             "polygons": n_polygons,

@@ -34,6 +34,7 @@ class PerImageOptions:
     steps: int = 880
     lr: float = 5e-5
     patience: int = 40
+    min_steps: int = 100
     preset: str = "minimal"
     deep_layers: bool = True
 
@@ -60,6 +61,7 @@ def explain_batch(
         specs = deep_only(specs) if per_image.deep_layers else specs
         objective = MedCamObjective(clf, specs, WEIGHT_PRESETS[per_image.preset], mean=ccfg.mean, std=ccfg.std)
         result = optimise_masks(objective, x, steps=per_image.steps, lr=per_image.lr, patience=per_image.patience,
+                                min_steps=per_image.min_steps,
                                 init=segmenter.model if segmenter else None)
         soft, steps = result.soft, result.steps
     elif segmenter is not None:

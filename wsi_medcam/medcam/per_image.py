@@ -6,8 +6,10 @@ notebook's small U-Net (DoubleConv blocks, max-pool down, transposed-conv up, sk
 and Adam's element-wise updates keep the networks independent. Refinement (``init`` given) starts
 each image from a copy of the amortised segmenter instead.
 
-Early stop per image: once its hard mask has kept the target class for ``patience`` steps in a row
-and its area changed by less than ``area_tol`` over them, that image's mask is frozen.
+Early stop per image: after ``min_steps`` (the full starting mask trivially keeps the class), once
+its hard mask has kept the target class for ``patience`` steps in a row and its area changed by less
+than ``area_tol`` over them, that image's mask is frozen. Each image returns its latest mask that
+kept the class, so a mask that shrinks past sufficiency late in the run is not what is returned.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class GroupedUNet(nn.Module):
     Input (n, 3, H, W) with H, W divisible by 2**(len(widths) − 1); output mask logits (n, 1, H, W).
     """
 
-    def __init__(self, n: int, widths: tuple[int, ...] = (16, 32, 64, 128), mask_bias: float = -2.0):
+    def __init__(self, n: int, widths: tuple[int, ...] = (16, 32, 64, 128), mask_bias: float = 1.0):
         super().__init__()
         self.n = n
         chans = (3, *widths)
@@ -89,9 +91,10 @@ def optimise_masks(
     lr: float = 5e-5,
     patience: int = 40,
     area_tol: float = 0.01,
+    min_steps: int = 100,
     init: nn.Module | None = None,
     widths: tuple[int, ...] = (16, 32, 64, 128),
-    mask_bias: float = -2.0,
+    mask_bias: float = 1.0,
     target: torch.Tensor | None = None,
     seed: int = 0,
 ) -> PerImageResult:
@@ -103,23 +106,26 @@ def optimise_masks(
     start = time.perf_counter()
     if init is not None:
         results = [_optimise(objective, x[i : i + 1], copy.deepcopy(init).train(), steps, lr, patience, area_tol,
-                             None if target is None else target[i : i + 1], seed) for i in range(len(x))]
+                             None if target is None else target[i : i + 1], seed, min_steps) for i in range(len(x))]
         soft = torch.cat([r[0] for r in results])
         used = torch.cat([r[1] for r in results])
     else:
         torch.manual_seed(seed)
         net = GroupedUNet(len(x), widths, mask_bias)
-        soft, used = _optimise(objective, x, net, steps, lr, patience, area_tol, target, seed)
+        soft, used = _optimise(objective, x, net, steps, lr, patience, area_tol, target, seed, min_steps)
     return PerImageResult(soft, used, time.perf_counter() - start)
 
 
 def _optimise(objective: MedCamObjective, x: torch.Tensor, net: nn.Module, steps: int, lr: float, patience: int,
-              area_tol: float, target: torch.Tensor | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+              area_tol: float, target: torch.Tensor | None, seed: int, min_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optimise ``net``'s masks for ``x``; per image, return the latest mask whose hard version kept the
+    target (a mask that later collapses below sufficiency is not returned), frozen once settled."""
     gen = torch.Generator().manual_seed(seed)
     ref = objective.reference(x, target)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     b = len(x)
     frozen = torch.zeros(b, dtype=torch.bool)
+    ever_kept = torch.zeros(b, dtype=torch.bool)
     result = torch.zeros(b, 1, *x.shape[-2:])
     used = torch.full((b,), steps, dtype=torch.long)
     streak = torch.zeros(b, dtype=torch.long)
@@ -138,11 +144,12 @@ def _optimise(objective: MedCamObjective, x: torch.Tensor, net: nn.Module, steps
             area = hard.mean(dim=(1, 2, 3))
             streak = torch.where(keeps, streak + 1, torch.zeros_like(streak))
             streak_area = torch.where(streak == 1, area, streak_area)
-            settled = (streak >= patience) & ((area - streak_area).abs() <= area_tol) & ~frozen
-            result[settled] = p[settled]
+            update = (keeps | ~ever_kept) & ~frozen
+            result[update] = p[update]
+            ever_kept |= keeps
+            settled = (step >= min_steps) & (streak >= patience) & ((area - streak_area).abs() <= area_tol) & ~frozen
             used[settled] = step
             frozen |= settled
-            result[~frozen] = p[~frozen]
         if bool(frozen.all()):
             break
     return result.detach(), used

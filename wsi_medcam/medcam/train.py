@@ -4,9 +4,12 @@ The classifier is frozen; its own prediction is the target, so no labels are nee
 deliberately one visible function: sample a batch, compute the reference activations, one loss
 step, log every term, validate on held-out tiles now and then, checkpoint, resume.
 
-Why a mask-logit bias: a sigmoid head starts at p ≈ 0.5, so the hard mask starts nearly full and
-the method document measured that it then stays full. Starting the head's bias negative starts the
-mask near empty; the class-keeping terms then have to *add* evidence.
+Why the mask starts *full* (head bias +1, p ≈ 0.73): the gradient that reaches a straight-through
+mask is the classifier's gradient at the explanation e. From an empty mask e is the bare fill, whose
+gradient knows nothing about where the evidence lies, and training stays at an empty mask (measured
+on the planted-evidence task: area 0.000 after 200 steps from bias −2). From a full mask the area
+and TV terms shrink it while the class-keeping terms hold on to what the classifier uses (measured:
+area 0.04, 97 % of the planted marker covered, IoU 0.46 after 200 steps at lr 1e-3).
 """
 
 from __future__ import annotations
@@ -46,10 +49,10 @@ class CamTrainConfig(BaseModel):
     fill: str = Field("mean", description="training fill")
     heldout_fill: str = Field("white", description="fill used only for validation")
     encoder: str = Field("resnet18", description="segmentation-models-pytorch encoder")
-    mask_bias: float = Field(-2.0, description="initial bias of the mask logit (negative: start near empty)")
+    mask_bias: float = Field(1.0, description="initial bias of the mask logit (positive: start full, see module doc)")
     steps: int = Field(1500, ge=1)
     batch_size: int = Field(16, ge=1)
-    lr: float = Field(3e-4, gt=0)
+    lr: float = Field(1e-3, gt=0)
     val_fraction: float = Field(0.1, ge=0, lt=1)
     val_every: int = Field(250, ge=1)
     checkpoint_every: int = Field(250, ge=1)

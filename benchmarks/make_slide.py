@@ -1,0 +1,76 @@
+"""Write a real gigapixel test slide by tiling real H&E pixels, streamed tile by tile.
+
+    python benchmarks/make_slide.py --width 100000 --height 100000 --mpp 0.25 -o big.tif [--source IMG_OR_SLIDE]
+
+The source (default: ../shared/data/slides/CMU-1-Small-Region.svs) is cut into blocks that are
+flipped and rotated by a hash of their position, so neighbouring tiles differ; the output is a tiled
+JPEG multi-level TIFF in the Aperio layout that OpenSlide opens with the right MPP. Only one source
+image and one output tile are in memory at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from wsi_medcam.slide_writer import write_pyramid
+
+DEFAULT_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
+
+
+def load_source(path: Path) -> np.ndarray:
+    if path.suffix.lower() in {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn"}:
+        from wsi_medcam.slide import open_slide
+
+        with open_slide(path) as slide:
+            return slide.read_level((0, 0), 0, slide.dimensions)
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def tiled_reader(source: np.ndarray, block: int):
+    """A reader of an endless canvas made of ``block``-sized pieces of ``source``, each flipped/rotated."""
+    pieces = [source[y : y + block, x : x + block]
+              for y in range(0, source.shape[0] - block + 1, block) for x in range(0, source.shape[1] - block + 1, block)]
+
+    def piece(bx: int, by: int) -> np.ndarray:
+        h = (bx * 73856093) ^ (by * 19349663)
+        p = pieces[h % len(pieces)]
+        p = np.rot90(p, (h >> 8) % 4)
+        return p[:, ::-1] if (h >> 10) % 2 else p
+
+    def read(x: int, y: int, w: int, h: int) -> np.ndarray:
+        out = np.empty((h, w, 3), np.uint8)
+        for by in range(y // block, (y + h - 1) // block + 1):
+            for bx in range(x // block, (x + w - 1) // block + 1):
+                ys, ye = max(y, by * block), min(y + h, (by + 1) * block)
+                xs, xe = max(x, bx * block), min(x + w, (bx + 1) * block)
+                out[ys - y : ye - y, xs - x : xe - x] = piece(bx, by)[ys - by * block : ye - by * block,
+                                                                       xs - bx * block : xe - bx * block]
+        return out
+
+    return read
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--width", type=int, required=True, help="level-0 width, px")
+    ap.add_argument("--height", type=int, required=True, help="level-0 height, px")
+    ap.add_argument("--mpp", type=float, default=0.25, help="level-0 µm/px written into the slide")
+    ap.add_argument("--levels", type=int, default=4)
+    ap.add_argument("--block", type=int, default=512, help="size of the source pieces, px")
+    ap.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
+    ap.add_argument("-o", "--out", type=Path, required=True)
+    args = ap.parse_args()
+    start = time.perf_counter()
+    source = load_source(args.source)
+    write_pyramid(args.out, tiled_reader(source, args.block), args.width, args.height, mpp=args.mpp, levels=args.levels)
+    print(f"{args.out}: {args.width}×{args.height} at {args.mpp} µm/px, {args.levels} levels, "
+          f"{args.out.stat().st_size / 2**20:.0f} MiB in {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
