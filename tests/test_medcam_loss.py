@@ -370,3 +370,19 @@ def test_vit_token_objective():
     out = oracle_losses(obj, xv, {"full": torch.ones(1, 1, 64, 64), "empty": torch.zeros(1, 1, 64, 64)})
     assert out["full"]["terms"]["act"] == pytest.approx(0, abs=1e-4)
     assert out["empty"]["terms"]["act"] > 0.01
+
+
+def test_threshold_noise_flips_uncertain_pixels_only_and_keeps_the_identity_gradient():
+    from wsi_medcam.medcam.loss import straight_through
+
+    p = torch.tensor([0.05, 0.45, 0.55, 0.95]).repeat(2000, 1).requires_grad_(True)
+    gen = torch.Generator().manual_seed(0)
+    m = straight_through(p, 0.25, gen)
+    assert set(m.detach().unique().tolist()) <= {0.0, 1.0}
+    kept = m.detach().mean(dim=0)
+    assert kept[0] == 0 and kept[3] == 1  # farther than the jitter from 0.5: never flipped
+    assert 0.2 < kept[1] < 0.45 and 0.55 < kept[2] < 0.8  # near 0.5: kept with probability ≈ 0.5 + (p − 0.5) / 0.5
+    w = torch.randn_like(p)
+    (m * w).sum().backward()
+    assert torch.equal(p.grad, w)
+    assert torch.equal(straight_through(p.detach()), (p.detach() > 0.5).float())

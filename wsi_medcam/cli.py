@@ -3,9 +3,11 @@ this package's errors into one readable line and a non-zero exit status."""
 
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -42,13 +44,22 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("tifffile").setLevel(logging.ERROR)  # its warnings repeat what our one-line errors say
 
 
-def expand_slides(items: list[str]) -> list[Path]:
-    """Paths, globs and directories (their slide files, recursively) → unique paths in given order."""
+def expand_slides(items: list[str]) -> tuple[list[Path], list[Path]]:
+    """Paths, globs, folders (their slide files, recursively) and manifest CSVs (``path[,mpp]`` rows)
+    → (unique slide paths in the given order, the manifests that were read)."""
     found: list[Path] = []
+    manifests: list[Path] = []
     for item in items:
         path = Path(item)
         if path.is_dir():
             found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES))
+        elif path.suffix.lower() == ".csv" and path.is_file():
+            manifests.append(path)
+            with open(path, newline="") as fh:
+                for row in csv.reader(fh):
+                    if row and row[0].strip() and row[0].strip().lower() != "path":
+                        entry = Path(row[0].strip())
+                        found.append(entry if entry.is_absolute() else path.parent / entry)
         elif any(ch in item for ch in "*?[") and not path.exists():
             found.extend(Path(p) for p in sorted(glob.glob(item, recursive=True)))
         else:
@@ -56,7 +67,7 @@ def expand_slides(items: list[str]) -> list[Path]:
     unique: dict[Path, None] = {}
     for p in found:
         unique.setdefault(p, None)
-    return list(unique)
+    return list(unique), manifests
 
 
 @app.command()
@@ -94,7 +105,7 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON document on stdout")] = False,
 ) -> None:
     """Show vendor, backend, levels, microns per pixel (and where it came from) and associated images."""
-    paths = expand_slides(slides)
+    paths, _ = expand_slides(slides)
     if not paths:
         raise _fail("no slides matched")
     described, failed = [], 0
@@ -131,7 +142,7 @@ def info(
 
 @app.command()
 def run(
-    slides: Annotated[list[str], typer.Argument(help="slide files, globs or folders")],
+    slides: Annotated[list[str], typer.Argument(help="slide files, globs, folders, or manifest CSVs (path[,mpp] rows)")],
     out: Annotated[Path, typer.Option("-o", "--out", help="output folder; one sub-folder per slide")] = Path("wsi-medcam-out"),
     classifier: Annotated[Optional[Path], typer.Option(help="classifier bundle folder")] = None,
     segmenter: Annotated[Optional[Path], typer.Option(help="Med-CAM segmenter bundle; omit for a classify-only run")] = None,
@@ -151,6 +162,9 @@ def run(
     mask_mpp: Annotated[Optional[float], typer.Option(help="µm/px of the evidence store's level 0 (default: the slide's)")] = None,
     explainer: Annotated[Optional[str], typer.Option(help="medcam (needs --segmenter), gradcam, gradcam++, hirescam, layercam, scorecam")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="redo slides that are already finished")] = False,
+    dask: Annotated[Optional[str], typer.Option("--dask", help="local or local:N — a dask LocalCluster of N worker processes")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="address of an existing dask scheduler, e.g. tcp://host:8786")] = None,
+    slurm: Annotated[Optional[Path], typer.Option(help="start SLURM workers through dask-jobqueue (see configs/slurm.yaml)")] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="debug log, with tracebacks of failed slides")] = False,
 ) -> None:
     """Tissue → tiles → classifier (+ segmenter) → OME-Zarr evidence, GeoJSON, CSV, overview and report per slide.
@@ -158,7 +172,9 @@ def run(
     Finished slides are skipped on a rerun; a failed slide is reported and the others go on; the
     exit status is 1 if any slide failed.
     """
-    from .pipeline import load_models, run_slides
+    from .batch import run_archive
+    from .distributed import SlurmConfig, local_client, parse_local, scheduler_client, slurm_client
+    from .pipeline import load_models
 
     _setup_logging(verbose)
     overrides = {
@@ -170,32 +186,55 @@ def run(
         "output.mask_mpp": mask_mpp, "output.overwrite": overwrite or None,
     }
     try:
-        cfg = RunConfig.from_yaml(config, {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()})
-        paths = expand_slides(slides)
+        if sum(x is not None for x in (dask, scheduler, slurm)) > 1:
+            raise WsiMedcamError("choose one of --dask, --scheduler, --slurm")
+        paths, manifests = expand_slides(slides)
         if not paths:
             raise WsiMedcamError("no slides matched " + " ".join(slides))
-        models = load_models(cfg)
+        if manifests and mpp_csv is None:
+            overrides["slide.mpp_csv"] = manifests[0]
+        workers_n = parse_local(dask) if dask else None
+        if workers_n and threads is None:
+            overrides["inference.threads"] = max(1, (os.cpu_count() or 1) // workers_n)
+        cfg = RunConfig.from_yaml(config, {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()})
+        client = None
+        if workers_n:
+            client = local_client(workers_n)
+        elif scheduler:
+            client = scheduler_client(scheduler)
+        elif slurm:
+            client = slurm_client(SlurmConfig.from_yaml(slurm))
+        models = None if client else load_models(cfg)
     except WsiMedcamError as exc:
         raise _fail(str(exc)) from None
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as bar:
-        overall = bar.add_task("slides", total=len(paths))
-        tiles_task = bar.add_task("tiles", total=None)
+    try:
+        with Progress(*columns, console=console, transient=False) as bar:
+            overall = bar.add_task("slides", total=len(paths))
+            tiles_task = bar.add_task("tiles", total=None, visible=client is None)
 
-        def on_progress(name: str, done: int, total: int) -> None:
-            bar.update(tiles_task, description=f"{name[:40]}", completed=done, total=total)
+            def on_progress(name: str, done: int, total: int) -> None:
+                bar.update(tiles_task, description=f"{name[:40]}", completed=done, total=total)
 
-        def on_result(result) -> None:  # noqa: ANN001
-            bar.advance(overall)
-            colour = {"done": "green", "skipped": "yellow", "failed": "red"}[result.status]
-            bar.console.print(f"[{colour}]{result.status}[/{colour}] {result.path}  {result.reason}", highlight=False, soft_wrap=True)
+            def on_result(result) -> None:  # noqa: ANN001
+                bar.advance(overall)
+                colour = {"done": "green", "skipped": "yellow", "failed": "red"}[result.status]
+                bar.console.print(f"[{colour}]{result.status}[/{colour}] {result.path}  {result.reason}", highlight=False,
+                                  soft_wrap=True)
 
-        results = run_slides(paths, out, cfg, models=models, progress=on_progress, on_result=on_result)
+            results = run_archive(paths, out, cfg, client=client, models=models, progress=on_progress,
+                                  on_result=on_result)
+    except WsiMedcamError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        if client is not None:
+            client.close()
     failed = [r for r in results if r.status == "failed"]
     summary = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
-    console.print(f"{summary['done']} done, {summary['skipped']} skipped, {summary['failed']} failed → {out}")
+    console.print(f"{summary['done']} done, {summary['skipped']} skipped, {summary['failed']} failed → {out} "
+                  f"(status in {out / 'status.jsonl'})")
     if failed:
         raise typer.Exit(1)
 

@@ -99,16 +99,19 @@ def _mpp_from_resolution_tags(props: dict[str, Any]) -> tuple[float, float] | No
 
 
 def read_mpp_csv(path: Path) -> dict[str, float]:
-    """Read a ``path,mpp`` CSV (header optional) into {resolved path or bare name: mpp}."""
+    """Read a ``path,mpp`` CSV (header optional; relative paths are relative to the CSV) into
+    {resolved path: mpp} plus {file name: mpp} as a fallback key. Rows without an mpp are skipped."""
     table: dict[str, float] = {}
     with open(path, newline="") as fh:
         for row in csv.reader(fh):
-            if len(row) < 2 or not row[0].strip() or row[0].strip().lower() == "path":
+            if len(row) < 2 or not row[0].strip() or not row[1].strip() or row[0].strip().lower() == "path":
                 continue
             value = _as_float(row[1])
             if value is None:
                 raise MissingMetadataError(f"{path}: mpp '{row[1]}' for {row[0]} is not a number")
-            table[row[0].strip()] = value
+            entry = Path(row[0].strip())
+            table[str(entry if entry.is_absolute() else (Path(path).parent / entry).resolve())] = value
+            table.setdefault(entry.name, value)
     return table
 
 
@@ -120,7 +123,7 @@ class MppOverrides:
     per_slide: dict[str, float] = field(default_factory=dict)
 
     def lookup(self, path: Path) -> tuple[float, str] | None:
-        for key in (str(path), str(path.resolve()), path.name, path.stem):
+        for key in (str(path.resolve()), path.name):
             if key in self.per_slide:
                 return self.per_slide[key], "csv"
         if self.run is not None:

@@ -36,6 +36,7 @@ class PerImageOptions:
     patience: int = 40
     min_steps: int = 100
     preset: str = "minimal"
+    threshold_noise: float = 0.25
     deep_layers: bool = True
 
 
@@ -59,7 +60,8 @@ def explain_batch(
     if per_image is not None:
         specs = layer_preset(clf, ccfg.arch)
         specs = deep_only(specs) if per_image.deep_layers else specs
-        objective = MedCamObjective(clf, specs, WEIGHT_PRESETS[per_image.preset], mean=ccfg.mean, std=ccfg.std)
+        objective = MedCamObjective(clf, specs, WEIGHT_PRESETS[per_image.preset], mean=ccfg.mean, std=ccfg.std,
+                                    threshold_noise=per_image.threshold_noise)
         result = optimise_masks(objective, x, steps=per_image.steps, lr=per_image.lr, patience=per_image.patience,
                                 min_steps=per_image.min_steps,
                                 init=segmenter.model if segmenter else None)

@@ -51,6 +51,7 @@ class CamTrainConfig(BaseModel):
     encoder: str = Field("resnet18", description="segmentation-models-pytorch encoder")
     mask_bias: float = Field(1.0, description="initial bias of the mask logit (positive: start full, see module doc)")
     steps: int = Field(1500, ge=1)
+    threshold_noise: float = Field(0.25, ge=0, lt=0.5, description="per-pixel jitter of the 0.5 threshold while training")
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0)
     val_fraction: float = Field(0.1, ge=0, lt=1)
@@ -138,7 +139,8 @@ def train_segmenter(
     tile_size = tiles.shape[1]
     clf = classifier.model.eval()
     specs = cfg.layer_specs(clf, ccfg.arch)
-    objective = MedCamObjective(clf, specs, cfg.loss_weights(), mean=ccfg.mean, std=ccfg.std, fill=cfg.fill)
+    objective = MedCamObjective(clf, specs, cfg.loss_weights(), mean=ccfg.mean, std=ccfg.std, fill=cfg.fill,
+                                threshold_noise=cfg.threshold_noise)
 
     order = torch.randperm(len(tiles), generator=torch.Generator().manual_seed(cfg.seed))
     n_val = int(round(len(tiles) * cfg.val_fraction)) if len(tiles) >= 10 else 0

@@ -1,0 +1,75 @@
+"""Peak memory of full runs on slides of different sizes: memory must not grow with the slide.
+
+    python benchmarks/memory.py SMALL_SLIDE LARGE_SLIDE --classifier DIR --segmenter DIR [-- extra run flags]
+
+Each slide is processed by a separate ``wsi-medcam run`` process; the resident memory of that
+process tree (main process + DataLoader readers) is sampled every 0.2 s and its peak reported,
+with the ratio large ÷ small. Make the slides with ``benchmarks/make_slide.py`` (e.g. 25k² and 100k²).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+
+def tree_rss(proc: psutil.Process) -> int:
+    """Resident bytes of a process and all its descendants (0 for those that just exited)."""
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
+def measure(slide: Path, args: argparse.Namespace, extra: list[str]) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "wsi_medcam.cli", "run", str(slide), "--classifier", str(args.classifier),
+               "-o", tmp, *(["--segmenter", str(args.segmenter)] if args.segmenter else []), *extra]
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        ps = psutil.Process(proc.pid)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, tree_rss(ps))
+            time.sleep(0.2)
+        if proc.returncode != 0:
+            sys.exit(f"run failed on {slide}: {proc.stderr.read()[-2000:]}")
+        report = json.loads(next(Path(tmp).glob("*/report.json")).read_text())
+    return {"slide": str(slide), "dimensions": report["slide"]["dimensions"], "tiles": report["tiles"]["count"],
+            "seconds": time.perf_counter() - start, "peak_rss_mib": peak / 2**20,
+            "tissue_and_tiling_s": report["timings_s"]["tissue"] + report["timings_s"]["tiling"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("small", type=Path)
+    ap.add_argument("large", type=Path)
+    ap.add_argument("--classifier", type=Path, required=True)
+    ap.add_argument("--segmenter", type=Path)
+    ap.add_argument("--json", action="store_true")
+    args, extra = ap.parse_known_args()
+    extra = [e for e in extra if e != "--"]
+    small, large = measure(args.small, args, extra), measure(args.large, args, extra)
+    out = {"small": small, "large": large, "ratio_large_to_small": large["peak_rss_mib"] / small["peak_rss_mib"]}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return
+    for name, m in (("small", small), ("large", large)):
+        w, h = m["dimensions"]
+        print(f"{name}: {w}×{h}, {m['tiles']} tiles, {m['seconds']:.0f} s, peak RSS {m['peak_rss_mib']:.0f} MiB, "
+              f"tissue+tiling {m['tissue_and_tiling_s']:.1f} s")
+    print(f"peak RSS large ÷ small: {out['ratio_large_to_small']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

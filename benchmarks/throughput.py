@@ -1,0 +1,119 @@
+"""Pipeline throughput against the bare models, measured in ONE process and one run.
+
+    python benchmarks/throughput.py SLIDE --classifier DIR --segmenter DIR [--batch-size 32] [--workers 2] [--json]
+
+(a) the bare models on pre-made uint8 tensors in memory: classifier alone, then classifier +
+segmenter (+ the certification forwards the pipeline also does), at the pipeline's batch size,
+device and precision; (b) the full ``run`` pipeline on the slide (reading, tissue, tiling,
+inference, stitching, pyramid, GeoJSON, reports). Prints tiles/s for each, the ratio pipeline ÷
+bare models, time per stage and peak RSS (this process and its reader processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from wsi_medcam.config import RunConfig
+from wsi_medcam.inference import Predictor
+from wsi_medcam.pipeline import load_models, run_slide
+
+
+def bare_tiles_per_second(predictor: Predictor, tiles: torch.Tensor, seconds: float) -> float:
+    """Batches of the same in-memory tiles through ``predictor`` for about ``seconds``; tiles/s."""
+    predictor.predict(tiles)  # warm-up (oneDNN kernels, autocast caches)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        predictor.predict(tiles)
+        done += len(tiles)
+    return done / (time.perf_counter() - start)
+
+
+def peak_rss_mib() -> dict[str, float]:
+    """ru_maxrss of this process and of the largest finished child (DataLoader readers), MiB."""
+    return {"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("slide", type=Path)
+    ap.add_argument("--classifier", type=Path, required=True)
+    ap.add_argument("--segmenter", type=Path)
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--bare-seconds", type=float, default=20.0)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    cfg = RunConfig.from_dict({
+        "classifier": str(args.classifier), "segmenter": str(args.segmenter) if args.segmenter else None,
+        "inference": {"batch_size": args.batch_size, "workers": args.workers, "precision": args.precision,
+                      "device": args.device, "threads": args.threads},
+        "output": {"overwrite": True},
+    })
+    models = load_models(cfg)
+    predictor = models.predictor
+    batch = cfg.inference.batch_size or (256 if predictor.device.type == "cuda" else 32)
+    size = models.classifier.config.tile_size
+    tiles = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    if predictor.device.type == "cuda":
+        tiles = tiles.pin_memory()
+
+    classifier_only = Predictor(models.classifier, None, cfg.inference.model_copy(update={"certify_fills": ()}))
+    bare = {"classifier": bare_tiles_per_second(classifier_only, tiles, args.bare_seconds / 2)}
+    if args.segmenter:
+        bare["classifier+segmenter"] = bare_tiles_per_second(predictor, tiles, args.bare_seconds / 2)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        result = run_slide(args.slide, Path(tmp) / "out", cfg, models)
+        wall = time.perf_counter() - start
+    if result.status != "done":
+        sys.exit(f"pipeline failed: {result.reason}")
+    timings = result.report["timings_s"]
+    n = result.tiles
+    reference = bare.get("classifier+segmenter", bare["classifier"])
+    figures = {
+        "device": str(predictor.device),
+        "gpu": torch.cuda.get_device_name() if predictor.device.type == "cuda" else None,
+        "precision": str(predictor.dtype or "fp32"),
+        "batch_size": batch,
+        "workers": cfg.inference.workers,
+        "torch_threads": torch.get_num_threads(),
+        "tiles": n,
+        "bare_tiles_per_s": bare,
+        "pipeline_tiles_per_s": n / wall,
+        "pipeline_inference_stage_tiles_per_s": n / timings["inference+stitching"],
+        "ratio_pipeline_to_bare": (n / wall) / reference,
+        "ratio_inference_stage_to_bare": (n / timings["inference+stitching"]) / reference,
+        "stage_seconds": timings,
+        "peak_rss_mib": peak_rss_mib(),
+    }
+    if args.json:
+        print(json.dumps(figures, indent=2))
+        return
+    print(f"device {figures['device']} {figures['gpu'] or ''} precision {figures['precision']} batch {batch} "
+          f"workers {figures['workers']} threads {figures['torch_threads']}")
+    for name, value in bare.items():
+        print(f"bare {name:>22}: {value:8.1f} tiles/s")
+    print(f"pipeline (whole run)         : {figures['pipeline_tiles_per_s']:8.1f} tiles/s  ({n} tiles)")
+    print(f"pipeline (inference stage)   : {figures['pipeline_inference_stage_tiles_per_s']:8.1f} tiles/s")
+    print(f"ratio pipeline ÷ bare models : {figures['ratio_pipeline_to_bare']:.3f} (whole run), "
+          f"{figures['ratio_inference_stage_to_bare']:.3f} (inference stage)")
+    print("stages (s): " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+    print(f"peak RSS: {figures['peak_rss_mib']['self']:.0f} MiB (main), {figures['peak_rss_mib']['children']:.0f} MiB (largest reader)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Many slides: one task per slide, in this process or on a dask cluster, with a status record per
+slide, an output lock, and models loaded once per worker.
+
+A slide task runs the whole flow (:func:`wsi_medcam.pipeline.run_slide`): its outputs appear under
+their final name only when complete, so a rerun after any crash skips finished slides and redoes
+the rest. ``OUT/status.jsonl`` gets one line per slide (done / skipped / failed, reason, seconds).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig
+from .errors import OutputError
+from .pipeline import Models, ProgressHook, SlideResult, load_models, output_names, run_slide
+
+LOCK_NAME = ".wsi-medcam.lock"
+STATUS_NAME = "status.jsonl"
+
+_WORKER_MODELS: dict[str, Models] = {}
+"""Per worker process: models keyed by the config that loaded them (loaded once, reused per slide)."""
+
+
+@contextmanager
+def output_lock(out_root: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out_root`` so two runs never interleave in one folder."""
+    out_root.mkdir(parents=True, exist_ok=True)
+    fh = open(out_root / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise OutputError(f"{out_root} is in use by another wsi-medcam run ({holder}); wait for it or use another --out") from None
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}\n")
+        fh.flush()
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+class StatusLog:
+    """Appends one JSON line per slide to ``OUT/status.jsonl``, flushed to disk at once."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, result: SlideResult) -> None:
+        record = {"slide": str(result.path), "status": result.status, "reason": result.reason,
+                  "seconds": round(result.seconds, 3), "tiles": result.tiles,
+                  "output": str(result.output) if result.output else None, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def worker_models(cfg: RunConfig) -> Models:
+    """The models for ``cfg`` in this process, loaded on first use."""
+    key = cfg.model_dump_json(include={"classifier", "segmenter", "inference"})
+    if key not in _WORKER_MODELS:
+        _WORKER_MODELS[key] = load_models(cfg)
+    return _WORKER_MODELS[key]
+
+
+def slide_task(path: str, out_dir: str, cfg_json: str) -> dict[str, Any]:
+    """What a dask worker runs for one slide; returns the :class:`SlideResult` as a plain dict."""
+    cfg = RunConfig.model_validate_json(cfg_json)
+    result = run_slide(Path(path), Path(out_dir), cfg, worker_models(cfg))
+    return {**asdict(result), "path": str(result.path), "output": str(result.output) if result.output else None}
+
+
+def _from_dict(d: dict[str, Any]) -> SlideResult:
+    return SlideResult(Path(d["path"]), d["status"], Path(d["output"]) if d["output"] else None, d["reason"],
+                       d["seconds"], d["tiles"], d["report"])
+
+
+def run_archive(
+    paths: Sequence[Path],
+    out_root: Path,
+    cfg: RunConfig,
+    *,
+    client: Any = None,
+    models: Models | None = None,
+    progress: ProgressHook | None = None,
+    on_result: Callable[[SlideResult], None] | None = None,
+) -> list[SlideResult]:
+    """Process ``paths`` into ``out_root/<name>/`` under the output lock, recording each outcome.
+
+    ``client``: a dask ``distributed.Client``: one task per slide, models loaded once per worker;
+    None runs the slides one after another here (``models`` loaded once if not given).
+    """
+    out_root = Path(out_root)
+    names = output_names([Path(p) for p in paths])
+    results: list[SlideResult] = []
+    with output_lock(out_root):
+        status = StatusLog(out_root / STATUS_NAME)
+
+        def record(result: SlideResult) -> None:
+            status.write(result)
+            results.append(result)
+            if on_result:
+                on_result(result)
+
+        if client is None:
+            models = models or load_models(cfg)
+            for path, name in names.items():
+                record(run_slide(path, out_root / name, cfg, models, progress=progress))
+            return results
+        from distributed import as_completed
+
+        resources = {"GPU": 1} if cfg.inference.device.startswith("cuda") else None
+        cfg_json = cfg.model_dump_json()
+        futures = {client.submit(slide_task, str(path), str(out_root / name), cfg_json, key=f"slide-{name}",
+                                 pure=False, resources=resources): path for path, name in names.items()}
+        for future in as_completed(futures):
+            try:
+                record(_from_dict(future.result()))
+            except Exception as exc:  # noqa: BLE001 - a worker died or the task could not run
+                record(SlideResult(futures[future], "failed", None, f"{type(exc).__name__}: {exc}"))
+    return results
