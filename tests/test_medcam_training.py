@@ -12,27 +12,25 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import CMU, DATA, needs_data
+from conftest import CMU, needs_data
 from wsi_medcam.bundles import ClassifierConfig, load_classifier, load_segmenter, save_bundle
 from wsi_medcam.classifier_training import train_classifier
 from wsi_medcam.cli import app
 from wsi_medcam.medcam.explain import PerImageOptions, explain_batch
-from wsi_medcam.medcam.planted import load_sources, planted_tiles
+from wsi_medcam.medcam.planted import planted_tiles
 from wsi_medcam.medcam.train import CamTrainConfig, train_segmenter
 
 pytestmark = needs_data
 runner = CliRunner()
 TILE = 96
-HE_IMAGES = ("tiatoolbox-target-he.png", "TCGA-HE-7130-01Z-00-DX1.png", "stardist-histo-he.jpg")
 
 
 @pytest.fixture(scope="module")
 def sources():
-    import openslide
+    from wsi_medcam.demo import demo_sources
 
-    srcs = load_sources([DATA / "images" / n for n in HE_IMAGES], min_side=TILE)
-    with openslide.OpenSlide(str(CMU)) as s:
-        srcs.append(np.asarray(s.read_region((0, 0), 0, s.dimensions).convert("RGB")))
+    srcs, name = demo_sources(TILE)
+    assert "CMU" in name  # the shared H&E regions and the real slide, as the demo uses them
     return srcs
 
 
@@ -224,7 +222,7 @@ def test_optimised_run_matches_plain_run(tmp_path, trained, sources):
         outputs[name] = tmp_path / name / slide.stem
     rows = {n: list(csv.DictReader(open(p / "tiles.csv"))) for n, p in outputs.items()}
     assert [r["prediction"] for r in rows["plain"]] == [r["prediction"] for r in rows["optimised"]]
-    assert len(rows["plain"]) == 36
+    assert len(rows["plain"]) == len(rows["optimised"]) >= 24  # of 36 cells; blank crops are not tissue
     ev = {n: zarr.open_group(str(p / "evidence.ome.zarr"), mode="r")["0"][0].astype(np.int16) for n, p in outputs.items()}
     assert np.abs(ev["plain"] - ev["optimised"]).mean() < 2  # of 255
     hard = {n: e >= 128 for n, e in ev.items()}

@@ -3,8 +3,6 @@ this package's errors into one readable line and a non-zero exit status."""
 
 from __future__ import annotations
 
-import csv
-import glob
 import json
 import logging
 import os
@@ -20,6 +18,7 @@ from rich.table import Table
 from .bundles import ClassifierConfig, SegmenterConfig, import_classifier, make_segmenter
 from .config import RunConfig
 from .errors import WsiMedcamError
+from .inputs import expand_slides
 from .slide import MppOverrides, open_slide
 
 app = typer.Typer(
@@ -30,7 +29,6 @@ app = typer.Typer(
 console = Console(stderr=True)
 out_console = Console()
 
-SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".dcm", ".svslide"}
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -42,32 +40,7 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False, show_time=False)], force=True)
     logging.getLogger("tifffile").setLevel(logging.ERROR)  # its warnings repeat what our one-line errors say
-
-
-def expand_slides(items: list[str]) -> tuple[list[Path], list[Path]]:
-    """Paths, globs, folders (their slide files, recursively) and manifest CSVs (``path[,mpp]`` rows)
-    → (unique slide paths in the given order, the manifests that were read)."""
-    found: list[Path] = []
-    manifests: list[Path] = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES))
-        elif path.suffix.lower() == ".csv" and path.is_file():
-            manifests.append(path)
-            with open(path, newline="") as fh:
-                for row in csv.reader(fh):
-                    if row and row[0].strip() and row[0].strip().lower() != "path":
-                        entry = Path(row[0].strip())
-                        found.append(entry if entry.is_absolute() else path.parent / entry)
-        elif any(ch in item for ch in "*?[") and not path.exists():
-            found.extend(Path(p) for p in sorted(glob.glob(item, recursive=True)))
-        else:
-            found.append(path)
-    unique: dict[Path, None] = {}
-    for p in found:
-        unique.setdefault(p, None)
-    return list(unique), manifests
+    logging.getLogger("distributed").setLevel(logging.WARNING)
 
 
 @app.command()

@@ -24,6 +24,7 @@ from .config import RunConfig
 from .medcam.planted import load_sources, plant, planted_tiles
 from .medcam.train import CamTrainConfig, train_segmenter
 from .pipeline import load_models, run_slides
+from .slide import open_slide
 from .slide_writer import array_reader, write_pyramid
 
 log = logging.getLogger("wsi_medcam")
@@ -36,7 +37,12 @@ def demo_sources(tile_size: int) -> tuple[list[np.ndarray], str]:
     he = [SHARED / "images" / n for n in ("tiatoolbox-target-he.png", "TCGA-HE-7130-01Z-00-DX1.png", "stardist-histo-he.jpg")]
     he = [p for p in he if p.is_file()]
     if he:
-        return load_sources(he, min_side=tile_size), "shared H&E regions"
+        sources = load_sources(he, min_side=tile_size)
+        cmu = SHARED / "slides" / "CMU-1-Small-Region.svs"
+        if cmu.is_file():
+            with open_slide(cmu) as slide:
+                sources.append(slide.read_level((0, 0), 0, slide.dimensions))
+        return sources, "shared H&E regions and CMU-1-Small-Region"
     from skimage import data
 
     return [data.immunohistochemistry()], "scikit-image's bundled IHC image (no shared data found)"

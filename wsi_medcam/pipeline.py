@@ -288,6 +288,14 @@ def failure_reason(exc: BaseException) -> str:
     return first if isinstance(exc, WsiMedcamError) else f"{type(exc).__name__}: {first}"
 
 
+def _remove(path: Path) -> None:
+    """Delete a half-written output (folder or stray file); nothing if absent."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 def is_complete(out_dir: Path) -> bool:
     """A slide folder counts as finished only once it was renamed into place with its report."""
     return (out_dir / REPORT_NAME).is_file()
@@ -303,18 +311,19 @@ def run_slide(
     """
     start = time.perf_counter()
     partial = out_dir.with_name(f".{out_dir.name}{PARTIAL_SUFFIX}")
-    if partial.exists():
-        shutil.rmtree(partial)
     if is_complete(out_dir) and not cfg.output.overwrite:
+        _remove(partial)
         return SlideResult(path, "skipped", out_dir, "already done (use --overwrite to redo)")
+    if out_dir.exists() and not out_dir.is_dir():
+        return SlideResult(path, "failed", None, f"{out_dir} exists and is not a folder; move it or choose another --out")
     try:
+        _remove(partial)  # left by an interrupted run
         partial.mkdir(parents=True)
     except OSError as exc:
         return SlideResult(path, "failed", None, str(OutputError(f"cannot create {partial}: {exc}")))
     try:
         report = process_slide(path, partial, cfg, models, progress=progress)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
+        _remove(out_dir)
         os.replace(partial, out_dir)
     except Exception as exc:  # noqa: BLE001 - one bad slide must not stop the others
         log.debug("%s failed", path, exc_info=True)

@@ -1,0 +1,54 @@
+"""Batch driver over a slide archive: one dask task per slide, models loaded once per worker.
+
+    python pipelines/archive.py MANIFEST.csv|FOLDER -o OUT --classifier DIR [--segmenter DIR]
+                                [--dask local:4 | --scheduler tcp://host:8786 | --slurm configs/slurm.yaml]
+
+The same as ``wsi-medcam run`` with a cluster flag, as a script to copy and adapt for a study
+(e.g. to choose slides by a clinical table before submitting). It only composes the package's API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from wsi_medcam.batch import run_archive
+from wsi_medcam.inputs import expand_slides
+from wsi_medcam.config import RunConfig
+from wsi_medcam.distributed import SlurmConfig, local_client, parse_local, scheduler_client, slurm_client
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("slides", nargs="+")
+    ap.add_argument("-o", "--out", type=Path, required=True)
+    ap.add_argument("--classifier", type=Path, required=True)
+    ap.add_argument("--segmenter", type=Path)
+    ap.add_argument("--config", type=Path)
+    cluster = ap.add_mutually_exclusive_group()
+    cluster.add_argument("--dask", default="local:2")
+    cluster.add_argument("--scheduler")
+    cluster.add_argument("--slurm", type=Path)
+    args = ap.parse_args()
+
+    paths, manifests = expand_slides(args.slides)
+    overrides = {"classifier": str(args.classifier), "segmenter": str(args.segmenter) if args.segmenter else None,
+                 "slide.mpp_csv": str(manifests[0]) if manifests else None}
+    cfg = RunConfig.from_yaml(args.config, overrides)
+    if args.scheduler:
+        client = scheduler_client(args.scheduler)
+    elif args.slurm:
+        client = slurm_client(SlurmConfig.from_yaml(args.slurm))
+    else:
+        client = local_client(parse_local(args.dask))
+    with client:
+        results = run_archive(paths, args.out, cfg, client=client,
+                              on_result=lambda r: print(f"{r.status:8} {r.path}  {r.reason}", flush=True))
+    failed = sum(r.status == "failed" for r in results)
+    print(f"{len(results) - failed} ok, {failed} failed; status in {args.out / 'status.jsonl'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

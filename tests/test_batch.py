@@ -1,0 +1,174 @@
+"""Many slides: dask LocalCluster against one process, kill -9 and resume, hostile inputs, the output lock."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from conftest import CMU, SLIDES, needs_data, write_pyramid
+from wsi_medcam.batch import output_lock
+from wsi_medcam.cli import app
+
+pytestmark = needs_data
+runner = CliRunner()
+
+
+def _status(out: Path) -> dict[str, dict]:
+    return {Path(r["slide"]).name: r for r in map(json.loads, (out / "status.jsonl").read_text().splitlines())}
+
+
+def _same_outputs(a: Path, b: Path) -> None:
+    """Same tiles, probabilities, evidence arrays and reports (timings and paths aside)."""
+    rows_a, rows_b = (list(csv.DictReader(open(p / "tiles.csv"))) for p in (a, b))
+    assert [r["prediction"] for r in rows_a] == [r["prediction"] for r in rows_b]
+    for ra, rb in zip(rows_a, rows_b):
+        assert ra["x"] == rb["x"] and ra["y"] == rb["y"]
+        assert abs(float(ra["prob_tumor"]) - float(rb["prob_tumor"])) < 1e-4
+    if (a / "evidence.ome.zarr").exists():
+        ea = zarr.open_group(str(a / "evidence.ome.zarr"), mode="r")["0"][:]
+        eb = zarr.open_group(str(b / "evidence.ome.zarr"), mode="r")["0"][:]
+        assert np.abs(ea.astype(int) - eb.astype(int)).max() <= 1
+    ra, rb = (json.loads((p / "report.json").read_text()) for p in (a, b))
+    for r in (ra, rb):
+        r.pop("timings_s")
+        r["parameters"].pop("config")
+    assert ra["tiles"] == rb["tiles"] and ra["slide"] == rb["slide"]
+    assert (a / "tiles.geojson").read_text() == (b / "tiles.geojson").read_text()
+
+
+@pytest.fixture(scope="module")
+def slide_set(tmp_path_factory, cmu_pixels):
+    """Real shared slides plus built pyramids, including two with the same stem in different folders."""
+    root = tmp_path_factory.mktemp("slides")
+    (root / "a").mkdir()
+    (root / "b").mkdir()
+    write_pyramid(root / "a" / "part.tif", cmu_pixels[:1200, :1000], mpp=0.5, levels=2)
+    write_pyramid(root / "b" / "part.tif", cmu_pixels[1200:2400, 1000:2000], mpp=0.5, levels=2)
+    return [CMU, SLIDES / "OS-1-detail.ome.tif", root / "a" / "part.tif", root / "b" / "part.tif"]
+
+
+def test_local_cluster_matches_one_process(tmp_path, bundles, slide_set):
+    clf, seg = bundles
+    common = ["--classifier", str(clf), "--segmenter", str(seg), "--precision", "fp32", "--workers", "0"]
+    single = runner.invoke(app, ["run", *map(str, slide_set), "-o", str(tmp_path / "single"), *common])
+    assert single.exit_code == 0, single.output
+    start = time.perf_counter()
+    result = runner.invoke(app, ["run", *map(str, slide_set), "-o", str(tmp_path / "dask"), *common, "--dask", "local:2"])
+    assert result.exit_code == 0, result.output
+    print(f"\nLocalCluster(2) over {len(slide_set)} slides: {time.perf_counter() - start:.1f} s")
+    folders = sorted(p.name for p in (tmp_path / "single").iterdir() if p.is_dir())
+    assert folders == sorted(p.name for p in (tmp_path / "dask").iterdir() if p.is_dir())
+    assert len(folders) == 4  # the two part.tif got distinct folders
+    for name in folders:
+        _same_outputs(tmp_path / "single" / name, tmp_path / "dask" / name)
+    assert {r["status"] for r in _status(tmp_path / "dask").values()} == {"done"}
+
+
+def test_kill_9_then_rerun_redoes_only_the_interrupted_slide(tmp_path, bundles, slide_set):
+    clf, seg = bundles
+    slides = [str(p) for p in slide_set[:3]]
+    args = [sys.executable, "-m", "wsi_medcam.cli", "run", *slides, "--classifier", str(clf), "--segmenter", str(seg),
+            "--precision", "fp32", "--workers", "0"]
+    reference = subprocess.run([*args, "-o", str(tmp_path / "ref")], capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*args, "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once the first slide is done and the second one is under way
+        if (out / "status.jsonl").exists() and any(p.name.endswith(".partial") for p in out.iterdir()):
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = _status(out)
+    assert [r["status"] for r in first.values()] == ["done"]
+    half = [p for p in out.iterdir() if p.name.endswith(".partial")]
+    assert half, "the kill should leave a half-written slide behind"
+    rerun = subprocess.run([*args, "-o", str(out)], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    lines = [json.loads(line) for line in (out / "status.jsonl").read_text().splitlines()]
+    second = {Path(r["slide"]).name: r["status"] for r in lines[1:]}
+    assert second[Path(slides[0]).name] == "skipped"
+    assert all(second[Path(s).name] == "done" for s in slides[1:])
+    assert not [p for p in out.iterdir() if p.name.endswith(".partial")]
+    for name in (p.name for p in (tmp_path / "ref").iterdir() if p.is_dir()):
+        _same_outputs(tmp_path / "ref" / name, out / name)
+
+
+def test_hostile_inputs_each_fail_alone_with_one_line(tmp_path, bundles, cmu_pixels):
+    clf, _ = bundles
+    d = tmp_path / "in put ünïcode"
+    d.mkdir()
+    truncated = d / "truncated.svs"
+    truncated.write_bytes(CMU.read_bytes()[: CMU.stat().st_size // 3])
+    (d / "notes.svs").write_text("this is not a slide")
+    (d / "empty.svs").touch()
+    write_pyramid(d / "nompp.tif", cmu_pixels[:600, :600], mpp=None, levels=1, aperio=False)
+    write_pyramid(d / "blank.tif", np.full((1500, 1500, 3), 250, np.uint8), mpp=0.5, levels=2)
+    write_pyramid(d / "coarse.tif", cmu_pixels[:800, :800], mpp=2.0, levels=1)
+    shutil.copy(SLIDES / "format-fixtures" / "small.svs", d / "tiny.svs")
+    good = d / "good slide é.svs"
+    shutil.copy(CMU, good)
+    result = runner.invoke(app, ["run", str(d), "--classifier", str(clf), "-o", str(tmp_path / "out"), "--workers", "0"])
+    assert result.exit_code == 1
+    status = _status(tmp_path / "out")
+    assert status["good slide é.svs"]["status"] == "done"
+    assert status["blank.tif"]["status"] == "done" and status["blank.tif"]["tiles"] == 0  # no tissue: valid, empty
+    assert status["tiny.svs"]["status"] == "done" and status["tiny.svs"]["tiles"] == 0  # smaller than one tile
+    expected = {"truncated.svs": "", "notes.svs": "not a readable slide", "empty.svs": "empty file",
+                "nompp.tif": "--mpp", "coarse.tif": "refusing to upsample"}
+    for name, words in expected.items():
+        assert status[name]["status"] == "failed", name
+        assert words in status[name]["reason"] and "\n" not in status[name]["reason"]
+        assert f"failed {d / name}" in result.output.replace("\n", " ") or name in result.output
+    assert not (tmp_path / "out" / "truncated").exists()
+    report = json.loads((tmp_path / "out" / "blank" / "report.json").read_text())
+    assert report["tiles"]["count"] == 0
+
+
+def test_second_run_on_a_locked_output_is_refused(tmp_path, bundles):
+    clf, _ = bundles
+    out = tmp_path / "out"
+    with output_lock(out):
+        result = runner.invoke(app, ["run", str(CMU), "--classifier", str(clf), "-o", str(out)])
+    assert result.exit_code == 2 and "in use by another wsi-medcam run" in result.output
+    assert not (out / CMU.stem).exists()
+
+
+def test_unwritable_output_fails_the_slide_cleanly(tmp_path, bundles):
+    clf, _ = bundles
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / CMU.stem).write_text("not a folder")  # the slide's folder cannot be created
+    (out / f".{CMU.stem}.partial").write_text("nor its temporary one")
+    result = runner.invoke(app, ["run", str(CMU), "--classifier", str(clf), "-o", str(out)])
+    assert result.exit_code == 1
+    status = _status(out)
+    assert status[CMU.name]["status"] == "failed"
+    assert (out / CMU.stem).read_text() == "not a folder"  # nothing marked done, nothing clobbered
+
+
+def test_manifest_csv_with_mpp(tmp_path, bundles, cmu_pixels):
+    clf, _ = bundles
+    write_pyramid(tmp_path / "nompp.tif", cmu_pixels[:900, :900], mpp=None, levels=1, aperio=False)
+    manifest = tmp_path / "slides.csv"
+    manifest.write_text(f"path,mpp\nnompp.tif,0.5\n{CMU},\n")
+    result = runner.invoke(app, ["run", str(manifest), "--classifier", str(clf), "-o", str(tmp_path / "out"),
+                                 "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "nompp" / "report.json").read_text())
+    assert report["slide"]["mpp"] == {"x": 0.5, "y": 0.5, "source": "csv"}
+    assert (tmp_path / "out" / CMU.stem / "report.json").is_file()
