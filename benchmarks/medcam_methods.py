@@ -63,6 +63,8 @@ def main() -> None:
     report["methods"]["medcam-refined"] = refined["methods"]["medcam-refined"]
     amortised = report["methods"]["medcam"]["seconds_per_tile"]
     report["speed_ratio_amortised_to_per_image"] = report["methods"]["medcam-per-image"]["seconds_per_tile"] / amortised
+    args.work.mkdir(parents=True, exist_ok=True)
+    (args.work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     if args.json:
         print(json.dumps(report, indent=2))
         return
@@ -70,7 +72,7 @@ def main() -> None:
 
     from wsi_medcam.cli import metrics_table
 
-    Console().print(metrics_table(report))
+    Console(width=200).print(metrics_table(report))
     print(f"amortised is {report['speed_ratio_amortised_to_per_image']:.0f}× faster per tile than per-image "
           f"({args.per_image_steps} steps max); marker area {np.mean(held.masks):.3f} of a tile")
 

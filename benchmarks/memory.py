@@ -2,8 +2,8 @@
 
     python benchmarks/memory.py SMALL_SLIDE LARGE_SLIDE --classifier DIR --segmenter DIR [-- extra run flags]
 
-Each slide is processed by a separate ``wsi-medcam run`` process; the resident memory of that
-process tree (main process + DataLoader readers) is sampled every 0.2 s and its peak reported,
+Each slide is processed by a separate ``wsi-medcam run`` process; the memory of that process tree
+(main process + DataLoader readers, PSS and RSS) is sampled every 0.2 s and its peak reported,
 with the ratio large ÷ small. Make the slides with ``benchmarks/make_slide.py`` (e.g. 25k² and 100k²).
 """
 
@@ -20,15 +20,21 @@ from pathlib import Path
 import psutil
 
 
-def tree_rss(proc: psutil.Process) -> int:
-    """Resident bytes of a process and all its descendants (0 for those that just exited)."""
-    total = 0
+def tree_memory(proc: psutil.Process) -> tuple[int, int]:
+    """(PSS, RSS) bytes of a process and all its descendants.
+
+    Forked DataLoader readers share the parent's pages copy-on-write; RSS counts those pages once
+    per process, PSS splits them between the sharers, so the PSS sum is the memory really used.
+    """
+    pss = rss = 0
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            total += p.memory_info().rss
+            info = p.memory_full_info()
         except psutil.Error:
             continue
-    return total
+        rss += info.rss
+        pss += getattr(info, "pss", info.rss)
+    return pss, rss
 
 
 def measure(slide: Path, args: argparse.Namespace, extra: list[str]) -> dict[str, float]:
@@ -38,15 +44,16 @@ def measure(slide: Path, args: argparse.Namespace, extra: list[str]) -> dict[str
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         ps = psutil.Process(proc.pid)
-        peak = 0
+        peak_pss = peak_rss = 0
         while proc.poll() is None:
-            peak = max(peak, tree_rss(ps))
+            pss, rss = tree_memory(ps)
+            peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
             time.sleep(0.2)
         if proc.returncode != 0:
             sys.exit(f"run failed on {slide}: {proc.stderr.read()[-2000:]}")
         report = json.loads(next(Path(tmp).glob("*/report.json")).read_text())
     return {"slide": str(slide), "dimensions": report["slide"]["dimensions"], "tiles": report["tiles"]["count"],
-            "seconds": time.perf_counter() - start, "peak_rss_mib": peak / 2**20,
+            "seconds": time.perf_counter() - start, "peak_pss_mib": peak_pss / 2**20, "peak_rss_mib": peak_rss / 2**20,
             "tissue_and_tiling_s": report["timings_s"]["tissue"] + report["timings_s"]["tiling"]}
 
 
@@ -60,15 +67,16 @@ def main() -> None:
     args, extra = ap.parse_known_args()
     extra = [e for e in extra if e != "--"]
     small, large = measure(args.small, args, extra), measure(args.large, args, extra)
-    out = {"small": small, "large": large, "ratio_large_to_small": large["peak_rss_mib"] / small["peak_rss_mib"]}
+    out = {"small": small, "large": large, "ratio_large_to_small": large["peak_pss_mib"] / small["peak_pss_mib"]}
     if args.json:
         print(json.dumps(out, indent=2))
         return
     for name, m in (("small", small), ("large", large)):
         w, h = m["dimensions"]
-        print(f"{name}: {w}×{h}, {m['tiles']} tiles, {m['seconds']:.0f} s, peak RSS {m['peak_rss_mib']:.0f} MiB, "
+        print(f"{name}: {w}×{h}, {m['tiles']} tiles, {m['seconds']:.0f} s, peak PSS {m['peak_pss_mib']:.0f} MiB "
+              f"(RSS sum {m['peak_rss_mib']:.0f} MiB), "
               f"tissue+tiling {m['tissue_and_tiling_s']:.1f} s")
-    print(f"peak RSS large ÷ small: {out['ratio_large_to_small']:.3f}")
+    print(f"peak PSS large ÷ small: {out['ratio_large_to_small']:.3f}")
 
 
 if __name__ == "__main__":

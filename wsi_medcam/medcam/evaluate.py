@@ -55,7 +55,8 @@ def _scores(clf: torch.nn.Module, x: torch.Tensor, hard: np.ndarray, saliency: n
     if gt is not None:
         positive = gt.reshape(len(gt), -1).any(1)
         out["iou"] = _mean(iou(hard[positive], gt[positive]))
-        out["pointing_game"] = _mean(pointing_game(saliency[positive], gt[positive]))
+        ranking = tiebreak if tiebreak is not None else saliency  # a binary mask points with its soft mask
+        out["pointing_game"] = _mean(pointing_game(ranking[positive], gt[positive]))
     return out
 
 
