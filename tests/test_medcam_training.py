@@ -228,3 +228,34 @@ def test_optimised_run_matches_plain_run(tmp_path, trained, sources):
     hard = {n: e >= 128 for n, e in ev.items()}
     inter, union = (hard["plain"] & hard["optimised"]).sum(), (hard["plain"] | hard["optimised"]).sum()
     assert union > 0 and inter / union > 0.9
+
+
+def test_run_refine_rewrites_only_the_refined_tiles(tmp_path, trained, sources):
+    import csv
+
+    import zarr
+
+    from qupath_rules import check_qupath_geojson
+    from wsi_medcam.demo import build_slide
+
+    _, _, _, _, root = trained
+    slide = tmp_path / "planted.tif"
+    build_slide(slide, sources, tile_size=TILE, grid=5, mpp=0.5, seed=4)
+    common = ["--classifier", str(root / "clf"), "--segmenter", str(root / "cam" / "segmenter"), "--precision", "fp32",
+              "--workers", "0"]
+    for name, extra in {"plain": [], "refined": ["--refine", "2"]}.items():
+        result = runner.invoke(app, ["run", str(slide), *common, "-o", str(tmp_path / name), *extra])
+        assert result.exit_code == 0, result.output
+    folder = {n: tmp_path / n / slide.stem for n in ("plain", "refined")}
+    report = json.loads((folder["refined"] / "report.json").read_text())
+    assert 1 <= report["evidence"]["refined_tiles"] <= 4  # at most K=2 per class, 2 classes
+    assert "refine" in report["timings_s"]
+    ev = {n: zarr.open_group(str(f / "evidence.ome.zarr"), mode="r")["0"][0] for n, f in folder.items()}
+    changed = []
+    for row in csv.DictReader(open(folder["plain"] / "tiles.csv")):
+        x, y, s = int(row["x"]), int(row["y"]), int(float(row["size"]))
+        if not np.array_equal(ev["plain"][y : y + s, x : x + s], ev["refined"][y : y + s, x : x + s]):
+            changed.append(row["tile"])
+    assert 1 <= len(changed) <= report["evidence"]["refined_tiles"]
+    width, height = report["slide"]["dimensions"]
+    check_qupath_geojson(folder["refined"] / "evidence.geojson", width=width, height=height)

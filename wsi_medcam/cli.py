@@ -134,6 +134,7 @@ def run(
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads")] = None,
     mask_mpp: Annotated[Optional[float], typer.Option(help="µm/px of the evidence store's level 0 (default: the slide's)")] = None,
     explainer: Annotated[Optional[str], typer.Option(help="medcam (needs --segmenter), gradcam, gradcam++, hirescam, layercam, scorecam")] = None,
+    refine: Annotated[Optional[int], typer.Option(help="refine the K most confident tiles per class with per-image Med-CAM")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="redo slides that are already finished")] = False,
     dask: Annotated[Optional[str], typer.Option("--dask", help="local or local:N — a dask LocalCluster of N worker processes")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="address of an existing dask scheduler, e.g. tcp://host:8786")] = None,
@@ -155,7 +156,7 @@ def run(
         "slide.backend": backend, "slide.mpp": mpp, "slide.mpp_csv": mpp_csv,
         "tiling.mpp": tile_mpp, "tiling.tile_size": tile_size, "tiling.overlap": overlap, "tiling.min_tissue": min_tissue,
         "inference.batch_size": batch_size, "inference.workers": workers, "inference.device": device,
-        "inference.precision": precision, "inference.threads": threads, "inference.explainer": explainer,
+        "inference.precision": precision, "inference.threads": threads, "inference.explainer": explainer, "inference.refine": refine,
         "output.mask_mpp": mask_mpp, "output.overwrite": overwrite or None,
     }
     try:

@@ -62,6 +62,8 @@ class InferenceConfig(_Frozen):
     channels_last: bool = True
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None: torch's default")
     explainer: Literal["medcam", "gradcam", "gradcam++", "hirescam", "layercam", "scorecam"] = "medcam"
+    refine: int = Field(0, ge=0, description="refine the K most confident tiles per class with per-image Med-CAM")
+    refine_steps: int = Field(40, ge=1, description="per-image steps of each refined tile")
     certify_fills: tuple[Literal["mean", "white", "blur", "noise", "uniform", "colour"], ...] = Field(
         ("mean", "white"), description="fills under which each tile's hard evidence is re-classified")
 

@@ -6,6 +6,7 @@ skip-if-done, atomic outputs and per-slide failure isolation.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import logging
 import os
@@ -178,6 +179,8 @@ def process_slide(
     counts = np.zeros(len(class_names), np.int64)
     evidence_fractions: list[float] = []
     kept_counts = {f: 0 for f in cfg.inference.certify_fills}
+    refine = cfg.inference.refine if stitcher is not None and models.segmenter is not None else 0
+    top: list[list[tuple[float, int]]] = [[] for _ in class_names]  # per class: K (confidence, tile) heaps
     batch_size = cfg.inference.batch_size or default_batch_size(models.predictor.device)
     loader = make_loader(TileDataset(ref, grid, tolerance=cfg.slide.level_tolerance), batch_size=batch_size,
                          workers=min(cfg.inference.workers, max(0, len(grid) // batch_size)),
@@ -201,6 +204,8 @@ def process_slide(
                     fraction = float((result.soft[k] > 0.5).mean())
                     evidence_fractions.append(fraction)
                     stitcher.add(int(i), result.soft[k], pred, float(probs[pred]))
+                    if refine:
+                        (heapq.heappush if len(top[pred]) < refine else heapq.heappushpop)(top[pred], (float(probs[pred]), int(i)))
                 x, y = grid.xy_level0(int(i))
                 tiles_out.write(TileRecord(int(i), x, y, grid.size_level0, float(grid.tissue_fraction[i]),
                                            probs, pred, fraction, kept))
@@ -209,6 +214,11 @@ def process_slide(
                 progress(path.name, done, len(grid))
         if stitcher is not None:
             stitcher.finish()
+    refined = 0
+    if refine and stitcher is not None:
+        with timer.stage("refine"):
+            refined = refine_tiles(stitcher, ref, [(c, i) for c, heap in enumerate(top) for _, i in heap], models,
+                                   cfg.inference.refine_steps, cfg.slide.level_tolerance)
 
     attrs = {"slide": path.name, "slide_mpp": slide.mpp.mean, "tile_mpp": mpp, "tile_size": tile_size,
              "classes": class_names, "config": cfg.model_dump(mode="json")}
@@ -234,6 +244,7 @@ def process_slide(
                                         class_names=class_names, colors=colors, mpp=slide.mpp.mean)
         evidence_stats = {
             "explainer": cfg.inference.explainer,
+            "refined_tiles": refined,
             "certified_fraction": {f: c / len(grid) if len(grid) else 0.0 for f, c in kept_counts.items()},
             "mean_tile_evidence_fraction": float(np.mean(evidence_fractions)) if evidence_fractions else 0.0,
             "median_tile_evidence_fraction": float(np.median(evidence_fractions)) if evidence_fractions else 0.0,
@@ -277,6 +288,25 @@ def _slide_box(width: int, height: int):  # noqa: ANN202 - shapely geometry
     from shapely.geometry import box
 
     return box(0, 0, width, height)
+
+
+def refine_tiles(stitcher: EvidenceStitcher, ref: SlideRef, chosen: list[tuple[int, int]], models: Models,
+                 steps: int, tolerance: float) -> int:
+    """Per-image Med-CAM refinement (from the amortised weights) of the chosen (class, tile) pairs,
+    written over their streamed evidence; returns how many tiles were refined."""
+    from .medcam.explain import PerImageOptions, explain_batch
+
+    if not chosen or models.segmenter is None:
+        return 0
+    grid = stitcher.grid
+    with ref.open() as slide:
+        tiles = np.stack([slide.read_region_at(grid.xy_level0(i), grid.tile_size, grid.mpp, tolerance=tolerance)
+                          for _, i in chosen])
+    soft, _ = explain_batch(models.classifier, tiles, segmenter=models.segmenter,
+                            per_image=PerImageOptions(steps=steps, lr=1e-4, patience=10, min_steps=min(10, steps)))
+    for (class_index, i), mask in zip(chosen, soft[:, 0].numpy()):
+        stitcher.replace(i, mask, class_index)
+    return len(chosen)
 
 
 def failure_reason(exc: BaseException) -> str:

@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 from rasterio import features
 from shapely import affinity
-from shapely.geometry import Polygon, shape
+from shapely.geometry import Polygon, box, shape
 from shapely.ops import unary_union
 
 from .tiling import TileGrid
@@ -31,6 +31,8 @@ class ChunkWriter(Protocol):
     chunk: int
 
     def write(self, y: int, x: int, evidence: np.ndarray, labels: np.ndarray) -> None: ...
+
+    def patch(self, y: int, x: int, evidence: np.ndarray, labels: np.ndarray) -> None: ...
 
 
 @dataclass
@@ -52,17 +54,31 @@ class _Block:
 
 @dataclass
 class EvidencePolygons:
-    """Traced hard-mask polygons per class index, in level-0 px, merged at the end."""
+    """Traced hard-mask polygons per class index, in level-0 px, merged at the end.
+
+    ``cuts`` are regions whose streamed polygons were superseded (refined tiles); ``patches`` are
+    the polygons that replace them.
+    """
 
     parts: dict[int, list[Polygon]] = field(default_factory=dict)
+    cuts: list[Polygon] = field(default_factory=list)
+    patches: dict[int, list[Polygon]] = field(default_factory=dict)
 
     def add(self, class_index: int, polygon: Polygon) -> None:
         self.parts.setdefault(class_index, []).append(polygon)
 
+    def replace_region(self, region: Polygon, class_index: int, polygons: list[Polygon]) -> None:
+        """Drop what was traced inside ``region`` and use ``polygons`` there instead."""
+        self.cuts.append(region)
+        self.patches.setdefault(class_index, []).extend(polygons)
+
     def merged(self, simplify_px: float = 0.0) -> Iterator[tuple[int, Polygon]]:
         """Polygons per class after merging across block and tile borders (shared edges dissolve)."""
-        for class_index in sorted(self.parts):
-            union = unary_union(self.parts[class_index])
+        cut = unary_union(self.cuts) if self.cuts else None
+        for class_index in sorted(set(self.parts) | set(self.patches)):
+            union = unary_union(self.parts.get(class_index, []))
+            if cut is not None:
+                union = unary_union([union.difference(cut), *self.patches.get(class_index, [])])
             if simplify_px > 0:
                 union = union.simplify(simplify_px, preserve_topology=True)
             geoms = getattr(union, "geoms", [union])
@@ -122,6 +138,31 @@ class EvidenceStitcher:
     def finish(self) -> None:
         """Flush everything left; call once after the last tile."""
         self._flush(before_canvas_row=math.inf)
+
+    def replace(self, i: int, soft: np.ndarray, class_index: int) -> None:
+        """After :meth:`finish`: overwrite tile ``i``'s footprint with a new soft mask (e.g. refined
+        per image), in the written level 0 and in the polygons. Overlap averaging is not redone."""
+        x0, y0 = self.grid.xy_canvas(i)
+        size = soft.shape[0]
+        out_h, out_w = self.writer.shape
+
+        def span(start: int, f: float, limit: int) -> np.ndarray:
+            first = max(0, math.ceil(start / f - 0.5))
+            last = min(limit, math.ceil((start + size) / f - 0.5))
+            return np.arange(first, last)
+
+        ys, xs = span(y0, self._fy, out_h), span(x0, self._fx, out_w)
+        if len(ys) and len(xs):
+            rows = np.floor((ys + 0.5) * self._fy).astype(np.int64) - y0
+            cols = np.floor((xs + 0.5) * self._fx).astype(np.int64) - x0
+            tile = soft[np.ix_(rows, cols)]
+            self.writer.patch(int(ys[0]), int(xs[0]), np.rint(tile * 255).astype(np.uint8),
+                              np.where(tile >= 0.5, class_index + 1, 0).astype(np.uint8))
+        ds = self.grid.downsample
+        label = (soft >= 0.5).astype(np.uint8)
+        polys = [affinity.affine_transform(shape(g), [ds, 0, 0, ds, x0 * ds, y0 * ds])
+                 for g, _ in features.shapes(label, mask=label > 0, connectivity=4)]
+        self.polygons.replace_region(box(x0 * ds, y0 * ds, (x0 + size) * ds, (y0 + size) * ds), class_index, polys)
 
     # -- reading the accumulator ----------------------------------------------------------------
     def _canvas(self, y0: int, y1: int, x0: int, x1: int) -> tuple[np.ndarray, np.ndarray]:
@@ -200,6 +241,6 @@ class EvidenceStitcher:
             _, label = self._canvas(by * b, (by + 1) * b, bx * b, (bx + 1) * b)
             if not label.any():
                 continue
-            for geom, value in features.shapes(label, mask=label > 0, connectivity=8):
+            for geom, value in features.shapes(label, mask=label > 0, connectivity=4):
                 poly = affinity.affine_transform(shape(geom), [ds, 0, 0, ds, bx * b * ds, by * b * ds])
                 self.polygons.add(int(value) - 1, poly)

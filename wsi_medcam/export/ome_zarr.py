@@ -143,6 +143,14 @@ class EvidenceStore:
             fmt=fmt,
         )
 
+    def patch(self, y: int, x: int, evidence: np.ndarray, labels: np.ndarray) -> None:
+        """Overwrite any level-0 region after streaming (single writer, so unaligned is safe)."""
+        h, w = evidence.shape
+        self._image[0][0, y : y + h, x : x + w] = evidence
+        self._labels[0][0, y : y + h, x : x + w] = labels
+        c = self.chunk
+        self._written.update((cy, cx) for cy in range(y // c, (y + h - 1) // c + 1) for cx in range(x // c, (x + w - 1) // c + 1))
+
     def coarsest(self) -> np.ndarray:
         """The smallest pyramid level (at most ``min_size`` px per side), for previews."""
         return self._image[-1][0]
