@@ -172,3 +172,29 @@ def test_manifest_csv_with_mpp(tmp_path, bundles, cmu_pixels):
     report = json.loads((tmp_path / "out" / "nompp" / "report.json").read_text())
     assert report["slide"]["mpp"] == {"x": 0.5, "y": 0.5, "source": "csv"}
     assert (tmp_path / "out" / CMU.stem / "report.json").is_file()
+
+
+def test_read_error_in_the_middle_of_a_slide_fails_that_slide_only(tmp_path, bundles, cmu_pixels):
+    """A corrupt JPEG tile deep inside level 0: OpenSlide latches the error, the slide fails with the
+    position in its reason, and the next slide still runs."""
+    import tifffile
+
+    clf, _ = bundles
+    # three levels: tissue detection reads the intact level 2, only the tile reads meet the corrupt tile
+    path = write_pyramid(tmp_path / "corrupt.svs", cmu_pixels[:1536, :1536], mpp=0.5, levels=3)
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        middle = len(page.dataoffsets) // 2 + 3
+        offset, count = page.dataoffsets[middle], page.databytecounts[middle]
+    with open(path, "r+b") as fh:
+        fh.seek(offset + count // 4)
+        fh.write(b"\x00\xff" * (count // 4))
+    result = runner.invoke(app, ["run", str(path), str(CMU), "--classifier", str(clf), "-o", str(tmp_path / "out"),
+                                 "--workers", "0"])
+    assert result.exit_code == 1
+    status = _status(tmp_path / "out")
+    assert status["corrupt.svs"]["status"] == "failed"
+    assert "read failed at level 0" in status["corrupt.svs"]["reason"]
+    assert "size=(224, 224)" in status["corrupt.svs"]["reason"]  # a tile read, after tissue and tiling
+    assert status[CMU.name]["status"] == "done"
+    assert not (tmp_path / "out" / "corrupt").exists()
