@@ -23,6 +23,14 @@ log = logging.getLogger("wsi_medcam")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
 
+def read_tile(path: Path, tile_size: int) -> np.ndarray:
+    """An image file as RGB uint8 (tile_size, tile_size, 3), resized with an area filter if needed."""
+    img = Image.open(path).convert("RGB")
+    if img.size != (tile_size, tile_size):
+        img = img.resize((tile_size, tile_size), Image.Resampling.BOX)
+    return np.asarray(img)
+
+
 def load_image_folder(root: Path, tile_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """ImageFolder layout (one sub-folder per class) → (images (N, S, S, 3) uint8, labels, class names).
 
@@ -37,10 +45,7 @@ def load_image_folder(root: Path, tile_size: int) -> tuple[np.ndarray, np.ndarra
         for path in sorted((root / name).rglob("*")):
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            img = Image.open(path).convert("RGB")
-            if img.size != (tile_size, tile_size):
-                img = img.resize((tile_size, tile_size), Image.Resampling.BOX)
-            images.append(np.asarray(img))
+            images.append(read_tile(path, tile_size))
             labels.append(index)
     if not images:
         raise ValueError(f"{root}: no images found")

@@ -7,14 +7,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
 
+from ..classifier_training import IMAGE_SUFFIXES, read_tile
 from ..config import TilingConfig, TissueConfig
 from ..slide import MppOverrides, open_slide
 from ..tiling import plan_tiles
 from ..tissue import detect_tissue
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
 
 def tiles_from_folder(root: Path, tile_size: int) -> np.ndarray:
@@ -22,13 +20,7 @@ def tiles_from_folder(root: Path, tile_size: int) -> np.ndarray:
     paths = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise ValueError(f"{root}: no tile images found")
-    out = np.empty((len(paths), tile_size, tile_size, 3), np.uint8)
-    for i, p in enumerate(paths):
-        img = Image.open(p).convert("RGB")
-        if img.size != (tile_size, tile_size):
-            img = img.resize((tile_size, tile_size), Image.Resampling.BOX)
-        out[i] = np.asarray(img)
-    return out
+    return np.stack([read_tile(p, tile_size) for p in paths])
 
 
 def tiles_from_slides(
