@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from PIL import Image
+from shapely.geometry import box
 
 from .batching import TileDataset, make_loader
 from .bundles import Bundle, load_classifier, load_segmenter
@@ -230,8 +231,9 @@ def process_slide(
         with timer.stage("evidence-geojson"):
             per_class: dict[str, dict[str, float]] = {}
             polygons = []
+            slide_area = box(0, 0, width0, height0)
             for class_index, poly in stitcher.polygons.merged(simplify_px=grid.downsample * 0.5):
-                clipped = poly.intersection(_slide_box(width0, height0))
+                clipped = poly.intersection(slide_area)
                 if clipped.is_empty:
                     continue
                 for part in getattr(clipped, "geoms", [clipped]):
@@ -282,12 +284,6 @@ def process_slide(
     }
     (work_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     return report
-
-
-def _slide_box(width: int, height: int):  # noqa: ANN202 - shapely geometry
-    from shapely.geometry import box
-
-    return box(0, 0, width, height)
 
 
 def refine_tiles(stitcher: EvidenceStitcher, ref: SlideRef, chosen: list[tuple[int, int]], models: Models,
