@@ -198,3 +198,87 @@ def test_read_error_in_the_middle_of_a_slide_fails_that_slide_only(tmp_path, bun
     assert "size=(224, 224)" in status["corrupt.svs"]["reason"]  # a tile read, after tissue and tiling
     assert status[CMU.name]["status"] == "done"
     assert not (tmp_path / "out" / "corrupt").exists()
+
+
+def _private_mount_prefix(probe_dir: Path) -> list[str] | None:
+    """A command prefix that runs in a private mount namespace where a tmpfs can be mounted (as root,
+    or through a user namespace); None when this machine allows neither."""
+    if not shutil.which("unshare"):
+        return None
+    for prefix in (["unshare", "--mount"], ["unshare", "--user", "--map-root-user", "--mount"]):
+        probe = subprocess.run([*prefix, "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe_dir)],
+                               capture_output=True)
+        if probe.returncode == 0:
+            return prefix
+    return None
+
+
+def test_disk_full_fails_the_slide_cleanly_and_a_rerun_with_space_completes(tmp_path, bundles):
+    """A real full filesystem (a 256 KiB tmpfs): the slide fails with ENOSPC in one line, nothing is
+    left half-written or marked done; after the filesystem grows, the rerun redoes it and matches a
+    run that never ran out of space."""
+    clf, seg = bundles
+    out, keep = tmp_path / "out", tmp_path / "keep"
+    out.mkdir()
+    keep.mkdir()
+    prefix = _private_mount_prefix(out)
+    if prefix is None:
+        pytest.skip("needs a private mount namespace (root or user namespaces) to mount a small tmpfs")
+    args = [sys.executable, "-m", "wsi_medcam.cli", "run", str(CMU), "--classifier", str(clf), "--segmenter", str(seg),
+            "--precision", "fp32", "--workers", "0"]
+    reference = subprocess.run([*args, "-o", str(tmp_path / "ref")], capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr
+    run = " ".join(f"'{a}'" for a in args) + f" -o '{out}'"
+    script = f"""
+mount -t tmpfs -o size=256k tmpfs '{out}' || exit 99
+{run} > '{keep}/first.log' 2>&1; echo $? > '{keep}/first.rc'
+ls -A '{out}' > '{keep}/first.ls'; cp '{out}/status.jsonl' '{keep}/first.jsonl'
+mount -o remount,size=64m '{out}'
+{run} > '{keep}/second.log' 2>&1; echo $? > '{keep}/second.rc'
+cp -r '{out}/.' '{keep}/final'
+"""
+    done = subprocess.run([*prefix, "sh", "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (keep / "first.rc").read_text().strip() == "1"
+    first = [json.loads(line) for line in (keep / "first.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in first] == ["failed"]
+    assert "No space left on device" in first[0]["reason"] and "\n" not in first[0]["reason"]
+    assert "Traceback" not in (keep / "first.log").read_text()
+    assert sorted((keep / "first.ls").read_text().split()) == [".wsi-medcam.lock", "status.jsonl"]  # nothing half-written
+    assert (keep / "second.rc").read_text().strip() == "0", (keep / "second.log").read_text()
+    second = [json.loads(line) for line in (keep / "final" / "status.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in second] == ["failed", "done"]
+    _same_outputs(tmp_path / "ref" / CMU.stem, keep / "final" / CMU.stem)
+
+
+def _chattr(flag: str, *paths: Path) -> bool:
+    return shutil.which("chattr") is not None and subprocess.run(
+        ["chattr", flag, *map(str, paths)], capture_output=True).returncode == 0
+
+
+def test_permission_denied_on_the_output(tmp_path, bundles, cmu_pixels):
+    """Root ignores mode bits, so the immutable attribute (chattr +i) makes the denial real for anyone.
+    A leftover slide folder that cannot be cleared fails that slide only, untouched and not marked done;
+    an output folder that cannot be written stops the run with one line."""
+    clf, _ = bundles
+    other = write_pyramid(tmp_path / "other.tif", cmu_pixels[:1200, :1000], mpp=0.5, levels=2)
+    out, locked = tmp_path / "out", tmp_path / "locked"
+    stale = out / CMU.stem
+    stale.mkdir(parents=True)
+    (stale / "leftover.txt").write_text("someone else's")
+    locked.mkdir()
+    if not _chattr("+i", stale, locked):
+        pytest.skip("chattr +i is not available on this filesystem")
+    try:
+        result = runner.invoke(app, ["run", str(CMU), str(other), "--classifier", str(clf), "-o", str(out), "--workers", "0"])
+        refused = runner.invoke(app, ["run", str(CMU), "--classifier", str(clf), "-o", str(locked)])
+    finally:
+        _chattr("-i", stale, locked)
+    assert result.exit_code == 1
+    status = _status(out)
+    assert status[CMU.name]["status"] == "failed" and "Operation not permitted" in status[CMU.name]["reason"]
+    assert status["other.tif"]["status"] == "done"
+    assert [p.name for p in stale.iterdir()] == ["leftover.txt"]  # untouched, not marked done
+    assert not [p for p in out.iterdir() if p.name.endswith(".partial")]
+    assert refused.exit_code == 2 and "cannot write to the output folder" in refused.output
+    assert "Traceback" not in refused.output and list(locked.iterdir()) == []

@@ -32,8 +32,11 @@ _WORKER_MODELS: dict[str, Models] = {}
 @contextmanager
 def output_lock(out_root: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``out_root`` so two runs never interleave in one folder."""
-    out_root.mkdir(parents=True, exist_ok=True)
-    fh = open(out_root / LOCK_NAME, "a+")
+    try:
+        out_root.mkdir(parents=True, exist_ok=True)
+        fh = open(out_root / LOCK_NAME, "a+")
+    except OSError as exc:
+        raise OutputError(f"cannot write to the output folder {out_root}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -62,10 +65,13 @@ class StatusLog:
         record = {"slide": str(result.path), "status": result.status, "reason": result.reason,
                   "seconds": round(result.seconds, 3), "tiles": result.tiles,
                   "output": str(result.output) if result.output else None, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:  # the run cannot record outcomes any more: stop it, in one line
+            raise OutputError(f"cannot record {result.path.name} in {self.path}: {exc.strerror or exc}") from None
 
 
 def worker_models(cfg: RunConfig) -> Models:

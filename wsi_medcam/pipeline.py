@@ -344,9 +344,11 @@ def run_slide(
         return SlideResult(path, "failed", None, f"{out_dir} exists and is not a folder; move it or choose another --out")
     try:
         _remove(partial)  # left by an interrupted run
+        if out_dir.is_dir() and not is_complete(out_dir):  # unfinished: clear it now, not after the work
+            _remove(out_dir)
         partial.mkdir(parents=True)
     except OSError as exc:
-        return SlideResult(path, "failed", None, str(OutputError(f"cannot create {partial}: {exc}")))
+        return SlideResult(path, "failed", None, str(OutputError(f"cannot prepare {out_dir}: {exc}")))
     try:
         report = process_slide(path, partial, cfg, models, progress=progress)
         _remove(out_dir)
