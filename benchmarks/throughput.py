@@ -1,11 +1,12 @@
 """Pipeline throughput against the bare models, measured in ONE process and one run.
 
-    python benchmarks/throughput.py SLIDE --classifier DIR --segmenter DIR [--batch-size 32] [--workers 2] [--json]
+    python benchmarks/throughput.py SLIDE --classifier DIR --segmenter DIR [--batch-size 32] [--workers N] [--json]
 
 (a) the bare models on pre-made uint8 tensors in memory: classifier alone, then classifier +
 segmenter (+ the certification forwards the pipeline also does), at the pipeline's batch size,
 device and precision; (b) the full ``run`` pipeline on the slide (reading, tissue, tiling,
-inference, stitching, pyramid, GeoJSON, reports). Prints tiles/s for each, the ratio pipeline ÷
+inference, stitching, pyramid, GeoJSON, reports). The two alternate ``--repeats`` times, so a
+shared machine's drifting load hits both; prints the median tiles/s of each, the ratio pipeline ÷
 bare models, time per stage and peak RSS (this process and its reader processes).
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -22,18 +24,26 @@ from pathlib import Path
 import torch
 
 from wsi_medcam.config import RunConfig
-from wsi_medcam.inference import Predictor
+from wsi_medcam.inference import Predictor, default_batch_size
 from wsi_medcam.pipeline import load_models, run_slide
 
 
-def bare_tiles_per_second(predictor: Predictor, tiles: torch.Tensor, seconds: float) -> float:
-    """Batches of the same in-memory tiles through ``predictor`` for about ``seconds``; tiles/s."""
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process's threads and of its finished children (the
+    DataLoader readers), s. Unlike wall time it barely moves with other tenants' load."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def bare_tiles_per_second(predictor: Predictor, tiles: torch.Tensor, seconds: float) -> tuple[float, float]:
+    """Batches of the same in-memory tiles through ``predictor`` for about ``seconds``;
+    (tiles/s, CPU s per tile)."""
     predictor.predict(tiles)  # warm-up (oneDNN kernels, autocast caches)
-    done, start = 0, time.perf_counter()
+    done, start, cpu = 0, time.perf_counter(), cpu_seconds()
     while time.perf_counter() - start < seconds:
         predictor.predict(tiles)
         done += len(tiles)
-    return done / (time.perf_counter() - start)
+    return done / (time.perf_counter() - start), (cpu_seconds() - cpu) / done
 
 
 def peak_rss_mib() -> dict[str, float]:
@@ -48,11 +58,12 @@ def main() -> None:
     ap.add_argument("--classifier", type=Path, required=True)
     ap.add_argument("--segmenter", type=Path)
     ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, help="DataLoader readers (default: the pipeline's, see inference.workers)")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int)
-    ap.add_argument("--bare-seconds", type=float, default=20.0)
+    ap.add_argument("--bare-seconds", type=float, default=16.0, help="per bare measurement")
+    ap.add_argument("--repeats", type=int, default=3, help="bare-model / pipeline pairs; medians are reported")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -64,40 +75,51 @@ def main() -> None:
     })
     models = load_models(cfg)
     predictor = models.predictor
-    batch = cfg.inference.batch_size or (256 if predictor.device.type == "cuda" else 32)
+    batch = cfg.inference.batch_size or default_batch_size(predictor.device)
     size = models.classifier.config.tile_size
     tiles = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
     if predictor.device.type == "cuda":
         tiles = tiles.pin_memory()
 
     classifier_only = Predictor(models.classifier, None, cfg.inference.model_copy(update={"certify_fills": ()}))
-    bare = {"classifier": bare_tiles_per_second(classifier_only, tiles, args.bare_seconds / 2)}
+    clf_only = bare_tiles_per_second(classifier_only, tiles, args.bare_seconds / 2)
+    bare = {"classifier": clf_only[0]}
+    runs = []
+    for _ in range(args.repeats):  # bare models and pipeline alternate, so drifting machine load hits both
+        reference, reference_cpu = bare_tiles_per_second(predictor, tiles, args.bare_seconds / 2) if args.segmenter else clf_only
+        with tempfile.TemporaryDirectory() as tmp:
+            start, cpu = time.perf_counter(), cpu_seconds()
+            result = run_slide(args.slide, Path(tmp) / "out", cfg, models)
+            wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+        if result.status != "done":
+            sys.exit(f"pipeline failed: {result.reason}")
+        n, timings = result.tiles, result.report["timings_s"]
+        runs.append({"bare_tiles_per_s": reference, "pipeline_tiles_per_s": n / wall,
+                     "inference_stage_tiles_per_s": n / timings["inference+stitching"],
+                     "ratio": n / wall / reference, "ratio_inference_stage": n / timings["inference+stitching"] / reference,
+                     "bare_cpu_s_per_tile": reference_cpu, "pipeline_cpu_s_per_tile": cpu / n,
+                     "cpu_ratio": reference_cpu / (cpu / n), "stage_seconds": timings})
     if args.segmenter:
-        bare["classifier+segmenter"] = bare_tiles_per_second(predictor, tiles, args.bare_seconds / 2)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        result = run_slide(args.slide, Path(tmp) / "out", cfg, models)
-        wall = time.perf_counter() - start
-    if result.status != "done":
-        sys.exit(f"pipeline failed: {result.reason}")
-    timings = result.report["timings_s"]
-    n = result.tiles
-    reference = bare.get("classifier+segmenter", bare["classifier"])
+        bare["classifier+segmenter"] = statistics.median(r["bare_tiles_per_s"] for r in runs)
+    median = {k: statistics.median(r[k] for r in runs)
+              for k in ("pipeline_tiles_per_s", "inference_stage_tiles_per_s", "ratio", "ratio_inference_stage",
+                        "cpu_ratio")}
     figures = {
         "device": str(predictor.device),
         "gpu": torch.cuda.get_device_name() if predictor.device.type == "cuda" else None,
         "precision": str(predictor.dtype or "fp32"),
         "batch_size": batch,
-        "workers": cfg.inference.workers,
+        "workers": result.report["parameters"]["readers"],
         "torch_threads": torch.get_num_threads(),
         "tiles": n,
         "bare_tiles_per_s": bare,
-        "pipeline_tiles_per_s": n / wall,
-        "pipeline_inference_stage_tiles_per_s": n / timings["inference+stitching"],
-        "ratio_pipeline_to_bare": (n / wall) / reference,
-        "ratio_inference_stage_to_bare": (n / timings["inference+stitching"]) / reference,
-        "stage_seconds": timings,
+        "pipeline_tiles_per_s": median["pipeline_tiles_per_s"],
+        "pipeline_inference_stage_tiles_per_s": median["inference_stage_tiles_per_s"],
+        "ratio_pipeline_to_bare": median["ratio"],
+        "ratio_inference_stage_to_bare": median["ratio_inference_stage"],
+        "cpu_ratio_bare_to_pipeline": median["cpu_ratio"],
+        "runs": runs,
+        "stage_seconds": runs[-1]["stage_seconds"],
         "peak_rss_mib": peak_rss_mib(),
     }
     if args.json:
@@ -110,8 +132,11 @@ def main() -> None:
     print(f"pipeline (whole run)         : {figures['pipeline_tiles_per_s']:8.1f} tiles/s  ({n} tiles)")
     print(f"pipeline (inference stage)   : {figures['pipeline_inference_stage_tiles_per_s']:8.1f} tiles/s")
     print(f"ratio pipeline ÷ bare models : {figures['ratio_pipeline_to_bare']:.3f} (whole run), "
-          f"{figures['ratio_inference_stage_to_bare']:.3f} (inference stage)")
-    print("stages (s): " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+          f"{figures['ratio_inference_stage_to_bare']:.3f} (inference stage); medians of {len(runs)} runs: "
+          + ", ".join(f"{r['ratio']:.2f}" for r in runs))
+    print(f"CPU s per tile, bare ÷ pipeline: {figures['cpu_ratio_bare_to_pipeline']:.3f} "
+          "(the share of the pipeline's CPU work that is the models'; load-independent)")
+    print("stages of the last run (s): " + ", ".join(f"{k} {v:.2f}" for k, v in figures["stage_seconds"].items()))
     print(f"peak RSS: {figures['peak_rss_mib']['self']:.0f} MiB (main), {figures['peak_rss_mib']['children']:.0f} MiB (largest reader)")
 
 

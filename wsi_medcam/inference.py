@@ -6,6 +6,7 @@ than float32), in channels-last layout, under bf16 autocast where the hardware s
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -48,6 +49,14 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 def default_batch_size(device: torch.device) -> int:
     return 256 if device.type == "cuda" else 32
+
+
+def default_workers(device: torch.device) -> int:
+    """DataLoader reader processes. On a CPU the readers take cores from the model: one reader per
+    four cores (measured on 2 cores: 1 reader 0.84 of bare-model speed, 0 readers 0.72, 2 readers
+    0.44); a GPU leaves the cores to decoding."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, max(1, cores - 2)) if device.type == "cuda" else max(1, cores // 4)
 
 
 @dataclass(frozen=True)

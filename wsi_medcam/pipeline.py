@@ -13,12 +13,14 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -33,7 +35,7 @@ from .export.geojson import write_evidence
 from .export.ome_zarr import EvidenceStore, write_probabilities
 from .export.overview import class_heatmap, write_overview
 from .export.tiles import TileRecord, TileWriter
-from .inference import Predictor, default_batch_size
+from .inference import BatchResult, Predictor, default_batch_size, default_workers
 from .slide import MppOverrides, SlideRef, open_slide, read_mpp_csv
 from .stitching import EvidenceStitcher
 from .tiling import plan_tiles
@@ -44,7 +46,8 @@ log = logging.getLogger("wsi_medcam")
 REPORT_NAME = "report.json"
 PARTIAL_SUFFIX = ".partial"
 ProgressHook = Callable[[str, int, int], None]
-"""Called as (slide name, tiles done so far, total tiles)."""
+"""Called as (slide name, tiles done so far, total tiles), from the writer thread."""
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,21 @@ class SlideResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+def consume_behind(results: Iterable[T], consume: Callable[[T], None], *, depth: int = 2) -> None:
+    """Hand each result to ``consume`` on one background thread, in order, while the next one is
+    being computed; at most ``depth`` results wait. The models release the GIL, so stitching, chunk
+    compression and tracing overlap with them (on a GPU, the device no longer idles while the CPU
+    stitches). An error in ``consume`` is raised here and stops the loop."""
+    with ThreadPoolExecutor(1, thread_name_prefix="wsi-medcam-writer") as pool:
+        pending: deque[Future[None]] = deque()
+        for item in results:
+            pending.append(pool.submit(consume, item))
+            while pending and (len(pending) > depth or pending[0].done()):
+                pending.popleft().result()
+        while pending:
+            pending.popleft().result()
+
+
 def process_slide(
     path: Path, work_dir: Path, cfg: RunConfig, models: Models, *, progress: ProgressHook | None = None
 ) -> dict[str, Any]:
@@ -183,15 +201,18 @@ def process_slide(
     refine = cfg.inference.refine if stitcher is not None and models.segmenter is not None else 0
     top: list[list[tuple[float, int]]] = [[] for _ in class_names]  # per class: K (confidence, tile) heaps
     batch_size = cfg.inference.batch_size or default_batch_size(models.predictor.device)
+    workers = default_workers(models.predictor.device) if cfg.inference.workers is None else cfg.inference.workers
     loader = make_loader(TileDataset(ref, grid, tolerance=cfg.slide.level_tolerance), batch_size=batch_size,
-                         workers=min(cfg.inference.workers, max(0, len(grid) // batch_size)),
+                         workers=min(workers, max(0, len(grid) // batch_size)),
                          pin_memory=models.predictor.device.type == "cuda")
     done = 0
     with timer.stage("inference+stitching"), TileWriter(
         work_dir / "tiles.csv", work_dir / "tiles.geojson", slide_key=slide_key, class_names=class_names, colors=colors,
         certify_fills=tuple(cfg.inference.certify_fills) if models.predictor.explains else ()
     ) as tiles_out:
-        for result in models.predictor.run(loader if len(grid) else []):
+
+        def consume(result: BatchResult) -> None:
+            nonlocal done
             for k, i in enumerate(result.indices):
                 probs = result.probs[k]
                 pred = int(probs.argmax())
@@ -213,6 +234,8 @@ def process_slide(
             done += len(result.indices)
             if progress:
                 progress(path.name, done, len(grid))
+
+        consume_behind(models.predictor.run(loader if len(grid) else []), consume)
         if stitcher is not None:
             stitcher.finish()
     refined = 0
@@ -231,17 +254,12 @@ def process_slide(
         with timer.stage("evidence-geojson"):
             per_class: dict[str, dict[str, float]] = {}
             polygons = []
-            slide_area = box(0, 0, width0, height0)
-            for class_index, poly in stitcher.polygons.merged(simplify_px=grid.downsample * 0.5):
-                clipped = poly.intersection(slide_area)
-                if clipped.is_empty:
-                    continue
-                for part in getattr(clipped, "geoms", [clipped]):
-                    if part.geom_type == "Polygon":
-                        polygons.append((class_index, part))
-                        entry = per_class.setdefault(class_names[class_index], {"polygons": 0, "area_um2": 0.0})
-                        entry["polygons"] += 1
-                        entry["area_um2"] += part.area * slide.mpp.mean**2
+            for class_index, poly in stitcher.polygons.merged(simplify_px=grid.downsample * 0.5,
+                                                              clip=box(0, 0, width0, height0)):
+                polygons.append((class_index, poly))
+                entry = per_class.setdefault(class_names[class_index], {"polygons": 0, "area_um2": 0.0})
+                entry["polygons"] += 1
+                entry["area_um2"] += poly.area * slide.mpp.mean**2
             n_polygons = write_evidence(work_dir / "evidence.geojson", polygons, slide_key=slide_key,
                                         class_names=class_names, colors=colors, mpp=slide.mpp.mean)
         evidence_stats = {
@@ -270,7 +288,7 @@ def process_slide(
     report = {
         "slide": description,
         "parameters": {"tile_mpp": mpp, "tile_size": tile_size, "stride": grid.stride, "downsample": downsample,
-                       "batch_size": batch_size, "device": str(models.predictor.device),
+                       "batch_size": batch_size, "readers": workers, "device": str(models.predictor.device),
                        "precision": str(models.predictor.dtype or "fp32"), "config": cfg.model_dump(mode="json")},
         "models": {name: {"path": str(b.path), "sha256": b.sha256, "config": b.config.model_dump(mode="json")}
                    for name, b in (("classifier", models.classifier), ("segmenter", models.segmenter)) if b},

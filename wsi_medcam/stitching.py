@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+import shapely
 from rasterio import features
-from shapely import affinity
-from shapely.geometry import Polygon, box, shape
+from shapely.geometry import Polygon, box
+from shapely.geometry.base import BaseGeometry
 from shapely.ops import unary_union
 
 from .tiling import TileGrid
@@ -52,39 +53,68 @@ class _Block:
         )
 
 
+def _polygon_parts(geom: BaseGeometry) -> list[Polygon]:
+    """The non-empty polygons of a (multi)polygon or collection."""
+    return [g for g in getattr(geom, "geoms", [geom]) if isinstance(g, Polygon) and not g.is_empty]
+
+
+def _trace(label: np.ndarray, x0: int, y0: int, scale: float) -> Iterator[tuple[int, Polygon, bool]]:
+    """(value, polygon in level-0 px, touches the array's border) for each 4-connected region of
+    non-zero ``label``, whose pixel (0, 0) lies at canvas px (``x0``, ``y0``); ``scale`` is level-0
+    px per canvas px."""
+    h, w = label.shape
+    offset = np.array([x0, y0], np.float64)
+    for geom, value in features.shapes(label, mask=label > 0, connectivity=4):
+        shell = np.asarray(geom["coordinates"][0], np.float64)
+        on_border = bool(shell.min() <= 0 or shell[:, 0].max() >= w or shell[:, 1].max() >= h)
+        rings = [(np.asarray(r, np.float64) + offset) * scale for r in geom["coordinates"]]
+        yield int(value), Polygon(rings[0], rings[1:]), on_border
+
+
 @dataclass
 class EvidencePolygons:
     """Traced hard-mask polygons per class index, in level-0 px, merged at the end.
 
-    ``cuts`` are regions whose streamed polygons were superseded (refined tiles); ``patches`` are
-    the polygons that replace them.
+    Only ``parts`` (polygons touching the border of the block they were traced in) can continue in
+    a neighbouring block, so only they go through the union; ``whole`` polygons lie inside one block
+    and are final as traced. Speckled masks give tens of thousands of small polygons, nearly all
+    whole, so this keeps the union small. ``cuts`` are regions whose streamed polygons were
+    superseded (refined tiles); ``patches`` are the polygons that replace them.
     """
 
     parts: dict[int, list[Polygon]] = field(default_factory=dict)
+    whole: dict[int, list[Polygon]] = field(default_factory=dict)
     cuts: list[Polygon] = field(default_factory=list)
     patches: dict[int, list[Polygon]] = field(default_factory=dict)
 
-    def add(self, class_index: int, polygon: Polygon) -> None:
-        self.parts.setdefault(class_index, []).append(polygon)
+    def add(self, class_index: int, polygon: Polygon, *, on_border: bool = True) -> None:
+        (self.parts if on_border else self.whole).setdefault(class_index, []).append(polygon)
 
     def replace_region(self, region: Polygon, class_index: int, polygons: list[Polygon]) -> None:
         """Drop what was traced inside ``region`` and use ``polygons`` there instead."""
         self.cuts.append(region)
         self.patches.setdefault(class_index, []).extend(polygons)
 
-    def merged(self, simplify_px: float = 0.0) -> Iterator[tuple[int, Polygon]]:
-        """Polygons per class after merging across block and tile borders (shared edges dissolve)."""
+    def merged(self, simplify_px: float = 0.0, clip: Polygon | None = None) -> Iterator[tuple[int, Polygon]]:
+        """Polygons per class after merging across block and tile borders (shared edges dissolve),
+        simplified by ``simplify_px`` (level-0 px) and clipped to ``clip``."""
         cut = unary_union(self.cuts) if self.cuts else None
-        for class_index in sorted(set(self.parts) | set(self.patches)):
-            union = unary_union(self.parts.get(class_index, []))
-            if cut is not None:
-                union = unary_union([union.difference(cut), *self.patches.get(class_index, [])])
+        for class_index in sorted(set(self.parts) | set(self.whole) | set(self.patches)):
+            merged = _polygon_parts(unary_union(self.parts.get(class_index, [])))
+            geoms = np.array([*merged, *self.whole.get(class_index, [])], dtype=object)
+            if cut is not None:  # re-merge what the cut region touches with what replaces it
+                hit = shapely.intersects(geoms, cut)
+                redone = unary_union([*shapely.difference(geoms[hit], cut), *self.patches.get(class_index, [])])
+                geoms = np.array([*geoms[~hit], *_polygon_parts(redone)], dtype=object)
             if simplify_px > 0:
-                union = union.simplify(simplify_px, preserve_topology=True)
-            geoms = getattr(union, "geoms", [union])
+                geoms = shapely.simplify(geoms, simplify_px, preserve_topology=True)
+            if clip is not None and len(geoms):
+                bounds, (cx0, cy0, cx1, cy1) = shapely.bounds(geoms), clip.bounds
+                outside = (bounds[:, 0] < cx0) | (bounds[:, 1] < cy0) | (bounds[:, 2] > cx1) | (bounds[:, 3] > cy1)
+                geoms[outside] = shapely.intersection(geoms[outside], clip)
             for geom in geoms:
-                if isinstance(geom, Polygon) and not geom.is_empty:
-                    yield class_index, geom
+                for part in _polygon_parts(geom):
+                    yield class_index, part
 
 
 class EvidenceStitcher:
@@ -159,9 +189,7 @@ class EvidenceStitcher:
             self.writer.patch(int(ys[0]), int(xs[0]), np.rint(tile * 255).astype(np.uint8),
                               np.where(tile >= 0.5, class_index + 1, 0).astype(np.uint8))
         ds = self.grid.downsample
-        label = (soft >= 0.5).astype(np.uint8)
-        polys = [affinity.affine_transform(shape(g), [ds, 0, 0, ds, x0 * ds, y0 * ds])
-                 for g, _ in features.shapes(label, mask=label > 0, connectivity=4)]
+        polys = [poly for _, poly, _ in _trace((soft >= 0.5).astype(np.uint8), x0, y0, ds)]
         self.polygons.replace_region(box(x0 * ds, y0 * ds, (x0 + size) * ds, (y0 + size) * ds), class_index, polys)
 
     # -- reading the accumulator ----------------------------------------------------------------
@@ -228,9 +256,9 @@ class EvidenceStitcher:
             soft, label = self._canvas(rows[0], rows[-1] + 1, cols[0], cols[-1] + 1)
             if not soft.any():
                 continue
-            pick = np.ix_(rows - rows[0], cols - cols[0])
-            evidence = np.rint(soft[pick] * 255).astype(np.uint8)
-            self.writer.write(y0, x0, evidence, label[pick])
+            evidence = np.rint(soft * 255).astype(np.uint8)  # quantise on the canvas, then resample
+            r, c = rows - rows[0], cols - cols[0]
+            self.writer.write(y0, x0, evidence.take(r, 0).take(c, 1), label.take(r, 0).take(c, 1))
             self.chunks_written += 1
 
     def _trace_block_row(self, block_row: int) -> None:
@@ -241,6 +269,5 @@ class EvidenceStitcher:
             _, label = self._canvas(by * b, (by + 1) * b, bx * b, (bx + 1) * b)
             if not label.any():
                 continue
-            for geom, value in features.shapes(label, mask=label > 0, connectivity=4):
-                poly = affinity.affine_transform(shape(geom), [ds, 0, 0, ds, bx * b * ds, by * b * ds])
-                self.polygons.add(int(value) - 1, poly)
+            for value, poly, on_border in _trace(label, bx * b, by * b, ds):
+                self.polygons.add(value - 1, poly, on_border=on_border)

@@ -15,7 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
-from shapely.geometry import Polygon, mapping
+import numpy as np
+from shapely.geometry import Polygon
 
 _NAMESPACE = uuid.UUID("5d6f1f8e-8d3c-4d52-9a55-6f0c1f4b6a01")
 
@@ -77,9 +78,8 @@ class FeatureWriter:
 
 def polygon_geometry(poly: Polygon, ndigits: int = 1) -> dict[str, Any]:
     """GeoJSON geometry of a shapely polygon, coordinates rounded to ``ndigits`` (level-0 px)."""
-    geom = mapping(poly)
-    geom["coordinates"] = [[[round(x, ndigits), round(y, ndigits)] for x, y in ring] for ring in geom["coordinates"]]
-    return {"type": geom["type"], "coordinates": geom["coordinates"]}
+    rings = (poly.exterior, *poly.interiors)
+    return {"type": "Polygon", "coordinates": [np.round(np.asarray(r.coords), ndigits).tolist() for r in rings]}
 
 
 def write_evidence(

