@@ -127,7 +127,7 @@ def run(
     tile_size: Annotated[Optional[int], typer.Option(help="override the classifier's tile size, px (warns)")] = None,
     overlap: Annotated[Optional[int], typer.Option(help="tile overlap, px at the tile resolution")] = None,
     min_tissue: Annotated[Optional[float], typer.Option(help="minimum tissue fraction of a kept tile, 0–1")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="tiles per batch (default 256 on CUDA, 32 on CPU)")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="tiles per batch (default 256 on CUDA, 16 on CPU)")] = None,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader reader processes")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16")] = None,
@@ -147,7 +147,6 @@ def run(
     exit status is 1 if any slide failed.
     """
     from .batch import run_archive
-    from .distributed import SlurmConfig, local_client, parse_local, scheduler_client, slurm_client
     from .pipeline import load_models
 
     _setup_logging(verbose)
@@ -167,11 +166,14 @@ def run(
             raise WsiMedcamError("no slides matched " + " ".join(slides))
         if manifests and mpp_csv is None:
             overrides["slide.mpp_csv"] = manifests[0]
-        workers_n = parse_local(dask) if dask else None
-        if workers_n and threads is None:
-            overrides["inference.threads"] = max(1, (os.cpu_count() or 1) // workers_n)
+        client = workers_n = None
+        if dask or scheduler or slurm:  # dask is imported only when asked for (memory of plain runs)
+            from .distributed import SlurmConfig, local_client, parse_local, scheduler_client, slurm_client
+
+            workers_n = parse_local(dask) if dask else None
+            if workers_n and threads is None:
+                overrides["inference.threads"] = max(1, (os.cpu_count() or 1) // workers_n)
         cfg = RunConfig.from_yaml(config, {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()})
-        client = None
         if workers_n:
             client = local_client(workers_n)
         elif scheduler:

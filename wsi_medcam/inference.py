@@ -16,7 +16,6 @@ import torch
 
 from .bundles import Bundle
 from .config import InferenceConfig
-from .medcam.baselines import cam_heatmaps
 from .medcam.fills import compose, make_fill
 
 
@@ -48,7 +47,9 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 
 def default_batch_size(device: torch.device) -> int:
-    return 256 if device.type == "cuda" else 32
+    """Tiles per batch. On CPU 16: throughput is flat from 8 to 32 tiles (U-Net/resnet18 at 224 px,
+    bf16) while the activations grow by about 20 MiB per tile."""
+    return 256 if device.type == "cuda" else 16
 
 
 def default_workers(device: torch.device) -> int:
@@ -122,6 +123,8 @@ class Predictor:
                     soft = torch.sigmoid(self.segmenter(x_seg.contiguous(memory_format=self.memory_format)).float())[:, 0]
         pred = probs.argmax(1)
         if self.explainer != "medcam":
+            from .medcam.baselines import cam_heatmaps  # grad-cam pulls in cv2, sklearn, matplotlib: only when used
+
             heat = cam_heatmaps(self.classifier, x_cls, self.explainer, pred.tolist(), arch=self.arch, batch_size=len(x_cls))
             soft = torch.from_numpy(heat).to(self.device)
         kept: dict[str, np.ndarray] = {}
