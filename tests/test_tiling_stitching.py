@@ -49,9 +49,15 @@ class _Collect:
         self.evidence = np.zeros(shape, np.uint8)
         self.labels = np.zeros(shape, np.uint8)
         self.writes = []
+        self.complete = 0
+
+    def rows_complete(self, rows):
+        assert rows >= self.complete
+        self.complete = rows
 
     def write(self, y, x, evidence, labels):
         assert (y, x) not in self.writes, "a chunk was written twice"
+        assert y // self.chunk >= self.complete, "a chunk row announced complete was written again"
         self.writes.append((y, x))
         h, w = evidence.shape
         self.evidence[y : y + h, x : x + w] = evidence
@@ -101,3 +107,42 @@ def test_stitcher_matches_dense_reference(downsample, out_scale, overlap):
     hard_canvas_px = ((mean >= 0.5) & (weight > 0)).sum()
     area = sum(p.area for _, p in stitcher.polygons.merged())
     assert area == pytest.approx(hard_canvas_px * downsample**2, rel=1e-6)
+
+
+def test_store_pyramid_built_while_streaming_equals_a_dense_2x2_mean(tmp_path):
+    """Rows announced complete grow the pyramid during streaming; a patch afterwards (here one that
+    clears a region) is redone above it. Each level must equal a dense 2×2 mean (labels: top-left)."""
+    import zarr
+
+    from wsi_medcam.export.ome_zarr import EvidenceStore
+
+    rng = np.random.default_rng(1)
+    h, w, chunk = 700, 900, 128
+    evidence = np.zeros((h, w), np.uint8)
+    for _ in range(25):  # blobs, leaving whole chunks empty
+        y, x, r = rng.integers(0, h), rng.integers(0, w), rng.integers(10, 60)
+        yy, xx = np.ogrid[:h, :w]
+        evidence[(yy - y) ** 2 + (xx - x) ** 2 < r * r] = rng.integers(1, 256)
+    labels = np.where(evidence >= 128, 2, 0).astype(np.uint8)
+    store = EvidenceStore(tmp_path / "e.ome.zarr", shape=(h, w), mpp=0.25, chunk=chunk, min_size=64,
+                          class_names=["a", "b"], colors=[(255, 0, 0), (0, 255, 0)], name="t")
+    for cy in range(0, h, chunk):
+        for cx in range(0, w, chunk):
+            block = evidence[cy : cy + chunk, cx : cx + chunk]
+            if block.any():
+                store.write(cy, cx, block, labels[cy : cy + chunk, cx : cx + chunk])
+        store.rows_complete(cy // chunk + 1)
+    cut = np.s_[20:600, 30:560]  # refinement-style patch after streaming: unaligned, clearing whole parents
+    evidence[cut] = 0
+    labels[cut] = 0
+    store.patch(20, 30, evidence[cut], labels[cut])
+    store.finalize({})
+    root = zarr.open_group(str(tmp_path / "e.ome.zarr"), mode="r")
+    ref_e, ref_l = evidence.astype(np.int64), labels
+    assert len(store.shapes) >= 4
+    for level in range(len(store.shapes)):
+        np.testing.assert_array_equal(root[str(level)][0], ref_e, err_msg=f"evidence level {level}")
+        np.testing.assert_array_equal(root["labels/evidence"][str(level)][0], ref_l, err_msg=f"labels level {level}")
+        padded = np.pad(ref_e, ((0, ref_e.shape[0] % 2), (0, ref_e.shape[1] % 2)), mode="edge")
+        ref_e = (padded[0::2, 0::2] + padded[1::2, 0::2] + padded[0::2, 1::2] + padded[1::2, 1::2] + 2) // 4
+        ref_l = ref_l[0::2, 0::2]

@@ -35,6 +35,9 @@ class ChunkWriter(Protocol):
 
     def patch(self, y: int, x: int, evidence: np.ndarray, labels: np.ndarray) -> None: ...
 
+    def rows_complete(self, rows: int) -> None:
+        """Chunk rows ``[0, rows)`` of level 0 are final (nothing more will be written there)."""
+
 
 @dataclass
 class _Block:
@@ -224,6 +227,7 @@ class EvidenceStitcher:
                 break
             self._write_chunk_row(self._next_chunk_row * chunk, y_end, out_w, chunk)
             self._next_chunk_row += 1
+            self.writer.rows_complete(self._next_chunk_row)
         b = self.block
         while (self._next_trace_row + 1) * b <= before_canvas_row and self._has_rows_from(self._next_trace_row):
             self._trace_block_row(self._next_trace_row)

@@ -109,7 +109,9 @@ class EvidenceStore:
         label_group = self.root.create_group("labels").create_group(LABEL_NAME)
         self._image = [_create(self.root, str(i), (1, *s), (1, chunk, chunk), "uint8") for i, s in enumerate(self.shapes)]
         self._labels = [_create(label_group, str(i), (1, *s), (1, chunk, chunk), "uint8") for i, s in enumerate(self.shapes)]
-        self._written: set[tuple[int, int]] = set()
+        self._chunks: list[set[tuple[int, int]]] = [set() for _ in self.shapes]  # non-empty chunks per level
+        self._complete = [0 for _ in self.shapes]  # chunk rows final per level
+        self._patched: set[tuple[int, int]] = set()
 
     def write(self, y: int, x: int, evidence: np.ndarray, labels: np.ndarray) -> None:
         """Store one chunk-aligned level-0 block."""
@@ -118,14 +120,32 @@ class EvidenceStore:
         h, w = evidence.shape
         self._image[0][0, y : y + h, x : x + w] = evidence
         self._labels[0][0, y : y + h, x : x + w] = labels
-        self._written.add((y // self.chunk, x // self.chunk))
+        self._chunks[0].add((y // self.chunk, x // self.chunk))
+
+    def rows_complete(self, rows: int) -> None:
+        """Level-0 chunk rows ``[0, rows)`` are final: build every pyramid row that depends only on
+        them, so the pyramid grows while tiles stream (on the stitching thread) instead of after."""
+        self._complete[0] = rows
+        for level in range(1, len(self.shapes)):
+            below = self._complete[level - 1]
+            if below >= math.ceil(self.shapes[level - 1][0] / self.chunk):
+                ready = math.ceil(self.shapes[level][0] / self.chunk)
+            else:
+                ready = below // 2  # row r needs rows 2r and 2r+1 below
+            if ready <= self._complete[level]:
+                break
+            first = 2 * self._complete[level]
+            children = {(cy, cx) for cy, cx in self._chunks[level - 1] if first <= cy < 2 * ready}
+            self._chunks[level] |= self._downsample(level, children)
+            self._complete[level] = ready
 
     def finalize(self, attrs: dict[str, Any]) -> None:
-        """Build the pyramid from the written chunks, then write NGFF 0.4 metadata (last, so an
-        interrupted store is never mistaken for a complete one)."""
-        written = self._written
+        """Finish the pyramid (and redo it above patched chunks), then write NGFF 0.4 metadata (last,
+        so an interrupted store is never mistaken for a complete one)."""
+        self.rows_complete(math.ceil(self.shape[0] / self.chunk))
+        patched = self._patched
         for level in range(1, len(self.shapes)):
-            written = self._downsample(level, written)
+            patched = self._downsample(level, patched, keep_empty=True)
         mpps = [self.mpp * 2**i for i in range(len(self.shapes))]
         fmt = FormatV04()
         write_multiscales_metadata(self.root, _datasets(mpps), fmt=fmt, axes=AXES, name=self.name)
@@ -152,13 +172,15 @@ class EvidenceStore:
         self._image[0][0, y : y + h, x : x + w] = evidence
         self._labels[0][0, y : y + h, x : x + w] = labels
         c = self.chunk
-        self._written.update((cy, cx) for cy in range(y // c, (y + h - 1) // c + 1) for cx in range(x // c, (x + w - 1) // c + 1))
+        self._patched.update((cy, cx) for cy in range(y // c, (y + h - 1) // c + 1) for cx in range(x // c, (x + w - 1) // c + 1))
 
     def coarsest(self) -> np.ndarray:
         """The smallest pyramid level (at most ``min_size`` px per side), for previews."""
         return self._image[-1][0]
 
-    def _downsample(self, level: int, below: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    def _downsample(self, level: int, below: set[tuple[int, int]], keep_empty: bool = False) -> set[tuple[int, int]]:
+        """Rebuild the level-``level`` chunks above the ``below`` chunks of the level under it; returns
+        the chunks written. Empty ones are skipped, or written (clearing stale data) if ``keep_empty``."""
         c = self.chunk
         parents = {(cy // 2, cx // 2) for cy, cx in below}
         done: set[tuple[int, int]] = set()
@@ -170,7 +192,7 @@ class EvidenceStore:
             src = (0, slice(2 * y0, 2 * y0 + 2 * c), slice(2 * x0, 2 * x0 + 2 * c))
             evidence = _halve_mean(self._image[level - 1][src])
             labels = _halve_nearest(self._labels[level - 1][src])
-            if not evidence.any():
+            if not keep_empty and not evidence.any():
                 continue
             eh, ew = evidence.shape
             self._image[level][0, y0 : y0 + eh, x0 : x0 + ew] = evidence
