@@ -59,6 +59,8 @@ def composite_on_white(image: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected an HxWx3 or HxWx4 uint8 image, got {image.dtype} {image.shape}")
     if image.shape[2] == 3:
         return image
+    if image[..., 3].min() == 255:  # fully opaque, the usual case inside a scan: skip the arithmetic
+        return np.ascontiguousarray(image[..., :3])
     # 255 - (255 - rgb) * alpha / 255, rounded, in integers: the product fits in uint16.
     ink = (255 - image[..., :3]).astype(np.uint16) * image[..., 3:]
     return (255 - (ink + 127) // 255).astype(np.uint8)
