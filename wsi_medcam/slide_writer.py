@@ -73,8 +73,17 @@ def write_pyramid(
             tif.write(_level_tiles(read, width, height, factor, tile), shape=shape, dtype=np.uint8, tile=(tile, tile),
                       description=desc if aperio or level == 0 else None, subfiletype=0 if level == 0 else 1, **common)
             if level == 0 and aperio:
-                thumb_factor = max(1, max(width, height) // 512)
-                thumb = next(_level_tiles(read, width, height, thumb_factor, max(width, height) // thumb_factor + 1))
-                th, tw = max(1, height // thumb_factor), max(1, width // thumb_factor)
-                tif.write(thumb[:th, :tw], description=desc, **common)
+                tif.write(_thumbnail(read, width, height, max(1, max(width, height) // 512)), description=desc, **common)
     return Path(path)
+
+
+def _thumbnail(read: TileFn, width: int, height: int, factor: int, tile: int = 8) -> np.ndarray:
+    """The ``factor``× reduced slide, assembled from ``tile``-px pieces so that no read is larger
+    than (``tile`` · ``factor``)² level-0 px (a 100k² slide is never read at once)."""
+    th, tw = max(1, height // factor), max(1, width // factor)
+    out = np.empty((-(-th // tile) * tile, -(-tw // tile) * tile, 3), np.uint8)
+    pieces = _level_tiles(read, width, height, factor, tile)
+    for ty in range(0, th, tile):
+        for tx in range(0, tw, tile):
+            out[ty : ty + tile, tx : tx + tile] = next(pieces)
+    return out[:th, :tw]
