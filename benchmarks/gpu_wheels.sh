@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Fetch, HERE (where pip reaches an index), the wheels the GPU machine lacks into .whl/ for its
+# Python 3.12. Its image already has torch, torchvision, timm, numpy, pillow, tifffile, scikit-image,
+# scipy, safetensors, pyyaml, typer, rich, psutil, fsspec, toolz, cloudpickle, msgpack, click and
+# jinja2; tiffslide/imagecodecs (the fallback reader) are left out to stay under the 64 MiB a call
+# may carry. Then: echo /.whl/ >> .git/info/exclude, and carry .whl to benchmarks/gpu_throughput.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+wheels=(  # the versions CI installs (pip list of .ci-venv)
+  pydantic==2.12.5 pydantic-core==2.41.5 annotated-types==0.8.0 typing-inspection==0.4.5
+  zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0
+  ome-zarr==0.18.0 ome-zarr-models==1.7 pydantic-zarr==0.9.2 deprecated==1.3.1 rangehttpserver==1.4.0 dask==2026.8.0 distributed==2026.8.0 partd==1.4.2 locket==1.0.0 tblib==3.2.2
+  zict==3.0.0 tornado==6.6.1 importlib-metadata==10.2.0
+  shapely==2.2.0 rasterio==1.4.4 affine==3.0.1 cligj==0.7.2 click-plugins==1.1.1.2
+  openslide-python==1.4.7 openslide-bin==4.0.1.2
+  segmentation-models-pytorch==0.6.0  # grad-cam (sdist only) is imported only by the Grad-CAM explainers
+)
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "${wheels[@]}"
+du -sh .whl
