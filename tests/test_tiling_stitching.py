@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 import pytest
 
 from wsi_medcam.config import TilingConfig
@@ -65,7 +66,7 @@ class _Collect:
 
 
 @pytest.mark.parametrize("downsample,out_scale,overlap", [(2.0, 1.0, 0), (2.0, 1.0, 16), (1.002, 1.0, 0), (2.0, 0.25, 8)])
-def test_stitcher_matches_dense_reference(downsample, out_scale, overlap):
+def test_stitcher_matches_dense_reference(downsample, out_scale, overlap, tmp_path):
     rng = np.random.default_rng(0)
     tile = 64
     width0, height0 = 700, 500
@@ -74,7 +75,8 @@ def test_stitcher_matches_dense_reference(downsample, out_scale, overlap):
                       mpp=0.5, tile_size=tile)
     out_shape = (round(height0 * out_scale), round(width0 * out_scale))
     writer = _Collect(out_shape, chunk=96)
-    stitcher = EvidenceStitcher(grid, writer, block=40)
+    stitcher = EvidenceStitcher(grid, writer, block=40, spool_dir=tmp_path)
+    stitcher.polygons.flush_every = 16  # small batches: final polygons go through the spool file
 
     ch, cw = grid.canvas_shape
     total = np.zeros((ch, cw)); weight = np.zeros((ch, cw)); label = np.zeros((ch, cw), np.uint8)
@@ -104,9 +106,13 @@ def test_stitcher_matches_dense_reference(downsample, out_scale, overlap):
     covered = weight[np.ix_(rows, cols)] > 0
     assert not writer.evidence[~covered].any()
     # polygons: total area equals the hard-mask area on the canvas (level-0 px²)
-    hard_canvas_px = ((mean >= 0.5) & (weight > 0)).sum()
-    area = sum(p.area for _, p in stitcher.polygons.merged())
-    assert area == pytest.approx(hard_canvas_px * downsample**2, rel=1e-6)
+    hard = (mean >= 0.5) & (weight > 0)
+    polygons = list(stitcher.polygons.merged())
+    assert sum(p.area for _, p in polygons) == pytest.approx(hard.sum() * downsample**2, rel=1e-6)
+    # merged across blocks and rows: one polygon per 4-connected region of each class
+    for c in range(3):
+        regions = ndimage.label(hard & (label == c + 1))[1]
+        assert sum(k == c for k, _ in polygons) == regions, f"class {c}"
 
 
 def test_store_pyramid_built_while_streaming_equals_a_dense_2x2_mean(tmp_path):

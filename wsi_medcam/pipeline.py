@@ -192,7 +192,7 @@ def process_slide(
         store = EvidenceStore(work_dir / "evidence.ome.zarr", shape=out_shape, mpp=out_mpp,
                               chunk=cfg.output.chunk_size, min_size=cfg.output.min_pyramid_size,
                               class_names=class_names, colors=colors, name=path.name)
-        stitcher = EvidenceStitcher(grid, store)
+        stitcher = EvidenceStitcher(grid, store, spool_dir=work_dir)
 
     grid_probs = np.zeros((len(class_names), *grid.grid_shape), np.float32)
     counts = np.zeros(len(class_names), np.int64)

@@ -11,9 +11,12 @@ depends on the slide's *width* in tissue blocks, never on its area, and no level
 from __future__ import annotations
 
 import math
+import struct
+import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Protocol
 
 import numpy as np
 import shapely
@@ -74,24 +77,41 @@ def _trace(label: np.ndarray, x0: int, y0: int, scale: float) -> Iterator[tuple[
         yield int(value), Polygon(rings[0], rings[1:]), on_border
 
 
-@dataclass
 class EvidencePolygons:
-    """Traced hard-mask polygons per class index, in level-0 px, merged at the end.
+    """Traced hard-mask polygons per class index, in level-0 px, merged and spooled as rows finish.
 
-    Only ``parts`` (polygons touching the border of the block they were traced in) can continue in
-    a neighbouring block, so only they go through the union; ``whole`` polygons lie inside one block
-    and are final as traced. Speckled masks give tens of thousands of small polygons, nearly all
-    whole, so this keeps the union small. ``cuts`` are regions whose streamed polygons were
-    superseded (refined tiles); ``patches`` are the polygons that replace them.
+    A polygon traced inside one block (not touching its border) is final at once. Border pieces
+    stay *open* until :meth:`close_rows` says no later piece can reach them: then the open pieces
+    are merged (shared edges dissolve) and every merged polygon lying wholly above that row is
+    final too. Final polygons go to a temporary spool file (WKB), so memory depends on the slide's
+    width, never on how many polygons it has. ``cuts`` are regions whose polygons were superseded
+    (refined tiles); ``patches`` are the polygons that replace them.
     """
 
-    parts: dict[int, list[Polygon]] = field(default_factory=dict)
-    whole: dict[int, list[Polygon]] = field(default_factory=dict)
-    cuts: list[Polygon] = field(default_factory=list)
-    patches: dict[int, list[Polygon]] = field(default_factory=dict)
+    _RECORD = struct.Struct("<HI")  # class index, WKB length
+
+    def __init__(self, spool_dir: Path | None = None, *, flush_every: int = 4096):
+        self.spool_dir = spool_dir
+        self.flush_every = flush_every
+        self.open: dict[int, list[Polygon]] = {}
+        self.cuts: list[Polygon] = []
+        self.patches: dict[int, list[Polygon]] = {}
+        self._final: list[tuple[int, Polygon]] = []
+        self._spool: IO[bytes] | None = None
 
     def add(self, class_index: int, polygon: Polygon, *, on_border: bool = True) -> None:
-        (self.parts if on_border else self.whole).setdefault(class_index, []).append(polygon)
+        if on_border:
+            self.open.setdefault(class_index, []).append(polygon)
+        else:
+            self._finalise([(class_index, polygon)])
+
+    def close_rows(self, y: float) -> None:
+        """Nothing traced from now on lies above ``y`` (level-0 px): finalise what cannot grow."""
+        for class_index, pieces in list(self.open.items()):
+            merged = np.array(_polygon_parts(unary_union(pieces)), dtype=object)
+            reaches = shapely.bounds(merged)[:, 3] >= y - 1e-6 if len(merged) else np.zeros(0, bool)
+            self._finalise([(class_index, g) for g in merged[~reaches]])
+            self.open[class_index] = list(merged[reaches])
 
     def replace_region(self, region: Polygon, class_index: int, polygons: list[Polygon]) -> None:
         """Drop what was traced inside ``region`` and use ``polygons`` there instead."""
@@ -99,25 +119,67 @@ class EvidencePolygons:
         self.patches.setdefault(class_index, []).extend(polygons)
 
     def merged(self, simplify_px: float = 0.0, clip: Polygon | None = None) -> Iterator[tuple[int, Polygon]]:
-        """Polygons per class after merging across block and tile borders (shared edges dissolve),
-        simplified by ``simplify_px`` (level-0 px) and clipped to ``clip``."""
+        """All polygons after merging across block and tile borders, simplified by ``simplify_px``
+        (level-0 px) and clipped to ``clip``, read back batch by batch."""
+        self.close_rows(math.inf)
         cut = unary_union(self.cuts) if self.cuts else None
-        for class_index in sorted(set(self.parts) | set(self.whole) | set(self.patches)):
-            merged = _polygon_parts(unary_union(self.parts.get(class_index, [])))
-            geoms = np.array([*merged, *self.whole.get(class_index, [])], dtype=object)
-            if cut is not None:  # re-merge what the cut region touches with what replaces it
+        redo: dict[int, list[Polygon]] = {c: list(p) for c, p in self.patches.items()}
+        for classes, geoms in self._batches():
+            if cut is not None:  # what the cut region touches is re-merged with what replaces it
                 hit = shapely.intersects(geoms, cut)
-                redone = unary_union([*shapely.difference(geoms[hit], cut), *self.patches.get(class_index, [])])
-                geoms = np.array([*geoms[~hit], *_polygon_parts(redone)], dtype=object)
-            if simplify_px > 0:
-                geoms = shapely.simplify(geoms, simplify_px, preserve_topology=True)
-            if clip is not None and len(geoms):
-                bounds, (cx0, cy0, cx1, cy1) = shapely.bounds(geoms), clip.bounds
-                outside = (bounds[:, 0] < cx0) | (bounds[:, 1] < cy0) | (bounds[:, 2] > cx1) | (bounds[:, 3] > cy1)
-                geoms[outside] = shapely.intersection(geoms[outside], clip)
-            for geom in geoms:
-                for part in _polygon_parts(geom):
-                    yield class_index, part
+                for c, g in zip(classes[hit], shapely.difference(geoms[hit], cut)):
+                    redo.setdefault(int(c), []).append(g)
+                classes, geoms = classes[~hit], geoms[~hit]
+            yield from _finished(classes, geoms, simplify_px, clip)
+        for class_index in sorted(redo):
+            geoms = np.array(_polygon_parts(unary_union(redo[class_index])), dtype=object)
+            yield from _finished(np.full(len(geoms), class_index), geoms, simplify_px, clip)
+
+    def _finalise(self, items: list[tuple[int, Polygon]]) -> None:
+        self._final.extend(items)
+        if len(self._final) >= self.flush_every:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._final:
+            return
+        if self._spool is None:
+            self._spool = tempfile.TemporaryFile(dir=self.spool_dir, prefix="evidence-polygons-")
+        wkbs = shapely.to_wkb(np.array([g for _, g in self._final], dtype=object))
+        self._spool.write(b"".join(self._RECORD.pack(c, len(w)) + w for (c, _), w in zip(self._final, wkbs)))
+        self._final = []
+
+    def _batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(class indices, polygons) in spooled batches, then what was not spooled yet."""
+        self._flush()
+        if self._spool is not None:
+            self._spool.seek(0)
+            head = self._RECORD.size
+            while True:
+                classes, wkbs = [], []
+                while len(wkbs) < self.flush_every and (record := self._spool.read(head)):
+                    c, n = self._RECORD.unpack(record)
+                    classes.append(c)
+                    wkbs.append(self._spool.read(n))
+                if not wkbs:
+                    break
+                yield np.array(classes), shapely.from_wkb(np.array(wkbs, dtype=object))
+            self._spool.close()
+            self._spool = None
+
+
+def _finished(classes: np.ndarray, geoms: np.ndarray, simplify_px: float,
+              clip: Polygon | None) -> Iterator[tuple[int, Polygon]]:
+    """Simplify (level-0 px) and clip a batch of final polygons; one (class, polygon) per part."""
+    if simplify_px > 0 and len(geoms):
+        geoms = shapely.simplify(geoms, simplify_px, preserve_topology=True)
+    if clip is not None and len(geoms):
+        bounds, (cx0, cy0, cx1, cy1) = shapely.bounds(geoms), clip.bounds
+        outside = (bounds[:, 0] < cx0) | (bounds[:, 1] < cy0) | (bounds[:, 2] > cx1) | (bounds[:, 3] > cy1)
+        geoms[outside] = shapely.intersection(geoms[outside], clip)
+    for class_index, geom in zip(classes, geoms):
+        for part in _polygon_parts(geom):
+            yield int(class_index), part
 
 
 class EvidenceStitcher:
@@ -131,7 +193,7 @@ class EvidenceStitcher:
     block : accumulator block edge, canvas px.
     """
 
-    def __init__(self, grid: TileGrid, writer: ChunkWriter, *, block: int = 256):
+    def __init__(self, grid: TileGrid, writer: ChunkWriter, *, block: int = 256, spool_dir: Path | None = None):
         self.grid = grid
         self.writer = writer
         self.block = block
@@ -143,7 +205,7 @@ class EvidenceStitcher:
         self._blocks: dict[tuple[int, int], _Block] = {}
         self._next_chunk_row = 0
         self._next_trace_row = 0  # block rows below this are traced
-        self.polygons = EvidencePolygons()
+        self.polygons = EvidencePolygons(spool_dir)
         self.chunks_written = 0
 
     # -- accumulation ---------------------------------------------------------------------------
@@ -275,3 +337,4 @@ class EvidenceStitcher:
                 continue
             for value, poly, on_border in _trace(label, bx * b, by * b, ds):
                 self.polygons.add(value - 1, poly, on_border=on_border)
+        self.polygons.close_rows((block_row + 1) * b * ds)
