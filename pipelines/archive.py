@@ -16,7 +16,7 @@ from pathlib import Path
 from wsi_medcam.batch import run_archive
 from wsi_medcam.inputs import expand_slides
 from wsi_medcam.config import RunConfig
-from wsi_medcam.distributed import SlurmConfig, local_client, parse_local, scheduler_client, slurm_client
+from wsi_medcam.distributed import client_for
 
 
 def main() -> int:
@@ -36,12 +36,7 @@ def main() -> int:
     overrides = {"classifier": str(args.classifier), "segmenter": str(args.segmenter) if args.segmenter else None,
                  "slide.mpp_csv": str(manifests[0]) if manifests else None}
     cfg = RunConfig.from_yaml(args.config, overrides)
-    if args.scheduler:
-        client = scheduler_client(args.scheduler)
-    elif args.slurm:
-        client = slurm_client(SlurmConfig.from_yaml(args.slurm))
-    else:
-        client = local_client(parse_local(args.dask))
+    client = client_for(dask_spec=args.dask, scheduler=args.scheduler, slurm=args.slurm)
     with client:
         results = run_archive(paths, args.out, cfg, client=client,
                               on_result=lambda r: print(f"{r.status:8} {r.path}  {r.reason}", flush=True))

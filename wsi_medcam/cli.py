@@ -166,20 +166,16 @@ def run(
             raise WsiMedcamError("no slides matched " + " ".join(slides))
         if manifests and mpp_csv is None:
             overrides["slide.mpp_csv"] = manifests[0]
-        client = workers_n = None
-        if dask or scheduler or slurm:  # dask is imported only when asked for (memory of plain runs)
-            from .distributed import SlurmConfig, local_client, parse_local, scheduler_client, slurm_client
+        client = None
+        if dask and threads is None:
+            from .distributed import parse_local
 
-            workers_n = parse_local(dask) if dask else None
-            if workers_n and threads is None:
-                overrides["inference.threads"] = max(1, (os.cpu_count() or 1) // workers_n)
+            overrides["inference.threads"] = max(1, (os.cpu_count() or 1) // parse_local(dask))
         cfg = RunConfig.from_yaml(config, {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()})
-        if workers_n:
-            client = local_client(workers_n)
-        elif scheduler:
-            client = scheduler_client(scheduler)
-        elif slurm:
-            client = slurm_client(SlurmConfig.from_yaml(slurm))
+        if dask or scheduler or slurm:  # dask is imported only when asked for (memory of plain runs)
+            from .distributed import client_for
+
+            client = client_for(dask_spec=dask, scheduler=scheduler, slurm=slurm)
         models = None if client else load_models(cfg)
     except WsiMedcamError as exc:
         raise _fail(str(exc)) from None

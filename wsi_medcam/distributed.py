@@ -82,3 +82,15 @@ def slurm_client(cfg: SlurmConfig) -> Client:
         cluster = SLURMCluster(**{k: v for k, v in kwargs.items() if v is not None})
     cluster.scale(jobs=cfg.jobs)
     return Client(cluster)
+
+
+def client_for(*, dask_spec: str | None = None, scheduler: str | None = None, slurm: Path | None = None) -> Client | None:
+    """The client for the first of ``scheduler``, ``slurm`` (a YAML path) and ``dask_spec``
+    (``local[:N]``) that is given; None (run in this process) when none is."""
+    if scheduler:
+        return scheduler_client(scheduler)
+    if slurm:
+        return slurm_client(SlurmConfig.from_yaml(slurm))
+    if dask_spec:
+        return local_client(parse_local(dask_spec))
+    return None

@@ -150,7 +150,7 @@ class EvidencePolygons:
         self._final = []
 
     def _batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(class indices, polygons) in spooled batches, then what was not spooled yet."""
+        """(class indices, polygons) read back from the spool in batches (everything is flushed first)."""
         self._flush()
         if self._spool is not None:
             self._spool.seek(0)

@@ -109,7 +109,7 @@ class EvidenceStore:
         label_group = self.root.create_group("labels").create_group(LABEL_NAME)
         self._image = [_create(self.root, str(i), (1, *s), (1, chunk, chunk), "uint8") for i, s in enumerate(self.shapes)]
         self._labels = [_create(label_group, str(i), (1, *s), (1, chunk, chunk), "uint8") for i, s in enumerate(self.shapes)]
-        self._chunks: list[set[tuple[int, int]]] = [set() for _ in self.shapes]  # non-empty chunks per level
+        self._chunks: list[set[tuple[int, int]]] = [set() for _ in self.shapes]  # non-empty chunks not yet downsampled
         self._complete = [0 for _ in self.shapes]  # chunk rows final per level
         self._patched: set[tuple[int, int]] = set()
 
@@ -136,6 +136,7 @@ class EvidenceStore:
                 break
             first = 2 * self._complete[level]
             children = {(cy, cx) for cy, cx in self._chunks[level - 1] if first <= cy < 2 * ready}
+            self._chunks[level - 1] -= children  # used up: the sets stay as small as a few rows
             self._chunks[level] |= self._downsample(level, children)
             self._complete[level] = ready
 
