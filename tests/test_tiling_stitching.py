@@ -65,8 +65,10 @@ class _Collect:
         self.labels[y : y + h, x : x + w] = labels
 
 
-@pytest.mark.parametrize("downsample,out_scale,overlap", [(2.0, 1.0, 0), (2.0, 1.0, 16), (1.002, 1.0, 0), (2.0, 0.25, 8)])
-def test_stitcher_matches_dense_reference(downsample, out_scale, overlap, tmp_path):
+@pytest.mark.parametrize("downsample,out_scale,overlap,tracers",
+                         [(2.0, 1.0, 0, 0), (2.0, 1.0, 16, 0), (1.002, 1.0, 0, 0), (2.0, 0.25, 8, 0), (2.0, 1.0, 16, 2)])
+def test_stitcher_matches_dense_reference(downsample, out_scale, overlap, tracers, tmp_path):
+    """Against a dense canvas: in-thread tracing, and tracing in 2 worker processes (the default from 8 cores)."""
     rng = np.random.default_rng(0)
     tile = 64
     width0, height0 = 700, 500
@@ -75,12 +77,12 @@ def test_stitcher_matches_dense_reference(downsample, out_scale, overlap, tmp_pa
                       mpp=0.5, tile_size=tile)
     out_shape = (round(height0 * out_scale), round(width0 * out_scale))
     writer = _Collect(out_shape, chunk=96)
-    stitcher = EvidenceStitcher(grid, writer, block=40, spool_dir=tmp_path)
+    stitcher = EvidenceStitcher(grid, writer, block=40, spool_dir=tmp_path, threads=2, tracers=tracers, trace_blocks=3)
     stitcher.polygons.flush_every = 16  # small batches: final polygons go through the spool file
 
     ch, cw = grid.canvas_shape
     total = np.zeros((ch, cw)); weight = np.zeros((ch, cw)); label = np.zeros((ch, cw), np.uint8)
-    score = np.full((ch, cw), -1.0)
+    score = np.zeros((ch, cw))
     for i in range(len(grid)):
         soft = rng.random((tile, tile)).astype(np.float32)
         cls, conf = int(rng.integers(3)), float(rng.random())
@@ -88,10 +90,11 @@ def test_stitcher_matches_dense_reference(downsample, out_scale, overlap, tmp_pa
         x, y = grid.xy_canvas(i)
         sl = (slice(y, y + tile), slice(x, x + tile))
         total[sl] += soft; weight[sl] += 1
-        conf16 = float(np.float16(conf))
-        better = score[sl] < conf16
-        label[sl] = np.where(better, cls + 1, label[sl]); score[sl] = np.where(better, conf16, score[sl])
+        conf_q = 1 + round(conf * 65534)  # the stitcher keeps confidences as uint16
+        better = score[sl] < conf_q
+        label[sl] = np.where(better, cls + 1, label[sl]); score[sl] = np.where(better, conf_q, score[sl])
     stitcher.finish()
+    assert writer.complete == -(-out_shape[0] // writer.chunk), "every chunk row is announced complete"
 
     mean = np.divide(total, weight, out=np.zeros_like(total), where=weight > 0)
     fy = height0 / out_shape[0] / downsample

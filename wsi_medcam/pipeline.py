@@ -202,8 +202,9 @@ def process_slide(
     top: list[list[tuple[float, int]]] = [[] for _ in class_names]  # per class: K (confidence, tile) heaps
     batch_size = cfg.inference.batch_size or default_batch_size(models.predictor.device)
     workers = default_workers(models.predictor.device) if cfg.inference.workers is None else cfg.inference.workers
+    workers = min(workers, max(0, len(grid) // batch_size))  # no idle readers on a small slide
     loader = make_loader(TileDataset(ref, grid, tolerance=cfg.slide.level_tolerance), batch_size=batch_size,
-                         workers=min(workers, max(0, len(grid) // batch_size)),
+                         workers=workers,
                          pin_memory=models.predictor.device.type == "cuda")
     done = 0
     with timer.stage("inference+stitching"), TileWriter(
@@ -235,9 +236,13 @@ def process_slide(
             if progress:
                 progress(path.name, done, len(grid))
 
-        consume_behind(models.predictor.run(loader if len(grid) else []), consume)
-        if stitcher is not None:
-            stitcher.finish()
+        try:
+            consume_behind(models.predictor.run(loader if len(grid) else []), consume)
+            if stitcher is not None:
+                stitcher.finish()
+        finally:
+            if stitcher is not None:
+                stitcher.close()
     refined = 0
     if refine and stitcher is not None:
         with timer.stage("refine"):

@@ -6,14 +6,23 @@ label comes from the most confident tile. As soon as no later tile can touch a b
 output chunks covering it are resampled (nearest) to the output resolution and handed to the
 writer, the band is traced into evidence polygons, and its blocks are freed. Memory therefore
 depends on the slide's *width* in tissue blocks, never on its area, and no level-0 canvas exists.
+
+Chunk resampling and writing (numpy and zarr compression, which release the GIL) run on a small
+thread pool and the pyramid on its own thread, a few chunk rows behind; tracing (GDAL's polygonize
+holds the GIL) runs in worker processes on many-core machines. The stitching thread then only
+accumulates, so on a GPU node it keeps up with the models.
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import struct
 import tempfile
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
@@ -21,6 +30,8 @@ from typing import IO, Protocol
 import numpy as np
 import shapely
 from rasterio import features
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from shapely.geometry import Polygon, box
 from shapely.geometry.base import BaseGeometry
 from shapely.ops import unary_union
@@ -47,7 +58,7 @@ class _Block:
     total: np.ndarray  # summed soft evidence
     weight: np.ndarray  # number of tiles that covered each pixel
     label: np.ndarray  # class index + 1 of the most confident covering tile
-    score: np.ndarray  # that tile's confidence
+    score: np.ndarray  # that tile's confidence as 1 + round(confidence · 65534); 0: no tile yet
 
     @classmethod
     def empty(cls, size: int) -> "_Block":
@@ -55,7 +66,7 @@ class _Block:
             np.zeros((size, size), np.float32),
             np.zeros((size, size), np.uint16),
             np.zeros((size, size), np.uint8),
-            np.full((size, size), -1.0, np.float16),
+            np.zeros((size, size), np.uint16),  # integer compares: float16 ones are emulated, 3× slower
         )
 
 
@@ -64,15 +75,19 @@ def _polygon_parts(geom: BaseGeometry) -> list[Polygon]:
     return [g for g in getattr(geom, "geoms", [geom]) if isinstance(g, Polygon) and not g.is_empty]
 
 
-def _trace(label: np.ndarray, x0: int, y0: int, scale: float) -> Iterator[tuple[int, Polygon, bool]]:
-    """(value, polygon in level-0 px, touches the array's border) for each 4-connected region of
+def _trace(label: np.ndarray, x0: int, y0: int, scale: float, *, open_left: bool = True,
+           open_right: bool = True) -> Iterator[tuple[int, Polygon, bool]]:
+    """(value, polygon in level-0 px, may continue beyond the array) for each 4-connected region of
     non-zero ``label``, whose pixel (0, 0) lies at canvas px (``x0``, ``y0``); ``scale`` is level-0
-    px per canvas px."""
+    px per canvas px. A region may continue where it touches the top or bottom edge, and the left or
+    right edge unless ``open_left`` / ``open_right`` says nothing lies beyond it."""
     h, w = label.shape
     offset = np.array([x0, y0], np.float64)
     for geom, value in features.shapes(label, mask=label > 0, connectivity=4):
         shell = np.asarray(geom["coordinates"][0], np.float64)
-        on_border = bool(shell.min() <= 0 or shell[:, 0].max() >= w or shell[:, 1].max() >= h)
+        xs, ys = shell[:, 0], shell[:, 1]
+        on_border = bool(ys.min() <= 0 or ys.max() >= h or (open_left and xs.min() <= 0)
+                         or (open_right and xs.max() >= w))
         rings = [(np.asarray(r, np.float64) + offset) * scale for r in geom["coordinates"]]
         yield int(value), Polygon(rings[0], rings[1:]), on_border
 
@@ -108,7 +123,7 @@ class EvidencePolygons:
     def close_rows(self, y: float) -> None:
         """Nothing traced from now on lies above ``y`` (level-0 px): finalise what cannot grow."""
         for class_index, pieces in list(self.open.items()):
-            merged = np.array(_polygon_parts(unary_union(pieces)), dtype=object)
+            merged = _merge_touching(np.array(pieces, dtype=object))
             reaches = shapely.bounds(merged)[:, 3] >= y - 1e-6 if len(merged) else np.zeros(0, bool)
             self._finalise([(class_index, g) for g in merged[~reaches]])
             self.open[class_index] = list(merged[reaches])
@@ -168,6 +183,22 @@ class EvidencePolygons:
             self._spool = None
 
 
+def _merge_touching(pieces: np.ndarray) -> np.ndarray:
+    """Polygons of ``pieces`` with every group of touching pieces dissolved into one; only groups
+    are unioned (a union of all pieces at once costs far more when most touch nothing)."""
+    if len(pieces) < 2:
+        return pieces
+    left, right = shapely.STRtree(pieces).query(pieces, predicate="intersects")
+    n = len(pieces)
+    _, group = connected_components(coo_matrix((np.ones(len(left)), (left, right)), shape=(n, n)), directed=False)
+    order = np.argsort(group, kind="stable")
+    starts = np.flatnonzero(np.diff(group[order], prepend=-1))
+    out: list[Polygon] = []
+    for members in np.split(order, starts[1:]):
+        out.extend([pieces[members[0]]] if len(members) == 1 else _polygon_parts(unary_union(pieces[members])))
+    return np.array(out, dtype=object)
+
+
 def _finished(classes: np.ndarray, geoms: np.ndarray, simplify_px: float,
               clip: Polygon | None) -> Iterator[tuple[int, Polygon]]:
     """Simplify (level-0 px) and clip a batch of final polygons; one (class, polygon) per part."""
@@ -191,12 +222,28 @@ class EvidenceStitcher:
     writer : destination of level-0 output chunks; its ``shape`` is the output level 0 (rows, cols)
         covering the slide's level-0 extent at any resolution.
     block : accumulator block edge, canvas px.
+    spool_dir : where final polygons are spooled (see :class:`EvidencePolygons`).
+    threads : chunk writer threads (default: a quarter of the CPU cores, at least 1).
+    tracers : tracing processes (default: a quarter of the CPU cores from 8 cores on, else none:
+        on fewer cores they would take time from the models).
+    trace_blocks : blocks traced together, side by side (fewer, wider traces mean fewer polygon
+        pieces to merge across block borders; the width bounds the tracing memory).
     """
 
-    def __init__(self, grid: TileGrid, writer: ChunkWriter, *, block: int = 256, spool_dir: Path | None = None):
+    def __init__(self, grid: TileGrid, writer: ChunkWriter, *, block: int = 256, spool_dir: Path | None = None,
+                 threads: int | None = None, tracers: int | None = None, trace_blocks: int = 16):
         self.grid = grid
         self.writer = writer
         self.block = block
+        self.trace_blocks = trace_blocks
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(threads or max(1, cores // 4), thread_name_prefix="wsi-medcam-chunks")
+        self._pyramid = ThreadPoolExecutor(1, thread_name_prefix="wsi-medcam-pyramid")  # rows in order
+        self._pyramid_jobs: deque[Future[None]] = deque()
+        tracers = (cores // 4 if cores >= 8 else 0) if tracers is None else tracers
+        self._tracers = ProcessPoolExecutor(tracers, mp_context=multiprocessing.get_context("forkserver")) if tracers else None
+        self._traces_in_flight: deque[tuple[int, list[Future[_Traced]]]] = deque()
+        self._rows_in_flight: deque[tuple[int, list[Future[bool]]]] = deque()
         width0, height0 = grid.slide_dimensions
         out_h, out_w = writer.shape
         # canvas px per output px, per axis
@@ -215,6 +262,7 @@ class EvidenceStitcher:
         self._flush(before_canvas_row=y0)
         b = self.block
         size = soft.shape[0]
+        score = 1 + round(confidence * 65534)
         for by in range(y0 // b, (y0 + size - 1) // b + 1):
             for bx in range(x0 // b, (x0 + size - 1) // b + 1):
                 blk = self._blocks.get((by, bx))
@@ -226,13 +274,26 @@ class EvidenceStitcher:
                 src = soft[ys - y0 : ye - y0, xs - x0 : xe - x0]
                 blk.total[dst] += src
                 blk.weight[dst] += 1
-                better = blk.score[dst] < confidence
+                better = blk.score[dst] < score
                 blk.label[dst] = np.where(better, class_index + 1, blk.label[dst])
-                blk.score[dst] = np.where(better, confidence, blk.score[dst])
+                blk.score[dst] = np.where(better, score, blk.score[dst])
 
     def finish(self) -> None:
-        """Flush everything left; call once after the last tile."""
+        """Flush everything left and wait for the chunk writers; call once after the last tile."""
         self._flush(before_canvas_row=math.inf)
+        self._announce_rows(wait_until=0)
+        self._collect_traces(wait_until=0)
+        self._pyramid.shutdown(wait=True)
+        while self._pyramid_jobs:
+            self._pyramid_jobs.popleft().result()
+        self.close()
+
+    def close(self) -> None:
+        """Stop the writer threads (after :meth:`finish`, or when a slide is abandoned)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pyramid.shutdown(wait=True, cancel_futures=True)
+        if self._tracers is not None:
+            self._tracers.shutdown(wait=True, cancel_futures=True)
 
     def replace(self, i: int, soft: np.ndarray, class_index: int) -> None:
         """After :meth:`finish`: overwrite tile ``i``'s footprint with a new soft mask (e.g. refined
@@ -258,14 +319,17 @@ class EvidenceStitcher:
         self.polygons.replace_region(box(x0 * ds, y0 * ds, (x0 + size) * ds, (y0 + size) * ds), class_index, polys)
 
     # -- reading the accumulator ----------------------------------------------------------------
-    def _canvas(self, y0: int, y1: int, x0: int, x1: int) -> tuple[np.ndarray, np.ndarray]:
-        """Mean soft evidence and hard labels on canvas rows [y0, y1) × cols [x0, x1)."""
+    def _canvas(self, y0: int, y1: int, x0: int, x1: int,
+                blocks: dict[tuple[int, int], _Block] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Mean soft evidence and hard labels on canvas rows [y0, y1) × cols [x0, x1), from
+        ``blocks`` (default: the live accumulator)."""
         b = self.block
+        blocks = self._blocks if blocks is None else blocks
         soft = np.zeros((y1 - y0, x1 - x0), np.float32)
         label = np.zeros((y1 - y0, x1 - x0), np.uint8)
         for by in range(y0 // b, (y1 - 1) // b + 1):
             for bx in range(x0 // b, (x1 - 1) // b + 1):
-                blk = self._blocks.get((by, bx))
+                blk = blocks.get((by, bx))
                 if blk is None:
                     continue
                 ys, ye = max(y0, by * b), min(y1, (by + 1) * b)
@@ -287,9 +351,10 @@ class EvidenceStitcher:
             y_end = min((self._next_chunk_row + 1) * chunk, out_h)
             if math.floor((y_end - 0.5) * self._fy) >= before_canvas_row:
                 break
-            self._write_chunk_row(self._next_chunk_row * chunk, y_end, out_w, chunk)
+            futures = self._write_chunk_row(self._next_chunk_row * chunk, y_end, out_w, chunk)
             self._next_chunk_row += 1
-            self.writer.rows_complete(self._next_chunk_row)
+            self._rows_in_flight.append((self._next_chunk_row, futures))
+        self._announce_rows(wait_until=2)
         b = self.block
         while (self._next_trace_row + 1) * b <= before_canvas_row and self._has_rows_from(self._next_trace_row):
             self._trace_block_row(self._next_trace_row)
@@ -298,6 +363,7 @@ class EvidenceStitcher:
             while self._has_rows_from(self._next_trace_row):
                 self._trace_block_row(self._next_trace_row)
                 self._next_trace_row += 1
+        self._collect_traces(wait_until=4)
         # blocks are needed while untraced or while an unwritten chunk row still samples them
         needed_from = math.floor((self._next_chunk_row * chunk + 0.5) * self._fy) // b
         keep_from = min(self._next_trace_row, needed_from)
@@ -307,34 +373,101 @@ class EvidenceStitcher:
     def _has_rows_from(self, block_row: int) -> bool:
         return any(k[0] >= block_row for k in self._blocks)
 
-    def _write_chunk_row(self, y0: int, y1: int, out_w: int, chunk: int) -> None:
+    def _announce_rows(self, wait_until: int) -> None:
+        """Tell the writer which chunk rows are final, in order, on the pyramid thread: those whose
+        chunks are all written, waiting for the oldest while more than ``wait_until`` rows are in
+        flight (bounded memory). A writer thread's error is raised here."""
+        while self._rows_in_flight:
+            rows, futures = self._rows_in_flight[0]
+            if len(self._rows_in_flight) <= wait_until and not all(f.done() for f in futures):
+                break
+            self.chunks_written += sum(f.result() for f in futures)
+            self._rows_in_flight.popleft()
+            while self._pyramid_jobs and self._pyramid_jobs[0].done():
+                self._pyramid_jobs.popleft().result()
+            self._pyramid_jobs.append(self._pyramid.submit(self.writer.rows_complete, rows))
+
+    def _write_chunk_row(self, y0: int, y1: int, out_w: int, chunk: int) -> list[Future[bool]]:
+        """Queue the chunks of output rows [y0, y1) that tiles touched on the writer threads, each
+        with the blocks it samples (they stay alive for it after the accumulator drops them)."""
         rows = np.floor((np.arange(y0, y1) + 0.5) * self._fy).astype(np.int64)
         b = self.block
-        block_rows = set(range(rows[0] // b, rows[-1] // b + 1))
-        block_cols = sorted({k[1] for k in self._blocks if k[0] in block_rows})
-        if not block_cols:
-            return
-        for x0 in range(0, out_w, chunk):
+        block_rows = range(rows[0] // b, rows[-1] // b + 1)
+        blocks = {k: blk for k, blk in self._blocks.items() if k[0] in block_rows}
+        block_cols = sorted({k[1] for k in blocks})
+        futures = []
+        for x0 in range(0, out_w, chunk) if block_cols else ():
             x1 = min(x0 + chunk, out_w)
             cols = np.floor((np.arange(x0, x1) + 0.5) * self._fx).astype(np.int64)
-            if not any(cols[0] // b <= c <= cols[-1] // b for c in block_cols):
-                continue
-            soft, label = self._canvas(rows[0], rows[-1] + 1, cols[0], cols[-1] + 1)
-            if not soft.any():
-                continue
-            evidence = np.rint(soft * 255).astype(np.uint8)  # quantise on the canvas, then resample
-            r, c = rows - rows[0], cols - cols[0]
-            self.writer.write(y0, x0, evidence.take(r, 0).take(c, 1), label.take(r, 0).take(c, 1))
-            self.chunks_written += 1
+            if any(cols[0] // b <= c <= cols[-1] // b for c in block_cols):
+                futures.append(self._pool.submit(self._write_chunk, blocks, rows, cols, y0, x0))
+        return futures
+
+    def _write_chunk(self, blocks: dict[tuple[int, int], _Block], rows: np.ndarray, cols: np.ndarray,
+                     y0: int, x0: int) -> bool:
+        """Resample one output chunk from the canvas (nearest) and write it; False if it is empty."""
+        soft, label = self._canvas(rows[0], rows[-1] + 1, cols[0], cols[-1] + 1, blocks)
+        if not soft.any():
+            return False
+        evidence = np.rint(soft * 255).astype(np.uint8)  # quantise on the canvas, then resample
+        r, c = rows - rows[0], cols - cols[0]
+        self.writer.write(y0, x0, evidence.take(r, 0).take(c, 1), label.take(r, 0).take(c, 1))
+        return True
 
     def _trace_block_row(self, block_row: int) -> None:
-        """Polygons of the hard mask in one block row, per class, moved to level-0 px."""
+        """Queue the tracing of the hard mask in one block row. Side-by-side blocks are traced
+        together (up to ``trace_blocks``), so only pieces cut by a row edge or a span's cut edge are
+        left to merge."""
         b = self.block
-        ds = self.grid.downsample
-        for by, bx in sorted(k for k in self._blocks if k[0] == block_row):
-            _, label = self._canvas(by * b, (by + 1) * b, bx * b, (bx + 1) * b)
+        jobs = []
+        for start, stop, open_left, open_right in _spans(sorted(k[1] for k in self._blocks if k[0] == block_row),
+                                                         self.trace_blocks):
+            _, label = self._canvas(block_row * b, (block_row + 1) * b, start * b, stop * b)
             if not label.any():
                 continue
-            for value, poly, on_border in _trace(label, bx * b, by * b, ds):
-                self.polygons.add(value - 1, poly, on_border=on_border)
-        self.polygons.close_rows((block_row + 1) * b * ds)
+            args = (label, start * b, block_row * b, self.grid.downsample, open_left, open_right)
+            if self._tracers is not None:
+                jobs.append(self._tracers.submit(_trace_wkb, *args))
+            else:
+                jobs.append(Future())
+                jobs[-1].set_result(_trace_wkb(*args))
+        self._traces_in_flight.append((block_row, jobs))
+
+    def _collect_traces(self, wait_until: int) -> None:
+        """Add traced polygons per class and close their rows, in row order: every row whose spans
+        are traced, waiting for the oldest while more than ``wait_until`` rows are in flight."""
+        b, ds = self.block, self.grid.downsample
+        while self._traces_in_flight:
+            block_row, jobs = self._traces_in_flight[0]
+            if len(self._traces_in_flight) <= wait_until and not all(j.done() for j in jobs):
+                break
+            self._traces_in_flight.popleft()
+            for values, wkbs, on_border in (j.result() for j in jobs):
+                for value, poly, open_piece in zip(values, shapely.from_wkb(wkbs), on_border):
+                    self.polygons.add(int(value) - 1, poly, on_border=bool(open_piece))
+            self.polygons.close_rows((block_row + 1) * b * ds)
+
+
+_Traced = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""Per traced region: label values, polygons as WKB, may continue beyond the traced span."""
+
+
+def _trace_wkb(label: np.ndarray, x0: int, y0: int, scale: float, open_left: bool, open_right: bool) -> _Traced:
+    """:func:`_trace` of one span, as arrays that cross process boundaries cheaply."""
+    traced = list(_trace(label, x0, y0, scale, open_left=open_left, open_right=open_right))
+    return (np.array([v for v, _, _ in traced], np.int64),
+            shapely.to_wkb(np.array([p for _, p, _ in traced], dtype=object)),
+            np.array([o for _, _, o in traced], bool))
+
+
+def _spans(columns: list[int], most: int) -> Iterator[tuple[int, int, bool, bool]]:
+    """(start, stop, open_left, open_right) for runs of consecutive block ``columns`` (sorted), cut
+    every ``most`` blocks; a side is open where the run was cut there (a neighbour block exists)."""
+    i = 0
+    while i < len(columns):
+        j = i + 1
+        while j < len(columns) and j - i < most and columns[j] == columns[j - 1] + 1:
+            j += 1
+        yield (columns[i], columns[j - 1] + 1, i > 0 and columns[i - 1] == columns[i] - 1,
+               j < len(columns) and columns[j] == columns[j - 1] + 1)
+        i = j

@@ -10,6 +10,7 @@ background chunks are neither read nor written. Metadata goes through ome-zarr-p
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ def _create(group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[
         fill_value=0,
         compressors=_compressor(dtype),
         chunk_key_encoding={"name": "v2", "separator": "/"},
+        config={"write_empty_chunks": True},  # callers skip empty chunks themselves, zarr need not compare
     )
 
 
@@ -69,9 +71,10 @@ def pyramid_shapes(shape: tuple[int, int], min_size: int) -> list[tuple[int, int
 def _halve_mean(block: np.ndarray) -> np.ndarray:
     """2×2 area mean; an odd trailing row/column is averaged with itself."""
     h, w = block.shape
-    padded = np.pad(block.astype(np.uint16), ((0, h % 2), (0, w % 2)), mode="edge")
-    total = padded[0::2, 0::2] + padded[1::2, 0::2] + padded[0::2, 1::2] + padded[1::2, 1::2]
-    return ((total + 2) // 4).astype(np.uint8)
+    if h % 2 or w % 2:
+        block = np.pad(block, ((0, h % 2), (0, w % 2)), mode="edge")
+    b = block.astype(np.uint16)  # four strided adds: several times faster than a reshaped sum
+    return ((b[0::2, 0::2] + b[1::2, 0::2] + b[0::2, 1::2] + b[1::2, 1::2] + 2) >> 2).astype(np.uint8)
 
 
 def _halve_nearest(block: np.ndarray) -> np.ndarray:
@@ -112,6 +115,7 @@ class EvidenceStore:
         self._chunks: list[set[tuple[int, int]]] = [set() for _ in self.shapes]  # non-empty chunks not yet downsampled
         self._complete = [0 for _ in self.shapes]  # chunk rows final per level
         self._patched: set[tuple[int, int]] = set()
+        self._lock = threading.Lock()
 
     def write(self, y: int, x: int, evidence: np.ndarray, labels: np.ndarray) -> None:
         """Store one chunk-aligned level-0 block."""
@@ -119,8 +123,10 @@ class EvidenceStore:
             raise ValueError(f"write at ({y}, {x}) is not aligned to chunks of {self.chunk}")
         h, w = evidence.shape
         self._image[0][0, y : y + h, x : x + w] = evidence
-        self._labels[0][0, y : y + h, x : x + w] = labels
-        self._chunks[0].add((y // self.chunk, x // self.chunk))
+        if labels.any():
+            self._labels[0][0, y : y + h, x : x + w] = labels
+        with self._lock:  # chunk writer threads
+            self._chunks[0].add((y // self.chunk, x // self.chunk))
 
     def rows_complete(self, rows: int) -> None:
         """Level-0 chunk rows ``[0, rows)`` are final: build every pyramid row that depends only on
@@ -135,8 +141,9 @@ class EvidenceStore:
             if ready <= self._complete[level]:
                 break
             first = 2 * self._complete[level]
-            children = {(cy, cx) for cy, cx in self._chunks[level - 1] if first <= cy < 2 * ready}
-            self._chunks[level - 1] -= children  # used up: the sets stay as small as a few rows
+            with self._lock:
+                children = {(cy, cx) for cy, cx in self._chunks[level - 1] if first <= cy < 2 * ready}
+                self._chunks[level - 1] -= children  # used up: the sets stay as small as a few rows
             self._chunks[level] |= self._downsample(level, children)
             self._complete[level] = ready
 
@@ -197,7 +204,8 @@ class EvidenceStore:
                 continue
             eh, ew = evidence.shape
             self._image[level][0, y0 : y0 + eh, x0 : x0 + ew] = evidence
-            self._labels[level][0, y0 : y0 + eh, x0 : x0 + ew] = labels
+            if keep_empty or labels.any():
+                self._labels[level][0, y0 : y0 + eh, x0 : x0 + ew] = labels
             done.add((cy, cx))
         return done
 
