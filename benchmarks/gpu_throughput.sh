@@ -1,36 +1,60 @@
 #!/usr/bin/env bash
-# The GPU figures of benchmarks/throughput.py, on a machine with python3 + torch + CUDA and no
-# network (the wheels it lacks come from benchmarks/gpu_wheels.sh, carried in .whl/). From the
-# repository root:   bash benchmarks/gpu_throughput.sh [OUTDIR]   (about 6 minutes on one H100)
-# Writes gpu.txt (nvidia-smi), one throughput-bN.json per batch size, and the logs into OUTDIR.
-set -euo pipefail
+# The GPU figures of issue #4, on a machine with python3 + torch + CUDA and no network. The wheels it
+# lacks and the source H&E slide come from benchmarks/gpu_wheels.sh, carried in .whl/. From the
+# repository root:   bash benchmarks/gpu_throughput.sh [OUTDIR]   (about 8 minutes on one H100)
+# 1. a 32k² slide at 0.25 µm/px (~2.7k tissue tiles at 0.5 µm/px), a resnet18 classifier and a
+#    briefly trained Med-CAM U-Net/resnet18 (so masks have Med-CAM's structure, not speckle);
+# 2. benchmarks/throughput.py on it: batch 256 with the default readers (+ the models-stubbed
+#    ceiling), batch 512 with 12 readers;
+# 3. a 100k² slide at 0.5 µm/px (~100k tissue tiles) through the whole pipeline: tiles/s, stages, RSS.
+# Each step's JSON and log land in OUTDIR as soon as it ends; a failed step does not stop the rest.
+# A dry run on a CPU machine: DEVICE=cpu SMALL=4096 BIG=8192 STEPS=2 WHEELS=no bash benchmarks/gpu_throughput.sh /tmp/o
+set -uo pipefail
 out=${1:-${OUT:-gpu-bench}}
 mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-nproc | sed 's/^/cpu cores: /' | tee -a "$out/gpu.txt"
+log="$out/log.txt"
+device=${DEVICE:-cuda} small=${SMALL:-32768} big=${BIG:-100000} steps=${STEPS:-100}
+site=/tmp/site
+if [ "${WHEELS:-yes}" = yes ]; then
+  python3 - "$site" .whl/*.whl <<'PY'  # wheels are zip files: unpacking them in parallel takes seconds, pip a minute
+import sys, zipfile
+from concurrent.futures import ThreadPoolExecutor
+with ThreadPoolExecutor(8) as pool:
+    list(pool.map(lambda w: zipfile.ZipFile(w).extractall(sys.argv[1]), sys.argv[2:]))
+PY
+  export PYTHONPATH="$site:$PWD"
+fi
+export PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; echo "cpu cores: $(nproc)"; } | tee "$out/gpu.txt"
 work=/tmp/wsi-medcam-gpu
 mkdir -p "$work"
-# a 32k² slide of real H&E pixels (about 2.7k tissue tiles at 0.5 µm/px)
-python3 benchmarks/make_slide.py --width 32768 --height 32768 --mpp 0.25 -o "$work/slide.tif" 2>&1 | tee "$out/log.txt"
-python3 - "$work" <<'PY' 2>&1 | tee -a "$out/log.txt"
+source=.whl/CMU-1-Small-Region.svs
+summary='import json,sys; d=json.load(open(sys.argv[1])); c=d.get("ceiling_tiles_per_s") or {}
+print(sys.argv[1], d["gpu"], d["precision"], "batch", d["batch_size"], "readers", d["workers"], "tiles", d["tiles"],
+      "bare", {k: round(v) for k, v in d["bare_tiles_per_s"].items()}, "pipeline", round(d["pipeline_tiles_per_s"]),
+      "ratio", round(d["ratio_pipeline_to_bare"], 3), "stage ratio", round(d["ratio_inference_stage_to_bare"], 3),
+      "ceiling", round(c.get("whole_run", 0)), "stages", d["stage_seconds"], "peak RSS MiB", d["peak_rss_mib"])'
+step() {  # run "$@" with stderr into the log, then say how long it took and whether it failed
+  echo "== $*" >>"$log"; local start=$SECONDS rc=0
+  "$@" 2>>"$log" || rc=$?
+  echo "   $((SECONDS - start)) s, exit $rc" | tee -a "$log" >&2
+}
+step python3 benchmarks/make_slide.py --source "$source" --width "$small" --height "$small" --mpp 0.25 -o "$work/slide.tif" >>"$log"
+python3 - "$work" <<'PY' >>"$log" 2>&1
 import sys
 from pathlib import Path
-
 import torch
-
 from wsi_medcam.bundles import ClassifierConfig, import_classifier
-
 torch.manual_seed(0)
 import_classifier(ClassifierConfig(arch="resnet18", class_names=["tumor", "stroma", "other"], mpp=0.5, tile_size=224),
                   Path(sys.argv[1]) / "clf")
 PY
-# a briefly trained Med-CAM segmenter, so masks have Med-CAM's structure (an untrained one gives speckle)
-python3 -m wsi_medcam.cli train-cam --classifier "$work/clf" --slides "$work/slide.tif" --steps 150 --batch-size 32 \
-  -o "$work/cam" 2>&1 | tail -3 | tee -a "$out/log.txt"
-for batch in 128 256 512; do
-  python3 benchmarks/throughput.py "$work/slide.tif" --classifier "$work/clf" --segmenter "$work/cam/segmenter" \
-    --device cuda --batch-size "$batch" --repeats 2 --bare-seconds 10 --json > "$out/throughput-b$batch.json"
-  python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1], d['gpu'], d['precision'], 'batch', d['batch_size'], 'readers', d['workers'], 'bare', d['bare_tiles_per_s'], 'pipeline', round(d['pipeline_tiles_per_s'], 1), 'ratio', round(d['ratio_pipeline_to_bare'], 3), 'stage ratio', round(d['ratio_inference_stage_to_bare'], 3))" "$out/throughput-b$batch.json" | tee -a "$out/log.txt"
-done
+step python3 -m wsi_medcam.cli train-cam --classifier "$work/clf" --slides "$work/slide.tif" --steps "$steps" --batch-size 32 -o "$work/cam"
+models=(--classifier "$work/clf" --segmenter "$work/cam/segmenter" --device "$device")
+step python3 benchmarks/throughput.py "$work/slide.tif" "${models[@]}" --batch-size 256 --repeats 2 --bare-seconds 8 --ceiling --json \
+  > "$out/throughput-b256.json" && python3 -c "$summary" "$out/throughput-b256.json" | tee -a "$log"
+step python3 benchmarks/throughput.py "$work/slide.tif" "${models[@]}" --batch-size 512 --workers 12 --repeats 1 --bare-seconds 6 --json \
+  > "$out/throughput-b512-r12.json" && python3 -c "$summary" "$out/throughput-b512-r12.json" | tee -a "$log"
+step timeout 120 python3 benchmarks/make_slide.py --source "$source" --width "$big" --height "$big" --mpp 0.5 -o "$work/big.tif" >>"$log"
+step timeout 280 python3 benchmarks/throughput.py "$work/big.tif" "${models[@]}" --batch-size 256 --repeats 1 --bare-seconds 2 --json \
+  > "$out/throughput-100k-tiles.json" && python3 -c "$summary" "$out/throughput-100k-tiles.json" | tee -a "$log"

@@ -3,7 +3,8 @@
 # Python 3.12. Its image already has torch, torchvision, timm, numpy, pillow, tifffile, scikit-image,
 # scipy, safetensors, pyyaml, typer, rich, psutil, fsspec, toolz, cloudpickle, msgpack, click and
 # jinja2; tiffslide/imagecodecs (the fallback reader) are left out to stay under the 64 MiB a call
-# may carry. Then: echo /.whl/ >> .git/info/exclude, and carry .whl to benchmarks/gpu_throughput.sh.
+# may carry. The shared CMU-1-Small-Region.svs goes along (../shared does not travel) as make_slide.py's
+# source. Then: echo /.whl/ >> .git/info/exclude, and carry .whl to benchmarks/gpu_throughput.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 wheels=(  # the versions CI installs (pip list of .ci-venv)
@@ -18,4 +19,5 @@ wheels=(  # the versions CI installs (pip list of .ci-venv)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "${wheels[@]}"
+cp "$(dirname "$0")/../../shared/data/slides/CMU-1-Small-Region.svs" .whl/  # the H&E source of make_slide.py
 du -sh .whl

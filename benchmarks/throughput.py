@@ -8,6 +8,11 @@ device and precision; (b) the full ``run`` pipeline on the slide (reading, tissu
 inference, stitching, pyramid, GeoJSON, reports). The two alternate ``--repeats`` times, so a
 shared machine's drifting load hits both; prints the median tiles/s of each, the ratio pipeline ÷
 bare models, time per stage and peak RSS (this process and its reader processes).
+
+``--ceiling`` adds (c): the pipeline once more with the models replaced by a stub that replays, at
+no cost, the models' outputs for the slide's first real batch (so masks and polygons are the real
+ones), so the figure is what reading, stitching, tracing and writing alone allow: the pipeline can
+never be faster than that.
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from wsi_medcam.config import RunConfig
@@ -52,6 +60,54 @@ def peak_rss_mib() -> dict[str, float]:
             "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
 
+Outputs = tuple[np.ndarray, "np.ndarray | None", dict[str, np.ndarray]]
+
+
+@contextmanager
+def first_batch_outputs(predictor: Predictor) -> Iterator[dict[str, Outputs]]:
+    """While open, ``predictor`` keeps its outputs for the first batch it sees (in the dict)."""
+    captured: dict[str, Outputs] = {}
+    real_predict = predictor.predict
+
+    def predict(batch: torch.Tensor) -> Outputs:
+        out = real_predict(batch)
+        captured.setdefault("outputs", out)
+        return out
+
+    predictor.predict = predict
+    try:
+        yield captured
+    finally:
+        predictor.predict = real_predict
+
+
+def measure_ceiling(slide: Path, cfg: RunConfig, models, outputs: Outputs) -> dict[str, float]:  # noqa: ANN001
+    """Tiles/s of the pipeline when each batch costs nothing on the models: the predictor replays
+    ``outputs`` (real ones, so masks and polygons are realistic), tiled to each batch's length."""
+    probs, soft, kept = outputs
+    real_predict = models.predictor.predict
+
+    def stub(batch: torch.Tensor):  # noqa: ANN202
+        n = len(batch)
+        reps = -(-n // len(probs))
+        return (np.tile(probs, (reps, 1))[:n], None if soft is None else np.tile(soft, (reps, 1, 1))[:n],
+                {f: np.tile(v, reps)[:n] for f, v in kept.items()})
+
+    models.predictor.predict = stub
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            result = run_slide(slide, Path(tmp) / "out", cfg, models)
+            wall = time.perf_counter() - start
+    finally:
+        models.predictor.predict = real_predict
+    if result.status != "done":
+        sys.exit(f"pipeline failed: {result.reason}")
+    return {"whole_run": result.tiles / wall,
+            "inference_stage": result.tiles / result.report["timings_s"]["inference+stitching"],
+            "stage_seconds": result.report["timings_s"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("slide", type=Path)
@@ -64,6 +120,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int)
     ap.add_argument("--bare-seconds", type=float, default=16.0, help="per bare measurement")
     ap.add_argument("--repeats", type=int, default=3, help="bare-model / pipeline pairs; medians are reported")
+    ap.add_argument("--ceiling", action="store_true", help="also run the pipeline with the models stubbed out")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -89,7 +146,8 @@ def main() -> None:
         reference, reference_cpu = bare_tiles_per_second(predictor, tiles, args.bare_seconds / 2) if args.segmenter else clf_only
         with tempfile.TemporaryDirectory() as tmp:
             start, cpu = time.perf_counter(), cpu_seconds()
-            result = run_slide(args.slide, Path(tmp) / "out", cfg, models)
+            with first_batch_outputs(predictor) as first:
+                result = run_slide(args.slide, Path(tmp) / "out", cfg, models)
             wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
         if result.status != "done":
             sys.exit(f"pipeline failed: {result.reason}")
@@ -99,6 +157,7 @@ def main() -> None:
                      "ratio": n / wall / reference, "ratio_inference_stage": n / timings["inference+stitching"] / reference,
                      "bare_cpu_s_per_tile": reference_cpu, "pipeline_cpu_s_per_tile": cpu / n,
                      "cpu_ratio": reference_cpu / (cpu / n), "stage_seconds": timings})
+    ceiling = measure_ceiling(args.slide, cfg, models, first["outputs"]) if args.ceiling else None
     if args.segmenter:
         bare["classifier+segmenter"] = statistics.median(r["bare_tiles_per_s"] for r in runs)
     median = {k: statistics.median(r[k] for r in runs)
@@ -118,6 +177,7 @@ def main() -> None:
         "ratio_pipeline_to_bare": median["ratio"],
         "ratio_inference_stage_to_bare": median["ratio_inference_stage"],
         "cpu_ratio_bare_to_pipeline": median["cpu_ratio"],
+        "ceiling_tiles_per_s": ceiling,
         "runs": runs,
         "stage_seconds": runs[-1]["stage_seconds"],
         "peak_rss_mib": peak_rss_mib(),
@@ -136,6 +196,9 @@ def main() -> None:
           + ", ".join(f"{r['ratio']:.2f}" for r in runs))
     print(f"CPU s per tile, bare ÷ pipeline: {figures['cpu_ratio_bare_to_pipeline']:.3f} "
           "(the share of the pipeline's CPU work that is the models'; load-independent)")
+    if ceiling:
+        print(f"pipeline, models stubbed     : {ceiling['whole_run']:8.1f} tiles/s whole run, "
+              f"{ceiling['inference_stage']:.1f} inference stage (the ceiling the other stages allow)")
     print("stages of the last run (s): " + ", ".join(f"{k} {v:.2f}" for k, v in figures["stage_seconds"].items()))
     print(f"peak RSS: {figures['peak_rss_mib']['self']:.0f} MiB (main), {figures['peak_rss_mib']['children']:.0f} MiB (largest reader)")
 
