@@ -354,7 +354,7 @@ class EvidenceStitcher:
             futures = self._write_chunk_row(self._next_chunk_row * chunk, y_end, out_w, chunk)
             self._next_chunk_row += 1
             self._rows_in_flight.append((self._next_chunk_row, futures))
-        self._announce_rows(wait_until=2)
+        self._announce_rows(wait_until=1)
         b = self.block
         while (self._next_trace_row + 1) * b <= before_canvas_row and self._has_rows_from(self._next_trace_row):
             self._trace_block_row(self._next_trace_row)

@@ -42,6 +42,11 @@ def pen_mask(hsv: np.ndarray) -> np.ndarray:
     np.ndarray
         HxW bool, True on ink.
     """
+    return _grow_ink(*_ink_colours(hsv))
+
+
+def _ink_colours(hsv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel: (unambiguous ink, a colour ink may take), both HxW bool."""
     hue = hsv[..., 0] * 360.0
     sat, value = hsv[..., 1], hsv[..., 2]
     red = (hue >= 350.0) | (hue <= 30.0)
@@ -51,7 +56,12 @@ def pen_mask(hsv: np.ndarray) -> np.ndarray:
     off_stain = ((hue >= 345.0) | (hue <= 260.0)) & (sat >= 0.1)
     # Thickly laid red ink turns dark maroon, the colour of blood.
     dark_red = ((hue >= 300.0) | (hue <= 30.0)) & (sat >= 0.3) & (value < 0.5)
-    labels, _ = ndi.label(sure | off_stain | dark_red, structure=_EIGHT_NEIGHBOURS)
+    return sure, sure | off_stain | dark_red
+
+
+def _grow_ink(sure: np.ndarray, maybe: np.ndarray) -> np.ndarray:
+    """Ink: the 8-connected regions of ``maybe`` that hold an eroded seed of ``sure``."""
+    labels, _ = ndi.label(maybe, structure=_EIGHT_NEIGHBOURS)
     # Eroding the seeds ignores isolated pixels (a saturated red blood cell, a speck of dust).
     seeded = np.zeros(labels.max() + 1, dtype=bool)
     seeded[labels[ndi.binary_erosion(sure, structure=_EIGHT_NEIGHBOURS)]] = True
@@ -82,9 +92,8 @@ def tissue_mask_from_rgb(rgb: np.ndarray, mpp: float, cfg: TissueConfig) -> np.n
     """
     if not mpp > 0:
         raise ValueError(f"mpp must be positive, got {mpp}")
-    hsv = rgb2hsv(composite_on_white(rgb).astype(np.float32) / 255.0)
-    sat, value = hsv[..., 1], hsv[..., 2]
-    pen = pen_mask(hsv) if cfg.reject_pen else np.zeros(sat.shape, dtype=bool)
+    sat, value, sure, maybe = _colour_planes(rgb)
+    pen = _grow_ink(sure, maybe) if cfg.reject_pen else np.zeros(sat.shape, dtype=bool)
 
     size = _odd(cfg.median_um / mpp)
     sat8 = np.rint(sat * 255.0).astype(np.uint8)
@@ -104,6 +113,22 @@ def tissue_mask_from_rgb(rgb: np.ndarray, mpp: float, cfg: TissueConfig) -> np.n
         mask = closing(mask, disk(radius, decomposition="crosses"), mode="ignore") & ~pen
     mask = _drop_small(mask, cfg.min_object_um2 / mpp**2, structure=_EIGHT_NEIGHBOURS)
     return ~_drop_small(~mask, cfg.min_hole_um2 / mpp**2, structure=None)
+
+
+def _colour_planes(rgb: np.ndarray, band: int = 256) -> tuple[np.ndarray, ...]:
+    """(saturation, value, unambiguous ink, possible ink) of ``rgb``, converted to HSV ``band`` rows
+    at a time: a whole float HSV copy of a 100k² slide's thumbnail and rgb2hsv's temporaries cost
+    over 500 MB, the four planes 4 bytes and 2 bools per pixel."""
+    height = rgb.shape[0]
+    sat = value = sure = maybe = None
+    for y in range(0, max(height, 1), band):
+        hsv = rgb2hsv(composite_on_white(rgb[y : y + band]).astype(np.float32) / 255.0)
+        if sat is None:
+            sat, value = (np.empty((height, *hsv.shape[1:2]), np.float32) for _ in range(2))
+            sure, maybe = (np.empty((height, *hsv.shape[1:2]), bool) for _ in range(2))
+        sat[y : y + band], value[y : y + band] = hsv[..., 1], hsv[..., 2]
+        sure[y : y + band], maybe[y : y + band] = _ink_colours(hsv)
+    return sat, value, sure, maybe
 
 
 def tissue_fraction(mask: np.ndarray) -> float:
