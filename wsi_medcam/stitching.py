@@ -241,7 +241,8 @@ class EvidenceStitcher:
         self._pyramid = ThreadPoolExecutor(1, thread_name_prefix="wsi-medcam-pyramid")  # rows in order
         self._pyramid_jobs: deque[Future[None]] = deque()
         tracers = (cores // 4 if cores >= 8 else 0) if tracers is None else tracers
-        self._tracers = ProcessPoolExecutor(tracers, mp_context=multiprocessing.get_context("forkserver")) if tracers else None
+        start = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"  # Windows: spawn
+        self._tracers = ProcessPoolExecutor(tracers, mp_context=multiprocessing.get_context(start)) if tracers else None
         self._traces_in_flight: deque[tuple[int, list[Future[_Traced]]]] = deque()
         self._rows_in_flight: deque[tuple[int, list[Future[bool]]]] = deque()
         width0, height0 = grid.slide_dimensions
