@@ -6,7 +6,6 @@ than float32), in channels-last layout, under bf16 autocast where the hardware s
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import torch
 
 from .bundles import Bundle
 from .config import InferenceConfig
+from .cpus import usable_cores
 from .medcam.fills import compose, make_fill
 
 
@@ -56,7 +56,7 @@ def default_workers(device: torch.device) -> int:
     """DataLoader reader processes. On a CPU the readers take cores from the model: one reader per
     four cores (measured on 2 cores: 1 reader 0.84 of bare-model speed, 0 readers 0.72, 2 readers
     0.44); a GPU leaves the cores to decoding."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     return min(8, max(1, cores - 2)) if device.type == "cuda" else max(1, cores // 4)
 
 

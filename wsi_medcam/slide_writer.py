@@ -11,7 +11,6 @@ to tifffile as finished segments, so writing needs no imagecodecs and a 100k² s
 from __future__ import annotations
 
 import io
-import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import tifffile
 from PIL import Image
+
+from .cpus import usable_cores
 
 TileFn = Callable[[int, int, int, int], np.ndarray]
 """(x, y, width, height) in level-0 px → RGB uint8 (height, width, 3)."""
@@ -110,7 +111,7 @@ def write_pyramid(
     extra = dict(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER") if mpp else {}
     common = dict(photometric="rgb", compression="jpeg", dtype=np.uint8, metadata=None, **extra)
     _accept_encoded_jpeg()
-    threads = min(16, os.cpu_count() or 1)
+    threads = min(16, usable_cores())
     with tifffile.TiffWriter(path, bigtiff=width * height > 2**31) as tif, ThreadPoolExecutor(threads) as pool:
         for level in range(levels):
             factor = 2**level

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-import os
 import struct
 import tempfile
 from collections import deque
@@ -36,6 +35,7 @@ from shapely.geometry import Polygon, box
 from shapely.geometry.base import BaseGeometry
 from shapely.ops import unary_union
 
+from .cpus import usable_cores
 from .tiling import TileGrid
 
 
@@ -95,8 +95,8 @@ def _trace(label: np.ndarray, x0: int, y0: int, scale: float, *, open_left: bool
 class EvidencePolygons:
     """Traced hard-mask polygons per class index, in level-0 px, merged and spooled as rows finish.
 
-    A polygon traced inside one block (not touching its border) is final at once. Border pieces
-    stay *open* until :meth:`close_rows` says no later piece can reach them: then the open pieces
+    A polygon traced inside one span of blocks (not touching an edge it may continue across) is
+    final at once. Border pieces stay *open* until :meth:`close_rows` says no later piece can reach them: then the open pieces
     are merged (shared edges dissolve) and every merged polygon lying wholly above that row is
     final too. Final polygons go to a temporary spool file (WKB), so memory depends on the slide's
     width, never on how many polygons it has. ``cuts`` are regions whose polygons were superseded
@@ -236,7 +236,7 @@ class EvidenceStitcher:
         self.writer = writer
         self.block = block
         self.trace_blocks = trace_blocks
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = usable_cores()
         self._pool = ThreadPoolExecutor(threads or max(1, cores // 4), thread_name_prefix="wsi-medcam-chunks")
         self._pyramid = ThreadPoolExecutor(1, thread_name_prefix="wsi-medcam-pyramid")  # rows in order
         self._pyramid_jobs: deque[Future[None]] = deque()
@@ -284,7 +284,6 @@ class EvidenceStitcher:
         self._flush(before_canvas_row=math.inf)
         self._announce_rows(wait_until=0)
         self._collect_traces(wait_until=0)
-        self._pyramid.shutdown(wait=True)
         while self._pyramid_jobs:
             self._pyramid_jobs.popleft().result()
         self.close()
