@@ -50,25 +50,29 @@ class _Collect:
         self.evidence = np.zeros(shape, np.uint8)
         self.labels = np.zeros(shape, np.uint8)
         self.writes = []
-        self.complete = 0
+        self.complete = np.zeros(-(-shape[1] // chunk), int)  # final chunk rows per chunk column
 
-    def rows_complete(self, rows):
-        assert rows >= self.complete
-        self.complete = rows
+    def rows_complete(self, rows, cols):
+        assert (rows >= self.complete[cols[0] : cols[1]]).all()
+        self.complete[cols[0] : cols[1]] = rows
 
     def write(self, y, x, evidence, labels):
         assert (y, x) not in self.writes, "a chunk was written twice"
-        assert y // self.chunk >= self.complete, "a chunk row announced complete was written again"
+        assert y // self.chunk >= self.complete[x // self.chunk], "a chunk announced complete was written again"
         self.writes.append((y, x))
         h, w = evidence.shape
         self.evidence[y : y + h, x : x + w] = evidence
         self.labels[y : y + h, x : x + w] = labels
 
 
-@pytest.mark.parametrize("downsample,out_scale,overlap,tracers",
-                         [(2.0, 1.0, 0, 0), (2.0, 1.0, 16, 0), (1.002, 1.0, 0, 0), (2.0, 0.25, 8, 0), (2.0, 1.0, 16, 2)])
-def test_stitcher_matches_dense_reference(downsample, out_scale, overlap, tracers, tmp_path):
-    """Against a dense canvas: in-thread tracing, and tracing in 2 worker processes (the default from 8 cores)."""
+@pytest.mark.parametrize("downsample,out_scale,overlap,tracers,strip_px", [
+    (2.0, 1.0, 0, 0, 4096), (2.0, 1.0, 16, 0, 4096), (1.002, 1.0, 0, 0, 4096), (2.0, 0.25, 8, 0, 4096),
+    (2.0, 1.0, 16, 2, 4096),
+    (2.0, 1.0, 16, 0, 60), (1.002, 1.0, 0, 2, 100), (2.0, 0.25, 8, 0, 30), (1.37, 1.0, 40, 0, 40),
+])
+def test_stitcher_matches_dense_reference(downsample, out_scale, overlap, tracers, strip_px, tmp_path):
+    """Against a dense canvas: one strip or several (narrower than a tile, too), in-thread tracing,
+    and tracing in 2 worker processes (the default from 8 cores)."""
     rng = np.random.default_rng(0)
     tile = 64
     width0, height0 = 700, 500
@@ -77,13 +81,18 @@ def test_stitcher_matches_dense_reference(downsample, out_scale, overlap, tracer
                       mpp=0.5, tile_size=tile)
     out_shape = (round(height0 * out_scale), round(width0 * out_scale))
     writer = _Collect(out_shape, chunk=96)
-    stitcher = EvidenceStitcher(grid, writer, block=40, spool_dir=tmp_path, threads=2, tracers=tracers, trace_blocks=3)
+    stitcher = EvidenceStitcher(grid, writer, block=40, spool_dir=tmp_path, threads=2, tracers=tracers, trace_blocks=3,
+                                strip_px=strip_px)
     stitcher.polygons.flush_every = 16  # small batches: final polygons go through the spool file
+    order = stitcher.order()
+    assert sorted(order) == list(range(len(grid)))
+    strips = len(stitcher._strips)
+    assert (strips > 1) == (strip_px < 4096), strips
 
     ch, cw = grid.canvas_shape
     total = np.zeros((ch, cw)); weight = np.zeros((ch, cw)); label = np.zeros((ch, cw), np.uint8)
     score = np.zeros((ch, cw))
-    for i in range(len(grid)):
+    for i in order:
         soft = rng.random((tile, tile)).astype(np.float32)
         cls, conf = int(rng.integers(3)), float(rng.random())
         stitcher.add(i, soft, cls, conf)
@@ -94,7 +103,7 @@ def test_stitcher_matches_dense_reference(downsample, out_scale, overlap, tracer
         better = score[sl] < conf_q
         label[sl] = np.where(better, cls + 1, label[sl]); score[sl] = np.where(better, conf_q, score[sl])
     stitcher.finish()
-    assert writer.complete == -(-out_shape[0] // writer.chunk), "every chunk row is announced complete"
+    assert (writer.complete == -(-out_shape[0] // writer.chunk)).all(), "every chunk row is announced complete"
 
     mean = np.divide(total, weight, out=np.zeros_like(total), where=weight > 0)
     fy = height0 / out_shape[0] / downsample
@@ -118,9 +127,11 @@ def test_stitcher_matches_dense_reference(downsample, out_scale, overlap, tracer
         assert sum(k == c for k, _ in polygons) == regions, f"class {c}"
 
 
-def test_store_pyramid_built_while_streaming_equals_a_dense_2x2_mean(tmp_path):
-    """Rows announced complete grow the pyramid during streaming; a patch afterwards (here one that
-    clears a region) is redone above it. Each level must equal a dense 2×2 mean (labels: top-left)."""
+@pytest.mark.parametrize("strip", [None, 1, 2])
+def test_store_pyramid_built_while_streaming_equals_a_dense_2x2_mean(strip, tmp_path):
+    """Rows announced complete grow the pyramid during streaming, across the whole width or strip by
+    strip (``strip`` chunk columns); a patch afterwards (here one that clears a region) is redone
+    above it. Each level must equal a dense 2×2 mean (labels: top-left)."""
     import zarr
 
     from wsi_medcam.export.ome_zarr import EvidenceStore
@@ -135,12 +146,17 @@ def test_store_pyramid_built_while_streaming_equals_a_dense_2x2_mean(tmp_path):
     labels = np.where(evidence >= 128, 2, 0).astype(np.uint8)
     store = EvidenceStore(tmp_path / "e.ome.zarr", shape=(h, w), mpp=0.25, chunk=chunk, min_size=64,
                           class_names=["a", "b"], colors=[(255, 0, 0), (0, 255, 0)], name="t")
-    for cy in range(0, h, chunk):
-        for cx in range(0, w, chunk):
-            block = evidence[cy : cy + chunk, cx : cx + chunk]
-            if block.any():
-                store.write(cy, cx, block, labels[cy : cy + chunk, cx : cx + chunk])
-        store.rows_complete(cy // chunk + 1)
+    n_cols = -(-w // chunk)
+    for c0 in range(0, n_cols, strip or n_cols):
+        c1 = min(c0 + (strip or n_cols), n_cols)
+        for cy in range(0, h, chunk):
+            for cx in range(c0 * chunk, min(c1 * chunk, w), chunk):
+                block = evidence[cy : cy + chunk, cx : cx + chunk]
+                if block.any():
+                    store.write(cy, cx, block, labels[cy : cy + chunk, cx : cx + chunk])
+            store.rows_complete(cy // chunk + 1, (c0, c1))
+    if strip:  # the first strips' columns reached the top levels before finalize
+        assert store._complete[-1].min() == store._rows(len(store.shapes) - 1)
     cut = np.s_[20:600, 30:560]  # refinement-style patch after streaming: unaligned, clearing whole parents
     evidence[cut] = 0
     labels[cut] = 0

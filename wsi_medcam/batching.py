@@ -18,12 +18,14 @@ from .tiling import TileGrid
 
 
 class TileDataset(Dataset):
-    """Item ``i`` is (uint8 tensor 3×H×W at the grid's µm/px, i). Normalisation happens on the device."""
+    """Item ``k`` is (uint8 tensor 3×H×W at the grid's µm/px, tile index ``order[k]``), in grid order
+    unless ``order`` says otherwise (the stitcher's). Normalisation happens on the device."""
 
-    def __init__(self, ref: SlideRef, grid: TileGrid, *, tolerance: float = 0.02):
+    def __init__(self, ref: SlideRef, grid: TileGrid, *, tolerance: float = 0.02, order: np.ndarray | None = None):
         self.ref = ref
         self.grid = grid
         self.tolerance = tolerance
+        self.order = order
         self._slide: Slide | None = None
 
     def __len__(self) -> int:
@@ -34,7 +36,8 @@ class TileDataset(Dataset):
         state["_slide"] = None
         return state
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, int]:
+        i = int(self.order[k]) if self.order is not None else k
         if self._slide is None:
             self._slide = self.ref.open()
         rgb = self._slide.read_region_at(
@@ -44,7 +47,8 @@ class TileDataset(Dataset):
 
 
 def make_loader(dataset: TileDataset, *, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
-    """Ordered batches (the stitcher streams row by row), read ahead by ``workers`` processes."""
+    """Batches in the dataset's order (the stitcher's: it streams strip by strip, row by row), read
+    ahead by ``workers`` processes."""
     kwargs: dict[str, Any] = {}
     if workers > 0:
         kwargs.update(prefetch_factor=4, persistent_workers=False)

@@ -74,6 +74,8 @@ class OutputConfig(_Frozen):
     mask_mpp: float | None = Field(None, gt=0, description="µm/px of the evidence store's level 0; None: the slide's level 0")
     chunk_size: int = Field(1024, ge=64, le=8192, description="zarr chunk edge, px")
     min_pyramid_size: int = Field(512, ge=16, description="stop the pyramid when the longer side is below this")
+    strip_px: int = Field(4096, ge=64, description="stitching strip width, px at the tile resolution: the stitcher's "
+                          "memory grows with it, never with the slide's width")
     overwrite: bool = False
 
 

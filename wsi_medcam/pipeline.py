@@ -25,7 +25,7 @@ from typing import Any, Iterator, TypeVar
 import numpy as np
 import torch
 from PIL import Image
-from shapely.geometry import box
+from shapely.geometry import Polygon, box
 
 from .batching import TileDataset, make_loader
 from .bundles import Bundle, load_classifier, load_segmenter
@@ -192,7 +192,7 @@ def process_slide(
         store = EvidenceStore(work_dir / "evidence.ome.zarr", shape=out_shape, mpp=out_mpp,
                               chunk=cfg.output.chunk_size, min_size=cfg.output.min_pyramid_size,
                               class_names=class_names, colors=colors, name=path.name)
-        stitcher = EvidenceStitcher(grid, store, spool_dir=work_dir)
+        stitcher = EvidenceStitcher(grid, store, spool_dir=work_dir, strip_px=cfg.output.strip_px)
 
     grid_probs = np.zeros((len(class_names), *grid.grid_shape), np.float32)
     counts = np.zeros(len(class_names), np.int64)
@@ -203,7 +203,8 @@ def process_slide(
     batch_size = cfg.inference.batch_size or default_batch_size(models.predictor.device)
     workers = default_workers(models.predictor.device) if cfg.inference.workers is None else cfg.inference.workers
     workers = min(workers, max(0, len(grid) // batch_size))  # no idle readers on a small slide
-    loader = make_loader(TileDataset(ref, grid, tolerance=cfg.slide.level_tolerance), batch_size=batch_size,
+    order = stitcher.order() if stitcher is not None else None
+    loader = make_loader(TileDataset(ref, grid, tolerance=cfg.slide.level_tolerance, order=order), batch_size=batch_size,
                          workers=workers,
                          pin_memory=models.predictor.device.type == "cuda")
     done = 0
@@ -258,14 +259,16 @@ def process_slide(
             store.finalize(attrs)
         with timer.stage("evidence-geojson"):
             per_class: dict[str, dict[str, float]] = {}
-            polygons = []
-            for class_index, poly in stitcher.polygons.merged(simplify_px=grid.downsample * 0.5,
-                                                              clip=box(0, 0, width0, height0)):
-                polygons.append((class_index, poly))
-                entry = per_class.setdefault(class_names[class_index], {"polygons": 0, "area_um2": 0.0})
-                entry["polygons"] += 1
-                entry["area_um2"] += poly.area * slide.mpp.mean**2
-            n_polygons = write_evidence(work_dir / "evidence.geojson", polygons, slide_key=slide_key,
+
+            def counted(items: Iterable[tuple[int, Polygon]]) -> Iterator[tuple[int, Polygon]]:
+                for class_index, poly in items:  # streamed: a slide may have millions of polygons
+                    entry = per_class.setdefault(class_names[class_index], {"polygons": 0, "area_um2": 0.0})
+                    entry["polygons"] += 1
+                    entry["area_um2"] += poly.area * slide.mpp.mean**2
+                    yield class_index, poly
+
+            polygons = stitcher.polygons.merged(simplify_px=grid.downsample * 0.5, clip=box(0, 0, width0, height0))
+            n_polygons = write_evidence(work_dir / "evidence.geojson", counted(polygons), slide_key=slide_key,
                                         class_names=class_names, colors=colors, mpp=slide.mpp.mean)
         evidence_stats = {
             "explainer": cfg.inference.explainer,

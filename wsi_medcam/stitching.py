@@ -1,11 +1,14 @@
 """Streaming per-tile evidence into slide-level masks, chunk by chunk, in bounded memory.
 
-Tiles arrive in row-major grid order. Their soft masks are accumulated on the *tile canvas* (px at
-the tile resolution) in sparse square blocks; where tiles overlap, evidence is averaged and the
-label comes from the most confident tile. As soon as no later tile can touch a band of rows, the
-output chunks covering it are resampled (nearest) to the output resolution and handed to the
-writer, the band is traced into evidence polygons, and its blocks are freed. Memory therefore
-depends on the slide's *width* in tissue blocks, never on its area, and no level-0 canvas exists.
+The output is cut into vertical *strips* a few chunks wide, and tiles arrive strip by strip, top to
+bottom within a strip (:meth:`EvidenceStitcher.order`). Their soft masks are accumulated on the
+*tile canvas* (px at the tile resolution) in sparse square blocks; where tiles overlap, evidence is
+averaged and the label comes from the most confident tile. As soon as no later tile can touch a
+band of the strip's rows, the output chunks covering it are resampled (nearest) to the output
+resolution and handed to the writer, the band is traced into evidence polygons, and its blocks are
+freed. The part of a tile reaching into the next strip is kept (float32) until that strip. Memory
+therefore depends on the strip's width (and, for those carried parts, on the slide's height in
+tiles), never on the slide's width or area, and no level-0 canvas exists.
 
 Chunk resampling and writing (numpy and zarr compression, which release the GIL) run on a small
 thread pool and the pyramid on its own thread, a few chunk rows behind; tracing (GDAL's polygonize
@@ -49,8 +52,9 @@ class ChunkWriter(Protocol):
 
     def patch(self, y: int, x: int, evidence: np.ndarray, labels: np.ndarray) -> None: ...
 
-    def rows_complete(self, rows: int) -> None:
-        """Chunk rows ``[0, rows)`` of level 0 are final (nothing more will be written there)."""
+    def rows_complete(self, rows: int, cols: tuple[int, int]) -> None:
+        """Chunk rows ``[0, rows)`` of level 0 in chunk columns ``[cols[0], cols[1])`` are final
+        (nothing more will be written there)."""
 
 
 @dataclass
@@ -96,9 +100,9 @@ class EvidencePolygons:
     """Traced hard-mask polygons per class index, in level-0 px, merged and spooled as rows finish.
 
     A polygon traced inside one span of blocks (not touching an edge it may continue across) is
-    final at once. Border pieces stay *open* until :meth:`close_rows` says no later piece can reach them: then the open pieces
-    are merged (shared edges dissolve) and every merged polygon lying wholly above that row is
-    final too. Final polygons go to a temporary spool file (WKB), so memory depends on the slide's
+    final at once. Border pieces stay *open* until :meth:`close_rows` says no later piece can reach
+    them: then the open pieces are merged (shared edges dissolve) and every merged polygon out of
+    reach of what is still to be traced is final too. Final polygons go to a temporary spool file (WKB), so memory depends on the slide's
     width, never on how many polygons it has. ``cuts`` are regions whose polygons were superseded
     (refined tiles); ``patches`` are the polygons that replace them.
     """
@@ -120,11 +124,16 @@ class EvidencePolygons:
         else:
             self._finalise([(class_index, polygon)])
 
-    def close_rows(self, y: float) -> None:
-        """Nothing traced from now on lies above ``y`` (level-0 px): finalise what cannot grow."""
+    def close_rows(self, y: float, x_from: float = -math.inf, seam: float = math.inf) -> None:
+        """Finalise what cannot grow: from now on, pieces are traced only at ``x >= x_from`` below
+        ``y``, or right of ``seam`` (level-0 px; a strip and the strips after it)."""
         for class_index, pieces in list(self.open.items()):
             merged = _merge_touching(np.array(pieces, dtype=object))
-            reaches = shapely.bounds(merged)[:, 3] >= y - 1e-6 if len(merged) else np.zeros(0, bool)
+            if len(merged):
+                bounds = shapely.bounds(merged)
+                reaches = ((bounds[:, 3] >= y - 1e-6) & (bounds[:, 2] >= x_from - 1e-6)) | (bounds[:, 2] >= seam - 1e-6)
+            else:
+                reaches = np.zeros(0, bool)
             self._finalise([(class_index, g) for g in merged[~reaches]])
             self.open[class_index] = list(merged[reaches])
 
@@ -213,6 +222,31 @@ def _finished(classes: np.ndarray, geoms: np.ndarray, simplify_px: float,
             yield int(class_index), part
 
 
+@dataclass(frozen=True)
+class _Strip:
+    """A vertical strip: output columns ``[x0, x1)`` (chunk-aligned), the canvas columns accumulated
+    for them ``[acc0, acc1)``, and the canvas columns traced ``[trace0, trace1)`` (the strips' trace
+    ranges partition the canvas; an accumulated range may reach one column into the next strip's)."""
+
+    x0: int
+    x1: int
+    acc0: int
+    acc1: int
+    trace0: int
+    trace1: int
+
+
+@dataclass
+class _Piece:
+    """A tile's soft mask, or the part of it that reaches into a later strip, on the canvas."""
+
+    x0: int
+    y0: int
+    soft: np.ndarray
+    label: int  # class index + 1
+    score: int  # 1 + round(confidence · 65534)
+
+
 class EvidenceStitcher:
     """Accumulate tile masks and emit finished output chunks and polygons as rows complete.
 
@@ -228,10 +262,14 @@ class EvidenceStitcher:
         on fewer cores they would take time from the models).
     trace_blocks : blocks traced together, side by side (fewer, wider traces mean fewer polygon
         pieces to merge across block borders; the width bounds the tracing memory).
+    strip_px : strip width, canvas px, rounded down to a power-of-two number of output chunks (at
+        least one), so the first pyramid levels complete within a strip. The accumulator holds
+        about 9 bytes per canvas px of one strip's width × (a chunk row + a tile) rows.
     """
 
     def __init__(self, grid: TileGrid, writer: ChunkWriter, *, block: int = 256, spool_dir: Path | None = None,
-                 threads: int | None = None, tracers: int | None = None, trace_blocks: int = 16):
+                 threads: int | None = None, tracers: int | None = None, trace_blocks: int = 16,
+                 strip_px: int = 4096):
         self.grid = grid
         self.writer = writer
         self.block = block
@@ -243,45 +281,96 @@ class EvidenceStitcher:
         tracers = (cores // 4 if cores >= 8 else 0) if tracers is None else tracers
         start = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"  # Windows: spawn
         self._tracers = ProcessPoolExecutor(tracers, mp_context=multiprocessing.get_context(start)) if tracers else None
-        self._traces_in_flight: deque[tuple[int, list[Future[_Traced]]]] = deque()
-        self._rows_in_flight: deque[tuple[int, list[Future[bool]]]] = deque()
+        # per block row: its traces, and the close_rows arguments once they are in
+        self._traces_in_flight: deque[tuple[tuple[float, float, float], list[Future[_Traced]]]] = deque()
+        # per chunk row: rows final so far, their chunk columns, and the chunk writes still running
+        self._rows_in_flight: deque[tuple[int, tuple[int, int], list[Future[bool]]]] = deque()
         width0, height0 = grid.slide_dimensions
         out_h, out_w = writer.shape
         # canvas px per output px, per axis
         self._fy = height0 / out_h / grid.downsample
         self._fx = width0 / out_w / grid.downsample
+        self._strips = _strips(out_w, writer.chunk, self._fx, grid.canvas_shape[1], strip_px)
+        self._acc_ends = np.array([s.acc1 for s in self._strips])
+        self._strip = 0
         self._blocks: dict[tuple[int, int], _Block] = {}
         self._next_chunk_row = 0
         self._next_trace_row = 0  # block rows below this are traced
+        self._last_row = 0  # canvas row of the latest tile: tiles come top to bottom within a strip
+        self._carried: deque[_Piece] = deque()  # parts of earlier strips' tiles reaching into this one
+        self._carry: list[_Piece] = []  # parts of this strip's tiles reaching into the next one
         self.polygons = EvidencePolygons(spool_dir)
         self.chunks_written = 0
 
+    def order(self) -> np.ndarray:
+        """Tile indices in the order :meth:`add` takes them: strip by strip, row-major within one (a
+        tile belongs to the first strip it reaches)."""
+        x0 = self.grid.cols.astype(np.int64) * self.grid.stride
+        return np.lexsort((self.grid.cols, self.grid.rows, self._home(x0)))
+
+    def _home(self, x0: np.ndarray | int) -> np.ndarray:
+        """The strip whose accumulated columns first contain canvas column ``x0``."""
+        return np.searchsorted(self._acc_ends, x0, side="right")
+
     # -- accumulation ---------------------------------------------------------------------------
     def add(self, i: int, soft: np.ndarray, class_index: int, confidence: float) -> None:
-        """Add tile ``i``'s soft mask (tile_size² in [0, 1]); tiles must come in row-major order."""
+        """Add tile ``i``'s soft mask (tile_size² in [0, 1]); tiles must come in :meth:`order`."""
         x0, y0 = self.grid.xy_canvas(i)
-        self._flush(before_canvas_row=y0)
+        home = int(self._home(x0))
+        if home < self._strip or (home == self._strip and y0 < self._last_row):
+            raise ValueError(f"tile {i} came out of order: tiles must come in EvidenceStitcher.order()")
+        while self._strip < home:
+            self._close_strip()
+            self._open_strip(self._strip + 1)
+        self._last_row = y0
+        while self._carried and self._carried[0].y0 <= y0:  # row-major: the carried part came first
+            self._place(self._carried.popleft())
+        self._place(_Piece(x0, y0, soft, class_index + 1, 1 + round(confidence * 65534)))
+
+    def _place(self, piece: _Piece) -> None:
+        """Accumulate ``piece`` within the current strip; keep what reaches into the next one."""
+        self._flush(before_canvas_row=piece.y0)
+        strip = self._strips[self._strip]
+        x0, y0, soft = piece.x0, piece.y0, piece.soft
+        h, w = soft.shape
+        if self._strip + 1 < len(self._strips) and x0 + w > (nxt := self._strips[self._strip + 1].acc0):
+            cut = max(0, nxt - x0)
+            self._carry.append(_Piece(x0 + cut, y0, soft[:, cut:].copy(), piece.label, piece.score))
+        xs, xe = max(x0, strip.acc0), min(x0 + w, strip.acc1)
         b = self.block
-        size = soft.shape[0]
-        score = 1 + round(confidence * 65534)
-        for by in range(y0 // b, (y0 + size - 1) // b + 1):
-            for bx in range(x0 // b, (x0 + size - 1) // b + 1):
+        for by in range(y0 // b, (y0 + h - 1) // b + 1):
+            for bx in range(xs // b, (xe - 1) // b + 1) if xs < xe else ():
                 blk = self._blocks.get((by, bx))
                 if blk is None:
                     blk = self._blocks[(by, bx)] = _Block.empty(b)
-                ys, ye = max(y0, by * b), min(y0 + size, (by + 1) * b)
-                xs, xe = max(x0, bx * b), min(x0 + size, (bx + 1) * b)
-                dst = (slice(ys - by * b, ye - by * b), slice(xs - bx * b, xe - bx * b))
-                src = soft[ys - y0 : ye - y0, xs - x0 : xe - x0]
+                ys, ye = max(y0, by * b), min(y0 + h, (by + 1) * b)
+                cs, ce = max(xs, bx * b), min(xe, (bx + 1) * b)
+                dst = (slice(ys - by * b, ye - by * b), slice(cs - bx * b, ce - bx * b))
+                src = soft[ys - y0 : ye - y0, cs - x0 : ce - x0]
                 blk.total[dst] += src
                 blk.weight[dst] += 1
-                better = blk.score[dst] < score
-                blk.label[dst] = np.where(better, class_index + 1, blk.label[dst])
-                blk.score[dst] = np.where(better, score, blk.score[dst])
+                better = blk.score[dst] < piece.score
+                blk.label[dst] = np.where(better, piece.label, blk.label[dst])
+                blk.score[dst] = np.where(better, piece.score, blk.score[dst])
+
+    def _close_strip(self) -> None:
+        """Place what is still carried into the current strip, then emit all of it."""
+        while self._carried:
+            self._place(self._carried.popleft())
+        self._flush(before_canvas_row=math.inf)
+
+    def _open_strip(self, index: int) -> None:
+        self._strip = index
+        self._blocks = {}  # the last chunk jobs of the previous strip keep theirs
+        self._next_chunk_row = self._next_trace_row = self._last_row = 0
+        self._carried, self._carry = deque(self._carry), []
 
     def finish(self) -> None:
         """Flush everything left and wait for the chunk writers; call once after the last tile."""
-        self._flush(before_canvas_row=math.inf)
+        self._close_strip()
+        while self._strip + 1 < len(self._strips):  # later strips: carried parts, and completion
+            self._open_strip(self._strip + 1)
+            self._close_strip()
         self._announce_rows(wait_until=0)
         self._collect_traces(wait_until=0)
         while self._pyramid_jobs:
@@ -344,16 +433,19 @@ class EvidenceStitcher:
 
     # -- flushing -------------------------------------------------------------------------------
     def _flush(self, before_canvas_row: float) -> None:
-        """Emit every output chunk row and trace every block row lying wholly above ``before_canvas_row``."""
-        out_h, out_w = self.writer.shape
+        """Emit every output chunk row and trace every block row of the current strip lying wholly
+        above ``before_canvas_row``."""
+        out_h, _ = self.writer.shape
         chunk = self.writer.chunk
         while self._next_chunk_row * chunk < out_h:
             y_end = min((self._next_chunk_row + 1) * chunk, out_h)
             if math.floor((y_end - 0.5) * self._fy) >= before_canvas_row:
                 break
-            futures = self._write_chunk_row(self._next_chunk_row * chunk, y_end, out_w, chunk)
+            futures = self._write_chunk_row(self._next_chunk_row * chunk, y_end)
             self._next_chunk_row += 1
-            self._rows_in_flight.append((self._next_chunk_row, futures))
+            strip = self._strips[self._strip]
+            cols = (strip.x0 // chunk, -(-strip.x1 // chunk))
+            self._rows_in_flight.append((self._next_chunk_row, cols, futures))
         self._announce_rows(wait_until=1)
         b = self.block
         while (self._next_trace_row + 1) * b <= before_canvas_row and self._has_rows_from(self._next_trace_row):
@@ -378,26 +470,27 @@ class EvidenceStitcher:
         chunks are all written, waiting for the oldest while more than ``wait_until`` rows are in
         flight (bounded memory). A writer thread's error is raised here."""
         while self._rows_in_flight:
-            rows, futures = self._rows_in_flight[0]
+            rows, cols, futures = self._rows_in_flight[0]
             if len(self._rows_in_flight) <= wait_until and not all(f.done() for f in futures):
                 break
             self.chunks_written += sum(f.result() for f in futures)
             self._rows_in_flight.popleft()
             while self._pyramid_jobs and self._pyramid_jobs[0].done():
                 self._pyramid_jobs.popleft().result()
-            self._pyramid_jobs.append(self._pyramid.submit(self.writer.rows_complete, rows))
+            self._pyramid_jobs.append(self._pyramid.submit(self.writer.rows_complete, rows, cols))
 
-    def _write_chunk_row(self, y0: int, y1: int, out_w: int, chunk: int) -> list[Future[bool]]:
-        """Queue the chunks of output rows [y0, y1) that tiles touched on the writer threads, each
-        with the blocks it samples (they stay alive for it after the accumulator drops them)."""
+    def _write_chunk_row(self, y0: int, y1: int) -> list[Future[bool]]:
+        """Queue the current strip's chunks of output rows [y0, y1) that tiles touched on the
+        writer threads, each with the blocks it samples (they stay alive for it after the
+        accumulator drops them)."""
         rows = np.floor((np.arange(y0, y1) + 0.5) * self._fy).astype(np.int64)
-        b = self.block
+        b, chunk, strip = self.block, self.writer.chunk, self._strips[self._strip]
         block_rows = range(rows[0] // b, rows[-1] // b + 1)
         blocks = {k: blk for k, blk in self._blocks.items() if k[0] in block_rows}
         block_cols = sorted({k[1] for k in blocks})
         futures = []
-        for x0 in range(0, out_w, chunk) if block_cols else ():
-            x1 = min(x0 + chunk, out_w)
+        for x0 in range(strip.x0, strip.x1, chunk) if block_cols else ():
+            x1 = min(x0 + chunk, strip.x1)
             cols = np.floor((np.arange(x0, x1) + 0.5) * self._fx).astype(np.int64)
             if any(cols[0] // b <= c <= cols[-1] // b for c in block_cols):
                 futures.append(self._pool.submit(self._write_chunk, blocks, rows, cols, y0, x0))
@@ -415,37 +508,58 @@ class EvidenceStitcher:
         return True
 
     def _trace_block_row(self, block_row: int) -> None:
-        """Queue the tracing of the hard mask in one block row. Side-by-side blocks are traced
-        together (up to ``trace_blocks``), so only pieces cut by a row edge or a span's cut edge are
-        left to merge."""
-        b = self.block
+        """Queue the tracing of the hard mask in one block row of the current strip. Side-by-side
+        blocks are traced together (up to ``trace_blocks``), so only pieces cut by a row edge, a
+        span's cut edge or the strip's edges are left to merge."""
+        b, ds = self.block, self.grid.downsample
+        strip = self._strips[self._strip]
+        first, last = self._strip == 0, self._strip == len(self._strips) - 1
         jobs = []
         for start, stop, open_left, open_right in _spans(sorted(k[1] for k in self._blocks if k[0] == block_row),
                                                          self.trace_blocks):
-            _, label = self._canvas(block_row * b, (block_row + 1) * b, start * b, stop * b)
+            x0, x1 = max(start * b, strip.trace0), min(stop * b, strip.trace1)
+            if x0 >= x1:
+                continue
+            _, label = self._canvas(block_row * b, (block_row + 1) * b, x0, x1)
             if not label.any():
                 continue
-            args = (label, start * b, block_row * b, self.grid.downsample, open_left, open_right)
+            args = (label, x0, block_row * b, ds, open_left or (x0 == strip.trace0 and not first),
+                    open_right or (x1 == strip.trace1 and not last))
             if self._tracers is not None:
                 jobs.append(self._tracers.submit(_trace_wkb, *args))
             else:
                 jobs.append(Future())
                 jobs[-1].set_result(_trace_wkb(*args))
-        self._traces_in_flight.append((block_row, jobs))
+        seam = math.inf if last else strip.trace1 * ds
+        self._traces_in_flight.append((((block_row + 1) * b * ds, strip.trace0 * ds, seam), jobs))
 
     def _collect_traces(self, wait_until: int) -> None:
         """Add traced polygons per class and close their rows, in row order: every row whose spans
         are traced, waiting for the oldest while more than ``wait_until`` rows are in flight."""
-        b, ds = self.block, self.grid.downsample
         while self._traces_in_flight:
-            block_row, jobs = self._traces_in_flight[0]
+            closing, jobs = self._traces_in_flight[0]
             if len(self._traces_in_flight) <= wait_until and not all(j.done() for j in jobs):
                 break
             self._traces_in_flight.popleft()
             for values, wkbs, on_border in (j.result() for j in jobs):
                 for value, poly, open_piece in zip(values, shapely.from_wkb(wkbs), on_border):
                     self.polygons.add(int(value) - 1, poly, on_border=bool(open_piece))
-            self.polygons.close_rows((block_row + 1) * b * ds)
+            self.polygons.close_rows(*closing)
+
+
+def _strips(out_w: int, chunk: int, fx: float, canvas_w: int, strip_px: int) -> list[_Strip]:
+    """Cut ``out_w`` output px into strips of a power-of-two number of ``chunk``s about ``strip_px``
+    canvas px wide (``fx``: canvas px per output px; ``canvas_w``: the canvas width)."""
+    per_strip = 1 << max(0, math.floor(math.log2(max(1.0, strip_px / (chunk * fx)))))
+    edges = [*range(0, out_w, per_strip * chunk), out_w]
+    starts = [0, *(math.floor((x + 0.5) * fx) for x in edges[1:-1]), canvas_w]
+    strips = []
+    for s in range(len(edges) - 1):
+        last = s == len(edges) - 2
+        # output px x samples canvas column floor((x + 0.5) · fx)
+        acc1 = canvas_w if last else max(math.floor((edges[s + 1] - 0.5) * fx) + 1, starts[s + 1])
+        strips.append(_Strip(edges[s], edges[s + 1], starts[s], acc1, starts[s], starts[s + 1]))
+    return strips
 
 
 _Traced = tuple[np.ndarray, np.ndarray, np.ndarray]

@@ -113,7 +113,8 @@ class EvidenceStore:
         self._image = [_create(self.root, str(i), (1, *s), (1, chunk, chunk), "uint8") for i, s in enumerate(self.shapes)]
         self._labels = [_create(label_group, str(i), (1, *s), (1, chunk, chunk), "uint8") for i, s in enumerate(self.shapes)]
         self._chunks: list[set[tuple[int, int]]] = [set() for _ in self.shapes]  # non-empty chunks not yet downsampled
-        self._complete = [0 for _ in self.shapes]  # chunk rows final per level
+        # per level and chunk column: how many chunk rows are final
+        self._complete = [np.zeros(math.ceil(w / chunk), np.int64) for _, w in self.shapes]
         self._patched: set[tuple[int, int]] = set()
         self._lock = threading.Lock()
 
@@ -128,29 +129,36 @@ class EvidenceStore:
         with self._lock:  # chunk writer threads
             self._chunks[0].add((y // self.chunk, x // self.chunk))
 
-    def rows_complete(self, rows: int) -> None:
-        """Level-0 chunk rows ``[0, rows)`` are final: build every pyramid row that depends only on
-        them, so the pyramid grows while tiles stream (on the stitching thread) instead of after."""
-        self._complete[0] = rows
+    def rows_complete(self, rows: int, cols: tuple[int, int] | None = None) -> None:
+        """Level-0 chunk rows ``[0, rows)`` of chunk columns ``[cols[0], cols[1])`` (default: all) are
+        final: build every pyramid chunk that depends only on final chunks, so the pyramid grows
+        while tiles stream instead of after. Completion is counted per chunk column, because the
+        stitcher finishes the slide strip by strip."""
+        c0, c1 = cols or (0, len(self._complete[0]))
+        np.maximum(self._complete[0][c0:c1], rows, out=self._complete[0][c0:c1])
         for level in range(1, len(self.shapes)):
-            below = self._complete[level - 1]
-            if below >= math.ceil(self.shapes[level - 1][0] / self.chunk):
-                ready = math.ceil(self.shapes[level][0] / self.chunk)
-            else:
-                ready = below // 2  # row r needs rows 2r and 2r+1 below
-            if ready <= self._complete[level]:
+            below, done = self._complete[level - 1], self._complete[level]
+            # parent row r needs rows 2r and 2r+1 of both child columns; a finished column frees all
+            ready_below = np.where(below >= self._rows(level - 1), self._rows(level), below // 2)
+            pairs = np.full(2 * len(done), self._rows(level))
+            pairs[: len(below)] = ready_below
+            ready = np.minimum(pairs[0::2], pairs[1::2])
+            if not (ready > done).any():
                 break
-            first = 2 * self._complete[level]
             with self._lock:
-                children = {(cy, cx) for cy, cx in self._chunks[level - 1] if first <= cy < 2 * ready}
+                children = {(cy, cx) for cy, cx in self._chunks[level - 1] if 2 * done[cx // 2] <= cy < 2 * ready[cx // 2]}
                 self._chunks[level - 1] -= children  # used up: the sets stay as small as a few rows
             self._chunks[level] |= self._downsample(level, children)
-            self._complete[level] = ready
+            self._complete[level] = np.maximum(done, ready)
+
+    def _rows(self, level: int) -> int:
+        """Chunk rows of ``level``."""
+        return math.ceil(self.shapes[level][0] / self.chunk)
 
     def finalize(self, attrs: dict[str, Any]) -> None:
         """Finish the pyramid (and redo it above patched chunks), then write NGFF 0.4 metadata (last,
         so an interrupted store is never mistaken for a complete one)."""
-        self.rows_complete(math.ceil(self.shape[0] / self.chunk))
+        self.rows_complete(self._rows(0))
         patched = self._patched
         for level in range(1, len(self.shapes)):
             patched = self._downsample(level, patched, keep_empty=True)
