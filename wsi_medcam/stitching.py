@@ -350,8 +350,8 @@ class EvidenceStitcher:
                 blk.total[dst] += src
                 blk.weight[dst] += 1
                 better = blk.score[dst] < piece.score
-                blk.label[dst] = np.where(better, piece.label, blk.label[dst])
-                blk.score[dst] = np.where(better, piece.score, blk.score[dst])
+                np.copyto(blk.label[dst], piece.label, where=better)  # in place: no temporaries
+                np.copyto(blk.score[dst], piece.score, where=better)
 
     def _close_strip(self) -> None:
         """Place what is still carried into the current strip, then emit all of it."""
