@@ -4,13 +4,15 @@
 
 Each slide is processed by a separate ``wsi-medcam run`` process; the memory of that process tree
 (main process + DataLoader readers, PSS and RSS) is sampled every 0.2 s and its peak reported,
-with the ratio large ÷ small. Make the slides with ``benchmarks/make_slide.py`` (e.g. 25k² and 100k²).
+overall and per stage of the run's report (so a peak is traced to tissue detection, streaming or
+the pyramid), with the ratio large ÷ small. Make the slides with ``benchmarks/make_slide.py`` (e.g. 25k² and 100k²).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -44,17 +46,40 @@ def measure(slide: Path, args: argparse.Namespace, extra: list[str]) -> dict[str
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         ps = psutil.Process(proc.pid)
-        peak_pss = peak_rss = 0
+        samples: list[tuple[float, int, int]] = []  # (s since start, PSS, RSS)
         while proc.poll() is None:
-            pss, rss = tree_memory(ps)
-            peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
+            samples.append((time.perf_counter() - start, *tree_memory(ps)))
             time.sleep(0.2)
+        seconds = time.perf_counter() - start
         if proc.returncode != 0:
             sys.exit(f"run failed on {slide}: {proc.stderr.read()[-2000:]}")
         report = json.loads(next(Path(tmp).glob("*/report.json")).read_text())
+    timings = report["timings_s"]
     return {"slide": str(slide), "dimensions": report["slide"]["dimensions"], "tiles": report["tiles"]["count"],
-            "seconds": time.perf_counter() - start, "peak_pss_mib": peak_pss / 2**20, "peak_rss_mib": peak_rss / 2**20,
-            "tissue_and_tiling_s": report["timings_s"]["tissue"] + report["timings_s"]["tiling"]}
+            "seconds": seconds, "peak_pss_mib": max(p for _, p, _ in samples) / 2**20,
+            "peak_rss_mib": max(r for _, _, r in samples) / 2**20,
+            "peak_pss_by_stage_mib": peaks_by_stage(samples, timings, seconds),
+            "tissue_and_tiling_s": timings["tissue"] + timings["tiling"]}
+
+
+def peaks_by_stage(samples: list[tuple[float, int, int]], timings: dict[str, float], seconds: float) -> dict[str, float]:
+    """Peak PSS (MiB) within each stage of the report's ``timings_s`` (in the order they ran,
+    ending ``total`` s after the slide's start, which is taken as the process's end less ``total``:
+    the report is the last thing written); ``start`` is the interpreter and model loading before it."""
+    t = seconds - timings["total"]
+    bounds = [("start", t)]
+    for name, duration in timings.items():
+        if name != "total":
+            t += duration
+            bounds.append((name, t))
+    bounds.append(("end", math.inf))
+    peaks: dict[str, float] = {}
+    for when, pss, _ in samples:
+        if not pss:  # the process was exiting
+            continue
+        name = next(n for n, until in bounds if when <= until)
+        peaks[name] = max(peaks.get(name, 0.0), pss / 2**20)
+    return peaks
 
 
 def main() -> None:
@@ -76,6 +101,7 @@ def main() -> None:
         print(f"{name}: {w}×{h}, {m['tiles']} tiles, {m['seconds']:.0f} s, peak PSS {m['peak_pss_mib']:.0f} MiB "
               f"(RSS sum {m['peak_rss_mib']:.0f} MiB), "
               f"tissue+tiling {m['tissue_and_tiling_s']:.1f} s")
+        print("  peak PSS by stage: " + ", ".join(f"{k} {v:.0f}" for k, v in m["peak_pss_by_stage_mib"].items()) + " MiB")
     print(f"peak PSS large ÷ small: {out['ratio_large_to_small']:.3f}")
 
 
