@@ -35,6 +35,7 @@ from .export.geojson import write_evidence
 from .export.ome_zarr import EvidenceStore, write_probabilities
 from .export.overview import class_heatmap, write_overview
 from .export.tiles import TileRecord, TileWriter
+from .heap import release_freed_memory
 from .inference import BatchResult, Predictor, default_batch_size, default_workers
 from .slide import MppOverrides, SlideRef, open_slide, read_mpp_csv
 from .stitching import EvidenceStitcher
@@ -178,6 +179,7 @@ def process_slide(
         dimensions = slide.dimensions
     Image.fromarray(tissue.thumbnail).save(work_dir / "thumbnail.png")
     Image.fromarray(tissue.mask.astype(np.uint8) * 255).save(work_dir / "tissue.png")
+    release_freed_memory()  # the thumbnail's read blocks and the mask's temporaries
     with timer.stage("tiling"):
         grid = plan_tiles(dimensions, downsample, tissue.mask, cfg.tiling, mpp=mpp, tile_size=tile_size)
 
@@ -383,6 +385,8 @@ def run_slide(
         log.debug("%s failed", path, exc_info=True)
         shutil.rmtree(partial, ignore_errors=True)
         return SlideResult(path, "failed", None, failure_reason(exc), time.perf_counter() - start)
+    finally:
+        release_freed_memory()  # a worker runs slide after slide
     return SlideResult(path, "done", out_dir, "", time.perf_counter() - start, report["tiles"]["count"], report)
 
 
