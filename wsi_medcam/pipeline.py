@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from shapely.geometry import Polygon, box
 
-from .batching import TileDataset, make_loader
+from .batching import TileDataset, make_loader, shared_with_readers
 from .bundles import Bundle, load_classifier, load_segmenter
 from .config import RunConfig
 from .errors import OutputError, WsiMedcamError
@@ -240,7 +240,8 @@ def process_slide(
                 progress(path.name, done, len(grid))
 
         try:
-            consume_behind(models.predictor.run(loader if len(grid) else []), consume)
+            with shared_with_readers():
+                consume_behind(models.predictor.run(loader if len(grid) else []), consume)
             if stitcher is not None:
                 stitcher.finish()
         finally:

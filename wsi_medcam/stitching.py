@@ -39,6 +39,7 @@ from shapely.geometry.base import BaseGeometry
 from shapely.ops import unary_union
 
 from .cpus import usable_cores
+from .heap import release_freed_memory
 from .tiling import TileGrid
 
 
@@ -360,6 +361,7 @@ class EvidenceStitcher:
         self._flush(before_canvas_row=math.inf)
 
     def _open_strip(self, index: int) -> None:
+        release_freed_memory()  # what the last strip's temporaries left in the threads' heaps
         self._strip = index
         self._blocks = {}  # the last chunk jobs of the previous strip keep theirs
         self._next_chunk_row = self._next_trace_row = self._last_row = 0
