@@ -226,14 +226,13 @@ def _finished(classes: np.ndarray, geoms: np.ndarray, simplify_px: float,
 @dataclass(frozen=True)
 class _Strip:
     """A vertical strip: output columns ``[x0, x1)`` (chunk-aligned), the canvas columns accumulated
-    for them ``[acc0, acc1)``, and the canvas columns traced ``[trace0, trace1)`` (the strips' trace
+    for them ``[start, acc1)``, and the canvas columns traced ``[start, trace1)`` (the strips' trace
     ranges partition the canvas; an accumulated range may reach one column into the next strip's)."""
 
     x0: int
     x1: int
-    acc0: int
+    start: int
     acc1: int
-    trace0: int
     trace1: int
 
 
@@ -334,10 +333,10 @@ class EvidenceStitcher:
         strip = self._strips[self._strip]
         x0, y0, soft = piece.x0, piece.y0, piece.soft
         h, w = soft.shape
-        if self._strip + 1 < len(self._strips) and x0 + w > (nxt := self._strips[self._strip + 1].acc0):
+        if self._strip + 1 < len(self._strips) and x0 + w > (nxt := self._strips[self._strip + 1].start):
             cut = max(0, nxt - x0)
             self._carry.append(_Piece(x0 + cut, y0, soft[:, cut:].copy(), piece.label, piece.score))
-        xs, xe = max(x0, strip.acc0), min(x0 + w, strip.acc1)
+        xs, xe = max(x0, strip.start), min(x0 + w, strip.acc1)
         b = self.block
         for by in range(y0 // b, (y0 + h - 1) // b + 1):
             for bx in range(xs // b, (xe - 1) // b + 1) if xs < xe else ():
@@ -519,13 +518,13 @@ class EvidenceStitcher:
         jobs = []
         for start, stop, open_left, open_right in _spans(sorted(k[1] for k in self._blocks if k[0] == block_row),
                                                          self.trace_blocks):
-            x0, x1 = max(start * b, strip.trace0), min(stop * b, strip.trace1)
+            x0, x1 = max(start * b, strip.start), min(stop * b, strip.trace1)
             if x0 >= x1:
                 continue
             _, label = self._canvas(block_row * b, (block_row + 1) * b, x0, x1)
             if not label.any():
                 continue
-            args = (label, x0, block_row * b, ds, open_left or (x0 == strip.trace0 and not first),
+            args = (label, x0, block_row * b, ds, open_left or (x0 == strip.start and not first),
                     open_right or (x1 == strip.trace1 and not last))
             if self._tracers is not None:
                 jobs.append(self._tracers.submit(_trace_wkb, *args))
@@ -533,7 +532,7 @@ class EvidenceStitcher:
                 jobs.append(Future())
                 jobs[-1].set_result(_trace_wkb(*args))
         seam = math.inf if last else strip.trace1 * ds
-        self._traces_in_flight.append((((block_row + 1) * b * ds, strip.trace0 * ds, seam), jobs))
+        self._traces_in_flight.append((((block_row + 1) * b * ds, strip.start * ds, seam), jobs))
 
     def _collect_traces(self, wait_until: int) -> None:
         """Add traced polygons per class and close their rows, in row order: every row whose spans
@@ -560,7 +559,7 @@ def _strips(out_w: int, chunk: int, fx: float, canvas_w: int, strip_px: int) -> 
         last = s == len(edges) - 2
         # output px x samples canvas column floor((x + 0.5) · fx)
         acc1 = canvas_w if last else max(math.floor((edges[s + 1] - 0.5) * fx) + 1, starts[s + 1])
-        strips.append(_Strip(edges[s], edges[s + 1], starts[s], acc1, starts[s], starts[s + 1]))
+        strips.append(_Strip(edges[s], edges[s + 1], starts[s], acc1, starts[s + 1]))
     return strips
 
 
