@@ -130,8 +130,9 @@ def test_stitcher_matches_dense_reference(downsample, out_scale, overlap, tracer
 @pytest.mark.parametrize("strip", [None, 1, 2])
 def test_store_pyramid_built_while_streaming_equals_a_dense_2x2_mean(strip, tmp_path):
     """Rows announced complete grow the pyramid during streaming, across the whole width or strip by
-    strip (``strip`` chunk columns); a patch afterwards (here one that clears a region) is redone
-    above it. Each level must equal a dense 2×2 mean (labels: top-left)."""
+    strip (``strip`` chunk columns), from the halves kept as chunks are written (nothing is read
+    back); a patch afterwards (here one that clears a region) is redone above it. Each level must
+    equal a dense 2×2 mean (labels: top-left)."""
     import zarr
 
     from wsi_medcam.export.ome_zarr import EvidenceStore
@@ -157,6 +158,7 @@ def test_store_pyramid_built_while_streaming_equals_a_dense_2x2_mean(strip, tmp_
             store.rows_complete(cy // chunk + 1, (c0, c1))
     if strip:  # the first strips' columns reached the top levels before finalize
         assert store._complete[-1].min() == store._rows(len(store.shapes) - 1)
+    assert not any(store._halves), "every chunk's half was used once its parent was final"
     cut = np.s_[20:600, 30:560]  # refinement-style patch after streaming: unaligned, clearing whole parents
     evidence[cut] = 0
     labels[cut] = 0

@@ -87,10 +87,17 @@ def _trace(label: np.ndarray, x0: int, y0: int, scale: float, *, open_left: bool
     px per canvas px. A region may continue where it touches the top or bottom edge, and the left or
     right edge unless ``open_left`` / ``open_right`` says nothing lies beyond it."""
     h, w = label.shape
-    offset = np.array([x0, y0], np.float64)
-    for geom, value in features.shapes(label, mask=label > 0, connectivity=4):
+    rows, cols = np.flatnonzero(label.any(1)), np.flatnonzero(label.any(0))
+    if not len(rows):
+        return
+    # polygonize only the bounding box of the evidence: GDAL's cost follows the array's area, and
+    # evidence usually covers a small part of a span
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    offset = np.array([x0 + c0, y0 + r0], np.float64)
+    box_label = label[r0:r1, c0:c1]
+    for geom, value in features.shapes(box_label, mask=box_label > 0, connectivity=4):
         shell = np.asarray(geom["coordinates"][0], np.float64)
-        xs, ys = shell[:, 0], shell[:, 1]
+        xs, ys = shell[:, 0] + c0, shell[:, 1] + r0
         on_border = bool(ys.min() <= 0 or ys.max() >= h or (open_left and xs.min() <= 0)
                          or (open_right and xs.max() >= w))
         rings = [(np.asarray(r, np.float64) + offset) * scale for r in geom["coordinates"]]

@@ -1,9 +1,10 @@
 """OME-NGFF 0.4 stores on Zarr v2 — the combination QuPath 0.6+ (Bio-Formats) and napari read.
 
 The evidence image is written chunk by chunk while tiles stream in (see
-:mod:`wsi_medcam.stitching`); its pyramid is then built level by level from the chunks that
-exist, reading one 2×2 group of chunks at a time, so no level is ever held in memory and
-background chunks are neither read nor written. Metadata goes through ome-zarr-py with
+:mod:`wsi_medcam.stitching`). Each chunk written is also halved at once, and a pyramid chunk is
+assembled from its four children's halves as soon as they are final, so the pyramid is built
+without reading anything back, no level is ever held in memory (only the halves of chunks whose
+parent is not final yet), and background chunks are neither read nor written. Metadata goes through ome-zarr-py with
 ``FormatV04`` so the layout is the library's, not ours.
 """
 
@@ -69,17 +70,25 @@ def pyramid_shapes(shape: tuple[int, int], min_size: int) -> list[tuple[int, int
 
 
 def _halve_mean(block: np.ndarray) -> np.ndarray:
-    """2×2 area mean; an odd trailing row/column is averaged with itself."""
+    """2×2 area mean, rounded half up; an odd trailing row/column is averaged with itself."""
     h, w = block.shape
     if h % 2 or w % 2:
         block = np.pad(block, ((0, h % 2), (0, w % 2)), mode="edge")
-    b = block.astype(np.uint16)  # four strided adds: several times faster than a reshaped sum
-    return ((b[0::2, 0::2] + b[1::2, 0::2] + b[0::2, 1::2] + b[1::2, 1::2] + 2) >> 2).astype(np.uint8)
+    b = block.astype(np.uint16)
+    rows = b[0::2] + b[1::2]  # pairs of rows, then of columns: 1.5× faster than four strided slices
+    total = rows[:, 0::2] + rows[:, 1::2]
+    total += 2
+    total >>= 2
+    return total.astype(np.uint8)
 
 
 def _halve_nearest(block: np.ndarray) -> np.ndarray:
-    """Nearest-neighbour halving for labels (no invented class values)."""
-    return block[0::2, 0::2]
+    """Nearest-neighbour halving for labels (no invented class values); a copy, not a view that
+    would keep the whole block alive."""
+    return block[0::2, 0::2].copy()
+
+
+_Half = tuple[np.ndarray, "np.ndarray | None"]  # a chunk halved: evidence, and labels (None: none set)
 
 
 class EvidenceStore:
@@ -112,22 +121,31 @@ class EvidenceStore:
         label_group = self.root.create_group("labels").create_group(LABEL_NAME)
         self._image = [_create(self.root, str(i), (1, *s), (1, chunk, chunk), "uint8") for i, s in enumerate(self.shapes)]
         self._labels = [_create(label_group, str(i), (1, *s), (1, chunk, chunk), "uint8") for i, s in enumerate(self.shapes)]
-        self._chunks: list[set[tuple[int, int]]] = [set() for _ in self.shapes]  # non-empty chunks not yet downsampled
+        # per level: halves (evidence, labels or None) of the non-empty chunks whose parent is not built yet
+        self._halves: list[dict[tuple[int, int], _Half]] = [{} for _ in self.shapes]
         # per level and chunk column: how many chunk rows are final
         self._complete = [np.zeros(math.ceil(w / chunk), np.int64) for _, w in self.shapes]
         self._patched: set[tuple[int, int]] = set()
         self._lock = threading.Lock()
 
     def write(self, y: int, x: int, evidence: np.ndarray, labels: np.ndarray) -> None:
-        """Store one chunk-aligned level-0 block."""
+        """Store one chunk-aligned level-0 block (from the stitcher's writer threads)."""
         if y % self.chunk or x % self.chunk:
             raise ValueError(f"write at ({y}, {x}) is not aligned to chunks of {self.chunk}")
+        self._store(0, y // self.chunk, x // self.chunk, evidence, labels)
+
+    def _store(self, level: int, cy: int, cx: int, evidence: np.ndarray, labels: np.ndarray) -> None:
+        """Write one non-empty chunk of ``level`` and keep its half for the level above."""
         h, w = evidence.shape
-        self._image[0][0, y : y + h, x : x + w] = evidence
-        if labels.any():
-            self._labels[0][0, y : y + h, x : x + w] = labels
-        with self._lock:  # chunk writer threads
-            self._chunks[0].add((y // self.chunk, x // self.chunk))
+        y, x = cy * self.chunk, cx * self.chunk
+        self._image[level][0, y : y + h, x : x + w] = evidence
+        any_label = bool(labels.any())
+        if any_label:
+            self._labels[level][0, y : y + h, x : x + w] = labels
+        if level + 1 < len(self.shapes):
+            half = (_halve_mean(evidence), _halve_nearest(labels) if any_label else None)
+            with self._lock:  # writer threads
+                self._halves[level][(cy, cx)] = half
 
     def rows_complete(self, rows: int, cols: tuple[int, int] | None = None) -> None:
         """Level-0 chunk rows ``[0, rows)`` of chunk columns ``[cols[0], cols[1])`` (default: all) are
@@ -146,9 +164,9 @@ class EvidenceStore:
             if not (ready > done).any():
                 break
             with self._lock:
-                children = {(cy, cx) for cy, cx in self._chunks[level - 1] if 2 * done[cx // 2] <= cy < 2 * ready[cx // 2]}
-                self._chunks[level - 1] -= children  # used up: the sets stay as small as a few rows
-            self._chunks[level] |= self._downsample(level, children)
+                children = {k: self._halves[level - 1].pop(k) for k in list(self._halves[level - 1])
+                            if 2 * done[k[1] // 2] <= k[0] < 2 * ready[k[1] // 2]}
+            self._build(level, children)
             self._complete[level] = np.maximum(done, ready)
 
     def _rows(self, level: int) -> int:
@@ -161,7 +179,7 @@ class EvidenceStore:
         self.rows_complete(self._rows(0))
         patched = self._patched
         for level in range(1, len(self.shapes)):
-            patched = self._downsample(level, patched, keep_empty=True)
+            patched = self._redo_above(level, patched)
         mpps = [self.mpp * 2**i for i in range(len(self.shapes))]
         fmt = FormatV04()
         write_multiscales_metadata(self.root, _datasets(mpps), fmt=fmt, axes=AXES, name=self.name)
@@ -194,28 +212,42 @@ class EvidenceStore:
         """The smallest pyramid level (at most ``min_size`` px per side), for previews."""
         return self._image[-1][0]
 
-    def _downsample(self, level: int, below: set[tuple[int, int]], keep_empty: bool = False) -> set[tuple[int, int]]:
-        """Rebuild the level-``level`` chunks above the ``below`` chunks of the level under it; returns
-        the chunks written. Empty ones are skipped, or written (clearing stale data) if ``keep_empty``."""
-        c = self.chunk
-        parents = {(cy // 2, cx // 2) for cy, cx in below}
-        done: set[tuple[int, int]] = set()
+    def _build(self, level: int, children: dict[tuple[int, int], _Half]) -> None:
+        """Assemble and write the level-``level`` chunks above ``children`` (the halves of chunks of
+        the level below; absent children are empty)."""
+        c, half = self.chunk, self.chunk // 2
         h, w = self.shapes[level]
+        parents: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for cy, cx in children:
+            parents.setdefault((cy // 2, cx // 2), []).append((cy, cx))
+        for (py, px), kids in sorted(parents.items()):
+            eh, ew = min(c, h - py * c), min(c, w - px * c)
+            evidence, labels = np.zeros((eh, ew), np.uint8), np.zeros((eh, ew), np.uint8)
+            for cy, cx in kids:
+                ev, lab = children[(cy, cx)]
+                dy, dx = (cy % 2) * half, (cx % 2) * half
+                evidence[dy : dy + ev.shape[0], dx : dx + ev.shape[1]] = ev
+                if lab is not None:
+                    labels[dy : dy + lab.shape[0], dx : dx + lab.shape[1]] = lab
+            if evidence.any():
+                self._store(level, py, px, evidence, labels)
+
+    def _redo_above(self, level: int, below: set[tuple[int, int]]) -> set[tuple[int, int]]:
+        """After patches: rebuild the level-``level`` chunks above the ``below`` chunks of the level
+        under it from what that level holds now (read back), writing empty ones too (clearing stale
+        data); returns the chunks rebuilt."""
+        c = self.chunk
+        h, w = self.shapes[level]
+        parents = {(cy // 2, cx // 2) for cy, cx in below if cy // 2 * c < h and cx // 2 * c < w}
         for cy, cx in sorted(parents):
             y0, x0 = cy * c, cx * c
-            if y0 >= h or x0 >= w:
-                continue
             src = (0, slice(2 * y0, 2 * y0 + 2 * c), slice(2 * x0, 2 * x0 + 2 * c))
             evidence = _halve_mean(self._image[level - 1][src])
             labels = _halve_nearest(self._labels[level - 1][src])
-            if not keep_empty and not evidence.any():
-                continue
             eh, ew = evidence.shape
             self._image[level][0, y0 : y0 + eh, x0 : x0 + ew] = evidence
-            if keep_empty or labels.any():
-                self._labels[level][0, y0 : y0 + eh, x0 : x0 + ew] = labels
-            done.add((cy, cx))
-        return done
+            self._labels[level][0, y0 : y0 + eh, x0 : x0 + ew] = labels
+        return parents
 
 
 def write_probabilities(
