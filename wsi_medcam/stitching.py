@@ -433,10 +433,9 @@ class EvidenceStitcher:
                 xs, xe = max(x0, bx * b), min(x1, (bx + 1) * b)
                 src = (slice(ys - by * b, ye - by * b), slice(xs - bx * b, xe - bx * b))
                 dst = (slice(ys - y0, ye - y0), slice(xs - x0, xe - x0))
-                weight = blk.weight[src]
-                mean = np.divide(blk.total[src], weight, out=np.zeros_like(blk.total[src]), where=weight > 0)
-                soft[dst] = mean
-                label[dst] = np.where(mean >= 0.5, blk.label[src], 0)
+                mean = soft[dst]  # a pixel no tile covered has total 0: dividing by 1 leaves it 0
+                np.divide(blk.total[src], np.maximum(blk.weight[src], 1), out=mean)
+                np.copyto(label[dst], blk.label[src], where=mean >= 0.5)
         return soft, label
 
     # -- flushing -------------------------------------------------------------------------------
@@ -508,11 +507,13 @@ class EvidenceStitcher:
                      y0: int, x0: int) -> bool:
         """Resample one output chunk from the canvas (nearest) and write it; False if it is empty."""
         soft, label = self._canvas(rows[0], rows[-1] + 1, cols[0], cols[-1] + 1, blocks)
-        if not soft.any():
+        soft *= 255  # quantise on the canvas, then resample
+        evidence = np.rint(soft, out=soft).astype(np.uint8)
+        if not evidence.any():
             return False
-        evidence = np.rint(soft * 255).astype(np.uint8)  # quantise on the canvas, then resample
         r, c = rows - rows[0], cols - cols[0]
-        self.writer.write(y0, x0, evidence.take(r, 0).take(c, 1), label.take(r, 0).take(c, 1))
+        labels = _nearest(label, r, c) if label.any() else np.zeros((len(r), len(c)), np.uint8)
+        self.writer.write(y0, x0, _nearest(evidence, r, c), labels)
         return True
 
     def _trace_block_row(self, block_row: int) -> None:
@@ -568,6 +569,22 @@ def _strips(out_w: int, chunk: int, fx: float, canvas_w: int, strip_px: int) -> 
         acc1 = canvas_w if last else max(math.floor((edges[s + 1] - 0.5) * fx) + 1, starts[s + 1])
         strips.append(_Strip(edges[s], edges[s + 1], starts[s], acc1, starts[s + 1]))
     return strips
+
+
+def _nearest(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``image[rows][:, cols]`` for a uint8 ``image``: a nearest-neighbour resampling."""
+    out = image.take(rows, 0)  # whole rows: cheap
+    k = len(cols) // image.shape[1]
+    if k in _SPREAD and len(cols) == k * image.shape[1] and np.array_equal(cols, np.arange(len(cols)) // k):
+        # each pixel repeated k times across (an integer upsampling, e.g. tiles at 0.5 µm/px written
+        # at a 0.25 µm/px slide's level 0): a k-byte integer v·0x0101… holds k copies of byte v,
+        # whatever the byte order; 10× faster than a gather on a 1024² chunk
+        dtype, spread = _SPREAD[k]
+        return (out.astype(dtype) * spread).view(np.uint8)
+    return out.take(cols, 1)
+
+
+_SPREAD = {k: (np.dtype(f"u{k}"), np.array(int("01" * k, 16), f"u{k}")) for k in (2, 4, 8)}
 
 
 _Traced = tuple[np.ndarray, np.ndarray, np.ndarray]
