@@ -4,7 +4,8 @@
 
 (a) the bare models on pre-made uint8 tensors in memory: classifier alone, then classifier +
 segmenter (+ the certification forwards the pipeline also does), at the pipeline's batch size,
-device and precision; (b) the full ``run`` pipeline on the slide (reading, tissue, tiling,
+device, precision and model streams (on a CPU also one batch at a time over all cores, the
+pre-streams way, for comparison); (b) the full ``run`` pipeline on the slide (reading, tissue, tiling,
 inference, stitching, pyramid, GeoJSON, reports). The two alternate ``--repeats`` times, so a
 shared machine's drifting load hits both; prints the median tiles/s of each, the ratio pipeline ÷
 bare models, time per stage and peak RSS (this process and its reader processes).
@@ -44,13 +45,19 @@ def cpu_seconds() -> float:
 
 
 def bare_tiles_per_second(predictor: Predictor, tiles: torch.Tensor, seconds: float) -> tuple[float, float]:
-    """Batches of the same in-memory tiles through ``predictor`` for about ``seconds``;
-    (tiles/s, CPU s per tile)."""
-    predictor.predict(tiles)  # warm-up (oneDNN kernels, autocast caches)
+    """Batches of the same in-memory tiles through ``predictor.run`` (so as many batches at once
+    as its streams, like the pipeline) for about ``seconds``; (tiles/s, CPU s per tile)."""
+    indices = torch.arange(len(tiles))
+    for _ in predictor.run([(tiles, indices)] * predictor.streams):  # warm-up (oneDNN kernels, autocast caches)
+        pass
     done, start, cpu = 0, time.perf_counter(), cpu_seconds()
-    while time.perf_counter() - start < seconds:
-        predictor.predict(tiles)
-        done += len(tiles)
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while time.perf_counter() - start < seconds:
+            yield tiles, indices
+
+    for result in predictor.run(batches()):
+        done += len(result.indices)
     return done / (time.perf_counter() - start), (cpu_seconds() - cpu) / done
 
 
@@ -141,6 +148,9 @@ def main() -> None:
     classifier_only = Predictor(models.classifier, None, cfg.inference.model_copy(update={"certify_fills": ()}))
     clf_only = bare_tiles_per_second(classifier_only, tiles, args.bare_seconds / 2)
     bare = {"classifier": clf_only[0]}
+    if predictor.streams > 1:  # for comparison: one batch at a time over all cores (torch's default threads)
+        one_batch = Predictor(models.classifier, models.segmenter, cfg.inference.model_copy(update={"streams": 1}))
+        bare["classifier+segmenter, one batch at a time"] = bare_tiles_per_second(one_batch, tiles, args.bare_seconds / 2)[0]
     runs = []
     for _ in range(args.repeats):  # bare models and pipeline alternate, so drifting machine load hits both
         reference, reference_cpu = bare_tiles_per_second(predictor, tiles, args.bare_seconds / 2) if args.segmenter else clf_only
@@ -169,7 +179,8 @@ def main() -> None:
         "precision": str(predictor.dtype or "fp32"),
         "batch_size": batch,
         "workers": result.report["parameters"]["readers"],
-        "torch_threads": torch.get_num_threads(),
+        "streams": predictor.streams,
+        "torch_threads": predictor.threads_per_stream if predictor.streams > 1 else torch.get_num_threads(),
         "tiles": n,
         "bare_tiles_per_s": bare,
         "pipeline_tiles_per_s": median["pipeline_tiles_per_s"],
@@ -186,7 +197,7 @@ def main() -> None:
         print(json.dumps(figures, indent=2))
         return
     print(f"device {figures['device']} {figures['gpu'] or ''} precision {figures['precision']} batch {batch} "
-          f"workers {figures['workers']} threads {figures['torch_threads']}")
+          f"workers {figures['workers']} streams {figures['streams']} threads {figures['torch_threads']}")
     for name, value in bare.items():
         print(f"bare {name:>22}: {value:8.1f} tiles/s")
     print(f"pipeline (whole run)         : {figures['pipeline_tiles_per_s']:8.1f} tiles/s  ({n} tiles)")

@@ -203,7 +203,8 @@ def test_demo_end_to_end_small(tmp_path):
 
 
 def test_optimised_run_matches_plain_run(tmp_path, trained, sources):
-    """bf16 + channels-last + 2 reader processes gives the same predictions and near-identical masks as fp32, 1 process."""
+    """bf16 + channels-last + 2 reader processes + 2 model streams gives the same predictions and near-identical
+    masks as fp32, 1 process, one batch at a time."""
     import csv
 
     import zarr
@@ -214,8 +215,8 @@ def test_optimised_run_matches_plain_run(tmp_path, trained, sources):
     slide = tmp_path / "planted.tif"
     build_slide(slide, sources, tile_size=TILE, grid=6, mpp=0.5, seed=3)
     outputs = {}
-    for name, flags in {"plain": ["--precision", "fp32", "--workers", "0"],
-                        "optimised": ["--precision", "bf16", "--workers", "2", "--batch-size", "8"]}.items():
+    for name, flags in {"plain": ["--precision", "fp32", "--workers", "0", "--streams", "1"],
+                        "optimised": ["--precision", "bf16", "--workers", "2", "--streams", "2", "--batch-size", "4"]}.items():
         result = runner.invoke(app, ["run", str(slide), "--classifier", str(root / "clf"), "--segmenter",
                                      str(root / "cam" / "segmenter"), "-o", str(tmp_path / name), *flags])
         assert result.exit_code == 0, result.output

@@ -127,11 +127,12 @@ def run(
     tile_size: Annotated[Optional[int], typer.Option(help="override the classifier's tile size, px (warns)")] = None,
     overlap: Annotated[Optional[int], typer.Option(help="tile overlap, px at the tile resolution")] = None,
     min_tissue: Annotated[Optional[float], typer.Option(help="minimum tissue fraction of a kept tile, 0–1")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="tiles per batch (default 256 on CUDA, 16 on CPU)")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="tiles per batch (default 256 on CUDA, 8 per stream on CPU)")] = None,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader reader processes")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (per model stream)")] = None,
+    streams: Annotated[Optional[int], typer.Option(help="on a CPU, batches in the models at once (default: one per core)")] = None,
     mask_mpp: Annotated[Optional[float], typer.Option(help="µm/px of the evidence store's level 0 (default: the slide's)")] = None,
     explainer: Annotated[Optional[str], typer.Option(help="medcam (needs --segmenter), gradcam, gradcam++, hirescam, layercam, scorecam")] = None,
     refine: Annotated[Optional[int], typer.Option(help="refine the K most confident tiles per class with per-image Med-CAM")] = None,
@@ -155,7 +156,8 @@ def run(
         "slide.backend": backend, "slide.mpp": mpp, "slide.mpp_csv": mpp_csv,
         "tiling.mpp": tile_mpp, "tiling.tile_size": tile_size, "tiling.overlap": overlap, "tiling.min_tissue": min_tissue,
         "inference.batch_size": batch_size, "inference.workers": workers, "inference.device": device,
-        "inference.precision": precision, "inference.threads": threads, "inference.explainer": explainer, "inference.refine": refine,
+        "inference.precision": precision, "inference.threads": threads,
+        "inference.streams": streams, "inference.explainer": explainer, "inference.refine": refine,
         "output.mask_mpp": mask_mpp, "output.overwrite": overwrite or None,
     }
     try:
@@ -167,10 +169,11 @@ def run(
         if manifests and mpp_csv is None:
             overrides["slide.mpp_csv"] = manifests[0]
         client = None
-        if dask and threads is None:
+        if dask and threads is None and streams is None:  # the workers share this machine's cores: cores ÷ N single-threaded streams each
             from .distributed import parse_local
 
-            overrides["inference.threads"] = max(1, (os.cpu_count() or 1) // parse_local(dask))
+            overrides["inference.threads"] = 1
+            overrides["inference.streams"] = max(1, (os.cpu_count() or 1) // parse_local(dask))
         cfg = RunConfig.from_yaml(config, {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()})
         if dask or scheduler or slurm:  # dask is imported only when asked for (memory of plain runs)
             from .distributed import client_for

@@ -56,11 +56,14 @@ class InferenceConfig(_Frozen):
     """How the models are driven."""
 
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    batch_size: int | None = Field(None, ge=1, description="tiles per batch; None: 256 on CUDA, 16 on CPU")
+    batch_size: int | None = Field(None, ge=1, description="tiles per batch; None: 256 on CUDA, 8 per stream on CPU")
     workers: int | None = Field(None, ge=0, le=64, description="DataLoader reader processes; None: 1 per 4 CPU cores on CPU (at least 1), all cores but 2 (at most 8) on CUDA")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
-    threads: int | None = Field(None, ge=1, description="torch CPU threads; None: torch's default")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (per stream when streams > 1); None: torch's "
+                                "default, or 1 per stream")
+    streams: int | None = Field(None, ge=1, le=256, description="on a CPU, batches in the models at once; None: one per "
+                                "`threads` cores (one per core by default); always 1 on CUDA and with Grad-CAM explainers")
     explainer: Literal["medcam", "gradcam", "gradcam++", "hirescam", "layercam", "scorecam"] = "medcam"
     refine: int = Field(0, ge=0, description="refine the K most confident tiles per class with per-image Med-CAM")
     refine_steps: int = Field(40, ge=1, description="per-image steps of each refined tile")

@@ -1,0 +1,70 @@
+"""Model streams on a CPU: several batches in the models at once give what one at a time gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from wsi_medcam.bundles import load_classifier, load_segmenter
+from wsi_medcam.config import InferenceConfig
+from wsi_medcam.cpus import usable_cores
+from wsi_medcam.inference import Predictor, default_streams
+
+
+@pytest.fixture(scope="module")
+def models(bundles):
+    clf, seg = bundles
+    return load_classifier(clf), load_segmenter(seg)
+
+
+def _batches(n: int, size: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randint(0, 256, (size, 3, 224, 224), dtype=torch.uint8, generator=gen),
+             torch.arange(k * size, (k + 1) * size)) for k in range(n)]
+
+
+def test_streams_give_the_same_results_in_order(models):
+    clf, seg = models
+    batches = _batches(5)
+    one = list(Predictor(clf, seg, InferenceConfig(device="cpu", precision="fp32", streams=1)).run(batches))
+    streamed = Predictor(clf, seg, InferenceConfig(device="cpu", precision="fp32", streams=3))
+    assert streamed.streams == 3 and streamed.threads_per_stream == 1
+    many = list(streamed.run(iter(batches)))
+    assert [r.indices.tolist() for r in many] == [b[1].tolist() for b in batches]
+    for a, b in zip(one, many):
+        np.testing.assert_allclose(a.probs, b.probs, atol=1e-5)
+        np.testing.assert_allclose(a.soft, b.soft, atol=1e-5)  # one torch thread instead of several: summation order
+        assert a.kept.keys() == b.kept.keys()
+
+
+def test_an_error_in_a_stream_is_raised_and_the_rest_is_dropped(models):
+    clf, seg = models
+    predictor = Predictor(clf, seg, InferenceConfig(device="cpu", precision="fp32", streams=2, certify_fills=()))
+    batches = _batches(8)
+    real, calls = predictor.predict, []
+
+    def predict(tiles):
+        calls.append(tiles)
+        if tiles is batches[1][0]:
+            raise RuntimeError("decoder broke")
+        return real(tiles)
+
+    predictor.predict = predict
+    results = predictor.run(batches)
+    assert next(results).indices.tolist() == [0, 1, 2, 3]
+    with pytest.raises(RuntimeError, match="decoder broke"):
+        next(results)
+    assert len(calls) <= 4  # the streams in flight, not all 8 batches
+
+
+def test_default_streams():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert default_streams(cpu, None) == usable_cores()
+    assert default_streams(cpu, 2) == max(1, usable_cores() // 2)
+    assert default_streams(cuda, None) == 1
+
+
+def test_gradcam_and_cuda_run_one_batch_at_a_time(models):
+    clf, _ = models
+    assert Predictor(clf, None, InferenceConfig(device="cpu", explainer="gradcam", streams=4)).streams == 1
