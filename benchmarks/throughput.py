@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from wsi_medcam.config import RunConfig
-from wsi_medcam.inference import Predictor, default_batch_size
+from wsi_medcam.inference import Outputs, Predictor, default_batch_size
 from wsi_medcam.pipeline import load_models, run_slide
 
 
@@ -65,9 +65,6 @@ def peak_rss_mib() -> dict[str, float]:
     """ru_maxrss of this process and of the largest finished child (DataLoader readers), MiB."""
     return {"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
-
-
-Outputs = tuple[np.ndarray, "np.ndarray | None", dict[str, np.ndarray]]
 
 
 @contextmanager

@@ -27,6 +27,7 @@ def _batches(n: int, size: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def test_streams_give_the_same_results_in_order(models):
     clf, seg = models
     batches = _batches(5)
+    threads = torch.get_num_threads()
     one = list(Predictor(clf, seg, InferenceConfig(device="cpu", precision="fp32", streams=1)).run(batches))
     streamed = Predictor(clf, seg, InferenceConfig(device="cpu", precision="fp32", streams=3))
     assert streamed.streams == 3 and streamed.threads_per_stream == 1
@@ -36,6 +37,7 @@ def test_streams_give_the_same_results_in_order(models):
         np.testing.assert_allclose(a.probs, b.probs, atol=1e-5)
         np.testing.assert_allclose(a.soft, b.soft, atol=1e-5)  # one torch thread instead of several: summation order
         assert a.kept.keys() == b.kept.keys()
+    assert torch.get_num_threads() == threads, "the streams' one torch thread each is not left as the default"
 
 
 def test_an_error_in_a_stream_is_raised_and_the_rest_is_dropped(models):

@@ -80,6 +80,10 @@ def default_streams(device: torch.device, threads: int | None) -> int:
     return max(1, usable_cores() // (threads or 1))
 
 
+Outputs = tuple[np.ndarray, "np.ndarray | None", dict[str, np.ndarray]]
+"""A batch's (probabilities, evidence or None, kept per fill), as :meth:`Predictor.predict` returns them."""
+
+
 @dataclass(frozen=True)
 class BatchResult:
     """Model outputs for one batch, on the CPU.
@@ -134,7 +138,7 @@ class Predictor:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def predict(self, tiles_uint8: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray]]:
+    def predict(self, tiles_uint8: torch.Tensor) -> Outputs:
         """(probabilities (B, C), evidence (B, H, W) or None, kept per fill) for uint8 tiles (B, 3, H, W)."""
         with torch.no_grad():
             x = tiles_uint8.to(self.device, non_blocking=True).float()
@@ -169,18 +173,26 @@ class Predictor:
             for tiles, indices in batches:
                 yield BatchResult(indices.numpy(), *self.predict(tiles))
             return
-        with ThreadPoolExecutor(self.streams, thread_name_prefix="wsi-medcam-model", initializer=torch.set_num_threads,
-                                initargs=(self.threads_per_stream,)) as pool:
-            pending: deque[tuple[torch.Tensor, Future[tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray]]]]] = deque()
-            try:
-                for tiles, indices in batches:
-                    pending.append((indices, pool.submit(self.predict, tiles)))
-                    if len(pending) >= self.streams:
-                        indices, result = pending.popleft()
-                        yield BatchResult(indices.numpy(), *result.result())
-                while pending:
+        threads = torch.get_num_threads()  # torch's setting is also a process-wide default for new threads
+        try:
+            with ThreadPoolExecutor(self.streams, thread_name_prefix="wsi-medcam-model", initializer=torch.set_num_threads,
+                                    initargs=(self.threads_per_stream,)) as pool:
+                yield from self._in_streams(pool, batches)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _in_streams(self, pool: ThreadPoolExecutor, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[BatchResult]:
+        """:meth:`run` with ``streams`` batches on ``pool`` at once, waiting for the oldest."""
+        pending: deque[tuple[torch.Tensor, Future[Outputs]]] = deque()
+        try:
+            for tiles, indices in batches:
+                pending.append((indices, pool.submit(self.predict, tiles)))
+                if len(pending) >= self.streams:
                     indices, result = pending.popleft()
                     yield BatchResult(indices.numpy(), *result.result())
-            finally:  # stopped early (an error downstream): skip the batches not started
-                for _, result in pending:
-                    result.cancel()
+            while pending:
+                indices, result = pending.popleft()
+                yield BatchResult(indices.numpy(), *result.result())
+        finally:  # stopped early (an error downstream): skip the batches not started
+            for _, result in pending:
+                result.cancel()
