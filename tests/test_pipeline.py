@@ -142,6 +142,10 @@ def test_report_records_slide_models_and_counts(cmu_run):
     assert report["models"]["segmenter"]["sha256"] == hashlib.sha256((seg / "model.safetensors").read_bytes()).hexdigest()
     assert {"open", "tissue", "tiling", "inference+stitching", "pyramid", "total"} <= set(report["timings_s"])
     assert "torch" in report["versions"]
+    from wsi_medcam.cpus import usable_cores
+
+    on_cpu = report["parameters"]["device"] == "cpu"  # default: a single-threaded stream per core, one on CUDA
+    assert report["parameters"]["streams"] == (usable_cores() if on_cpu else 1)
 
 
 def test_rerun_skips_and_overwrite_redoes(cmu_run):

@@ -299,7 +299,8 @@ def process_slide(
     report = {
         "slide": description,
         "parameters": {"tile_mpp": mpp, "tile_size": tile_size, "stride": grid.stride, "downsample": downsample,
-                       "batch_size": batch_size, "readers": workers, "device": str(models.predictor.device),
+                       "batch_size": batch_size, "readers": workers, "streams": models.predictor.streams,
+                       "device": str(models.predictor.device),
                        "precision": str(models.predictor.dtype or "fp32"), "config": cfg.model_dump(mode="json")},
         "models": {name: {"path": str(b.path), "sha256": b.sha256, "config": b.config.model_dump(mode="json")}
                    for name, b in (("classifier", models.classifier), ("segmenter", models.segmenter)) if b},
