@@ -33,7 +33,7 @@ from .config import RunConfig
 from .errors import OutputError, WsiMedcamError
 from .export.geojson import write_evidence
 from .export.ome_zarr import EvidenceStore, write_probabilities
-from .export.overview import class_heatmap, write_overview
+from .export.overview import class_heatmap, shrink_for_overview, write_overview
 from .export.tiles import TileRecord, TileWriter
 from .heap import release_freed_memory
 from .inference import BatchResult, Predictor, default_batch_size, default_workers
@@ -179,9 +179,12 @@ def process_slide(
         dimensions = slide.dimensions
     Image.fromarray(tissue.thumbnail).save(work_dir / "thumbnail.png")
     Image.fromarray(tissue.mask.astype(np.uint8) * 255).save(work_dir / "tissue.png")
-    release_freed_memory()  # the thumbnail's read blocks and the mask's temporaries
     with timer.stage("tiling"):
         grid = plan_tiles(dimensions, downsample, tissue.mask, cfg.tiling, mpp=mpp, tile_size=tile_size)
+    tissue_stats = {"mpp": tissue.mpp, "fraction": float(tissue.mask.mean()) if tissue.mask.size else 0.0}
+    overview_thumb, overview_tissue = shrink_for_overview(tissue.thumbnail, tissue.mask)
+    del tissue  # full-size thumbnail and mask grow with the slide's area; the overview needs only these
+    release_freed_memory()  # the thumbnail's read blocks and the mask's temporaries, before readers fork
 
     slide_key = f"{path.name}:{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
     out_mpp = cfg.output.mask_mpp or slide.mpp.mean
@@ -294,7 +297,7 @@ def process_slide(
     with timer.stage("overview"):
         rows = min(grid.grid_shape[0], max(1, round(height0 / grid.downsample / grid.stride)))
         cols = min(grid.grid_shape[1], max(1, round(width0 / grid.downsample / grid.stride)))
-        write_overview(work_dir / "overview.png", tissue.thumbnail, tissue.mask,
+        write_overview(work_dir / "overview.png", overview_thumb, overview_tissue,
                        class_heatmap(grid_probs[:, :rows, :cols], colors), evidence_thumb)
     report = {
         "slide": description,
@@ -304,7 +307,7 @@ def process_slide(
                        "precision": str(models.predictor.dtype or "fp32"), "config": cfg.model_dump(mode="json")},
         "models": {name: {"path": str(b.path), "sha256": b.sha256, "config": b.config.model_dump(mode="json")}
                    for name, b in (("classifier", models.classifier), ("segmenter", models.segmenter)) if b},
-        "tissue": {"mpp": tissue.mpp, "fraction": float(tissue.mask.mean()) if tissue.mask.size else 0.0},
+        "tissue": tissue_stats,
         "tiles": {"grid_shape": list(grid.grid_shape), "count": len(grid),
                   "per_class": {n: int(c) for n, c in zip(class_names, counts)}},
         "evidence": evidence_stats,

@@ -1,0 +1,32 @@
+"""The overview drawn from the panels a run keeps equals the one drawn from the full thumbnail."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from conftest import CMU, needs_data
+from wsi_medcam.config import TissueConfig
+from wsi_medcam.export.overview import class_heatmap, shrink_for_overview, write_overview
+from wsi_medcam.slide import open_slide
+from wsi_medcam.tissue import detect_tissue
+
+
+@needs_data
+def test_overview_from_shrunk_panels_equals_full_size(tmp_path):
+    with open_slide(CMU) as slide:  # at 2 µm/px the thumbnail is larger than a 512 px panel
+        tissue = detect_tissue(slide, TissueConfig(mpp=2.0))
+    h, w = tissue.mask.shape
+    assert max(h, w) > 512
+    rng = np.random.default_rng(0)
+    heatmap = class_heatmap(rng.dirichlet(np.ones(3), size=(20, 30)).transpose(2, 0, 1).astype(np.float32),
+                            [(255, 0, 0), (0, 255, 0), (0, 0, 255)])
+    evidence = (rng.random((h // 3, w // 3)) * 255).astype(np.uint8)
+
+    thumb, panel = shrink_for_overview(tissue.thumbnail, tissue.mask)
+    assert max(thumb.shape[:2]) == 512 and thumb.shape[:2] == panel.shape
+    assert set(np.unique(panel)) <= {0, 255} and 0.05 < (panel > 0).mean() < 0.95
+    write_overview(tmp_path / "full.png", tissue.thumbnail, tissue.mask, heatmap, evidence)
+    write_overview(tmp_path / "kept.png", thumb, panel, heatmap, evidence)
+    full, kept = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("full", "kept"))
+    assert full.shape == kept.shape and np.array_equal(full, kept)
