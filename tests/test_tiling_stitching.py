@@ -173,3 +173,30 @@ def test_store_pyramid_built_while_streaming_equals_a_dense_2x2_mean(strip, tmp_
         padded = np.pad(ref_e, ((0, ref_e.shape[0] % 2), (0, ref_e.shape[1] % 2)), mode="edge")
         ref_e = (padded[0::2, 0::2] + padded[1::2, 0::2] + padded[0::2, 1::2] + padded[1::2, 1::2] + 2) // 4
         ref_l = ref_l[0::2, 0::2]
+
+
+def test_store_chunk_files_are_the_bytes_zarr_writes(tmp_path):
+    """Streamed chunks bypass ``array[...] = block`` (zarr's event loop); the files must be exactly
+    what zarr itself writes for the same chunk, inside the array and where it ends."""
+    import zarr
+
+    from wsi_medcam.export.ome_zarr import EvidenceStore
+
+    h, w, chunk = 300, 200, 128
+    rng = np.random.default_rng(3)
+    evidence = (rng.random((h, w)) ** 4 * 255).astype(np.uint8)
+    labels = np.where(evidence > 200, 1, 0).astype(np.uint8)
+    kwargs = dict(shape=(h, w), mpp=0.5, chunk=chunk, min_size=64, class_names=["a"], colors=[(255, 0, 0)], name="t")
+    ours = EvidenceStore(tmp_path / "ours.ome.zarr", **kwargs)
+    EvidenceStore(tmp_path / "zarr.ome.zarr", **kwargs)
+    theirs = zarr.open_group(str(tmp_path / "zarr.ome.zarr"), mode="r+")
+    for y in range(0, h, chunk):
+        for x in range(0, w, chunk):
+            ours.write(y, x, evidence[y : y + chunk, x : x + chunk], labels[y : y + chunk, x : x + chunk])
+    theirs["0"][0] = evidence
+    theirs["labels/evidence/0"][0] = labels
+    files = sorted(p.relative_to(tmp_path / "zarr.ome.zarr") for p in (tmp_path / "zarr.ome.zarr").rglob("*")
+                   if p.is_file() and not p.name.startswith("."))
+    assert len(files) == 2 * 3 * 2  # evidence and labels, 3 × 2 chunks
+    for rel in files:
+        assert (tmp_path / "ours.ome.zarr" / rel).read_bytes() == (tmp_path / "zarr.ome.zarr" / rel).read_bytes(), rel
