@@ -10,10 +10,11 @@ freed. The part of a tile reaching into the next strip is kept (float32) until t
 therefore depends on the strip's width (and, for those carried parts, on the slide's height in
 tiles), never on the slide's width or area, and no level-0 canvas exists.
 
-Chunk resampling and writing (numpy and zarr compression, which release the GIL) run on a small
-thread pool and the pyramid on its own thread, a few chunk rows behind; tracing (GDAL's polygonize
-holds the GIL) runs in worker processes on many-core machines. The stitching thread then only
-accumulates, so on a GPU node it keeps up with the models.
+Chunk resampling and writing (numpy, Blosc compression and file writes, which release the GIL) run
+on a small thread pool and the pyramid on its own thread, a few chunk rows behind; tracing (GDAL's
+polygonize holds the GIL) runs in worker processes on many-core machines. The stitching thread then
+only accumulates: about 0.7 ms of GIL time per tile on a 2-core VM (py-spy), not yet measured
+against a GPU's pace.
 """
 
 from __future__ import annotations
