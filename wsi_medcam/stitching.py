@@ -23,6 +23,7 @@ import math
 import multiprocessing
 import struct
 import tempfile
+import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import IO, Protocol
 
 import numpy as np
+import rasterio
 import shapely
 from rasterio import features
 from scipy.sparse import coo_matrix
@@ -81,6 +83,17 @@ def _polygon_parts(geom: BaseGeometry) -> list[Polygon]:
     return [g for g in getattr(geom, "geoms", [geom]) if isinstance(g, Polygon) and not g.is_empty]
 
 
+_gdal = threading.local()
+
+
+def _enter_gdal_env() -> None:
+    """Open a GDAL environment for this thread, once, and keep it: without one, rasterio sets one up
+    and tears it down around every ``features.shapes`` call (0.8 of 2.6 ms on a 256 × 300 span)."""
+    if getattr(_gdal, "env", None) is None:
+        _gdal.env = rasterio.Env()
+        _gdal.env.__enter__()
+
+
 def _trace(label: np.ndarray, x0: int, y0: int, scale: float, *, open_left: bool = True,
            open_right: bool = True) -> Iterator[tuple[int, Polygon, bool]]:
     """(value, polygon in level-0 px, may continue beyond the array) for each 4-connected region of
@@ -96,6 +109,7 @@ def _trace(label: np.ndarray, x0: int, y0: int, scale: float, *, open_left: bool
     r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     offset = np.array([x0 + c0, y0 + r0], np.float64)
     box_label = label[r0:r1, c0:c1]
+    _enter_gdal_env()
     for geom, value in features.shapes(box_label, mask=box_label > 0, connectivity=4):
         shell = np.asarray(geom["coordinates"][0], np.float64)
         xs, ys = shell[:, 0] + c0, shell[:, 1] + r0
