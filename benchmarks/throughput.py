@@ -6,9 +6,10 @@
 segmenter (+ the certification forwards the pipeline also does), at the pipeline's batch size,
 device, precision and model streams (on a CPU also one batch at a time over all cores, the
 pre-streams way, for comparison); (b) the full ``run`` pipeline on the slide (reading, tissue, tiling,
-inference, stitching, pyramid, GeoJSON, reports). The two alternate ``--repeats`` times, so a
-shared machine's drifting load hits both; prints the median tiles/s of each, the ratio pipeline ÷
-bare models, time per stage and peak RSS (this process and its reader processes).
+inference, stitching, pyramid, GeoJSON, reports). The two alternate ``--repeats`` times, and each
+pipeline run is compared with the mean of the bare measurements just before and just after it, so
+a shared machine's load drifting during the run hits both; prints the median tiles/s of each, the
+ratio pipeline ÷ bare models, time per stage and peak RSS (this process and its reader processes).
 
 ``--ceiling`` adds (c): the pipeline once more with the models replaced by a stub that replays, at
 no cost, the models' outputs for the slide's first real batch (so masks and polygons are the real
@@ -148,9 +149,12 @@ def main() -> None:
     if predictor.streams > 1:  # for comparison: one batch at a time over all cores (torch's default threads)
         one_batch = Predictor(models.classifier, models.segmenter, cfg.inference.model_copy(update={"streams": 1}))
         bare["classifier+segmenter, one batch at a time"] = bare_tiles_per_second(one_batch, tiles, args.bare_seconds / 2)[0]
+    def measure_bare() -> tuple[float, float]:
+        return bare_tiles_per_second(predictor, tiles, args.bare_seconds / 2) if args.segmenter else clf_only
+
     runs = []
+    before = measure_bare()
     for _ in range(args.repeats):  # bare models and pipeline alternate, so drifting machine load hits both
-        reference, reference_cpu = bare_tiles_per_second(predictor, tiles, args.bare_seconds / 2) if args.segmenter else clf_only
         with tempfile.TemporaryDirectory() as tmp:
             start, cpu = time.perf_counter(), cpu_seconds()
             with first_batch_outputs(predictor) as first:
@@ -158,6 +162,9 @@ def main() -> None:
             wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
         if result.status != "done":
             sys.exit(f"pipeline failed: {result.reason}")
+        after = measure_bare()  # the reference brackets the run: a load drifting during it cancels out
+        reference, reference_cpu = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
+        before = after
         n, timings = result.tiles, result.report["timings_s"]
         runs.append({"bare_tiles_per_s": reference, "pipeline_tiles_per_s": n / wall,
                      "inference_stage_tiles_per_s": n / timings["inference+stitching"],
