@@ -149,6 +149,7 @@ def main() -> None:
     if predictor.streams > 1:  # for comparison: one batch at a time over all cores (torch's default threads)
         one_batch = Predictor(models.classifier, models.segmenter, cfg.inference.model_copy(update={"streams": 1}))
         bare["classifier+segmenter, one batch at a time"] = bare_tiles_per_second(one_batch, tiles, args.bare_seconds / 2)[0]
+
     def measure_bare() -> tuple[float, float]:
         return bare_tiles_per_second(predictor, tiles, args.bare_seconds / 2) if args.segmenter else clf_only
 

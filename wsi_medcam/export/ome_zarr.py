@@ -4,8 +4,8 @@ The evidence image is written chunk by chunk while tiles stream in (see
 :mod:`wsi_medcam.stitching`). Each chunk written is also halved at once, and a pyramid chunk is
 assembled from its four children's halves as soon as they are final, so the pyramid is built
 without reading anything back, no level is ever held in memory (only the halves of chunks whose
-parent is not final yet), and background chunks are neither read nor written. Metadata goes through ome-zarr-py with
-``FormatV04`` so the layout is the library's, not ours.
+parent is not final yet), and background chunks are neither read nor written. Metadata goes
+through ome-zarr-py with ``FormatV04`` so the layout is the library's, not ours.
 
 Streamed chunks are encoded with the array's own compressor and written to the chunk file zarr names
 for them (the same bytes zarr writes), not through ``array[...] = block``: zarr 3 runs every such
