@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import MissingMetadataError, ResolutionError, SlideOpenError, SlideReadError
+from .tiff_tiles import TiffTiles
 
 Backend = Literal["openslide", "tiffslide"]
 MPP_RANGE = (0.05, 5.0)
@@ -152,6 +153,8 @@ class Slide:
         self.close()
 
     def close(self) -> None:
+        if self.__dict__.get("_tiles") is not None:
+            self._tiles.close()
         self._handle.close()
 
     @property
@@ -189,8 +192,32 @@ class Slide:
                 best = level
         return best
 
+    @cached_property
+    def _tiles(self) -> TiffTiles | None:
+        """Direct tile reads where they give OpenSlide's pixels faster (see :mod:`.tiff_tiles`);
+        opened on first use, so in each reader process."""
+        if self.backend != "openslide":
+            return None
+        return TiffTiles.open(self.path, self.vendor, self.level_dimensions, self._reference_read)
+
+    def _reference_read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """The backend's read at level px (``x``, ``y``) of a level with an integer downsample."""
+        ds = round(self.level_downsamples[level])
+        return self._backend_read((x * ds, y * ds), level, (width, height))
+
     def read_level(self, xy_level0: tuple[int, int], level: int, size_level: tuple[int, int]) -> np.ndarray:
         """Raw region at ``level``: location in level-0 px, size in that level's px; RGB on white."""
+        x0, y0 = (int(v) for v in xy_level0)
+        ds = self.level_downsamples[level]
+        k = round(ds)
+        if k == ds and x0 % k == 0 and y0 % k == 0 and self._tiles is not None:
+            region = self._tiles.read(level, x0 // k, y0 // k, int(size_level[0]), int(size_level[1]))
+            if region is not None:
+                return region
+        return self._backend_read(xy_level0, level, size_level)
+
+    def _backend_read(self, xy_level0: tuple[int, int], level: int, size_level: tuple[int, int]) -> np.ndarray:
+        """:meth:`read_level` through OpenSlide or tiffslide."""
         try:
             region = self._handle.read_region(tuple(int(v) for v in xy_level0), level, tuple(int(v) for v in size_level))
         except Exception as exc:  # noqa: BLE001 - both backends raise their own hierarchies
@@ -221,6 +248,11 @@ class Slide:
             return self.read_level(xy_level0, level, (width, height))
         read_size = (max(1, round(width * scale)), max(1, round(height * scale)))
         rgb = self.read_level(xy_level0, level, read_size)
+        factor = read_size[0] // width
+        if read_size == (width * factor, height * factor):
+            # an integer factor (a 40× scan read for 20× tiles): PIL's reduce() is the same box mean,
+            # rounded once rather than after each axis, and 5× faster (0.37 against 1.85 ms on 448²)
+            return np.asarray(Image.fromarray(rgb).reduce(factor))
         return np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.BOX))
 
     def downsample_for(self, mpp: float, tolerance: float = 0.02) -> float:
