@@ -19,7 +19,7 @@ log="$out/log.txt"
 device=${DEVICE:-cuda} small=${SMALL:-32768} big=${BIG:-72000} steps=${STEPS:-30}
 site=/tmp/site
 if [ "${WHEELS:-yes}" = yes ]; then
-  python3 - "$site" .whl/*.whl <<'PY'  # wheels are zip files: unpacking them in parallel takes seconds, pip a minute
+  python3 - "$site" .whl/*.whl .whl/*.zip <<'PY'  # wheels are zip files: unpacking them in parallel takes seconds, pip a minute
 import sys, zipfile
 from concurrent.futures import ThreadPoolExecutor
 with ThreadPoolExecutor(8) as pool:

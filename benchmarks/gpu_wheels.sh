@@ -2,8 +2,9 @@
 # Fetch, HERE (where pip reaches an index), the wheels the GPU machine lacks into .whl/ for its
 # Python 3.12. Its image already has torch, torchvision, timm, numpy, pillow, tifffile, scikit-image,
 # scipy, safetensors, pyyaml, typer, rich, psutil, fsspec, toolz, cloudpickle, msgpack, click and
-# jinja2; tiffslide/imagecodecs (the fallback reader) are left out to stay under the 64 MiB a call
-# may carry. The shared CMU-1-Small-Region.svs goes along (../shared does not travel) as make_slide.py's
+# jinja2; tiffslide (the fallback reader) is left out, and imagecodecs goes as a slim zip of its JPEG,
+# LZW and deflate decoders (the direct tile reads of wsi_medcam/tiff_tiles.py: 2.5 of its 26 MB), to
+# stay under the 64 MiB a call may carry. The shared CMU-1-Small-Region.svs goes along (../shared does not travel) as make_slide.py's
 # source. Then: echo /.whl/ >> .git/info/exclude, and carry .whl to benchmarks/gpu_throughput.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,5 +20,19 @@ wheels=(  # the versions CI installs (pip list of .ci-venv)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "${wheels[@]}"
+tmp=$(mktemp -d)
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 -d "$tmp" imagecodecs==2026.3.6
+python3 - "$tmp"/imagecodecs-*.whl .whl/imagecodecs-2026.3.6-slim.zip <<'PY'
+import re, sys, zipfile
+keep = re.compile(r"^imagecodecs/(__init__\.py|imagecodecs\.py|_imagecodecs\.py|numcodecs\.py|py\.typed|licenses/.*"
+                  r"|_(jpeg8|imcd|zlib|deflate|shared|shared_cython)\.abi3\.so)$|^imagecodecs\.libs/lib(jpeg|deflate)-"
+                  r"|^imagecodecs-[^/]+\.dist-info/(METADATA|licenses/.*)$")
+with zipfile.ZipFile(sys.argv[1]) as whl, zipfile.ZipFile(sys.argv[2], "w", zipfile.ZIP_DEFLATED) as slim:
+    for item in whl.infolist():
+        if keep.search(item.filename):
+            slim.writestr(item, whl.read(item.filename))
+PY
+rm -rf "$tmp"
 cp "$(dirname "$0")/../../shared/data/slides/CMU-1-Small-Region.svs" .whl/  # the H&E source of make_slide.py
 du -sh .whl
