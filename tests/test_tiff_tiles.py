@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
+import tifffile
 
 from conftest import CMU, SLIDES, needs_data, write_pyramid
+from wsi_medcam.errors import SlideReadError
 from wsi_medcam.slide import open_slide
 from wsi_medcam.tiff_tiles import TiffTiles
 
@@ -110,3 +114,25 @@ def test_integer_factor_reads_are_the_rounded_box_mean(tmp_path, cmu_pixels):
         tile = slide.read_region_at((200, 300), 224, 0.5)
     mean = level0.reshape(224, 2, 224, 2, 3).mean(axis=(1, 3))
     np.testing.assert_array_equal(tile, np.floor(mean + 0.5).astype(np.uint8))
+
+
+def test_a_truncated_tile_still_fails_the_read_after_trust(tmp_path):
+    """The second half of one JPEG tile zeroed (an interrupted copy): libjpeg would fill it in
+    silently through imagecodecs; the read must fail as OpenSlide's does, even on a trusted level."""
+    path = tmp_path / "damaged.svs"
+    shutil.copy(CMU, path)
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        index = 40
+        offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
+        across = -(-page.shape[1] // page.tilewidth)
+        tile_y, tile_x = divmod(index, across)
+        x, y = tile_x * page.tilewidth + 10, tile_y * page.tilelength + 10
+    with open(path, "r+b") as fh:
+        fh.seek(offset + count // 2)
+        fh.write(bytes(count - count // 2))
+    with open_slide(path) as slide:
+        slide.read_level((1000, 1000), 0, (64, 64))  # an intact region earns trust first
+        assert 0 in slide._tiles.trusted_levels
+        with pytest.raises(SlideReadError, match="read failed at level 0"):
+            slide.read_level((x, y), 0, (64, 64))

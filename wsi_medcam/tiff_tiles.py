@@ -17,7 +17,10 @@ It must return exactly OpenSlide's pixels, so it steps aside wherever it might n
   back to OpenSlide for good.
 
 Outside the level, and where a tile is missing, pixels are white, as OpenSlide's transparent ones
-are once composited on white.
+are once composited on white. A damaged tile goes to OpenSlide, which reports it, where tifffile
+fails or the tile is visibly truncated (a short read, a JPEG without its end marker). What only
+libjpeg's warnings reveal (OpenSlide makes them errors; imagecodecs ignores them), such as flipped
+bits inside the compressed data, decodes to damaged pixels instead of an error once a level is trusted.
 """
 
 from __future__ import annotations
@@ -151,6 +154,10 @@ class TiffTiles:
         tile = None
         if size:
             data = os.pread(self._fd, size, int(page.dataoffsets[index]))
+            # libjpeg only warns about a truncated tile and fills it in, which imagecodecs accepts
+            # silently, where OpenSlide raises: refuse what a truncation leaves behind
+            if len(data) < size or (page.compression == 7 and not data.rstrip(b"\0").endswith(b"\xff\xd9")):
+                raise ValueError(f"tile {index} of level {level} is truncated")
             tile = page.decode(data, index, jpegtables=page.jpegtables)[0][0]
         with self._lock:
             self._cache[key] = tile
