@@ -82,7 +82,7 @@ class TiffTiles:
              reference: Reference) -> "TiffTiles | None":
         """Direct reads for ``path``'s levels (width, height as OpenSlide reports them), or None
         where no level qualifies."""
-        if vendor not in VENDORS:
+        if vendor not in VENDORS or not hasattr(os, "pread"):  # Windows has no pread: OpenSlide reads
             return None
         try:
             tif = tifffile.TiffFile(path)
