@@ -136,3 +136,24 @@ def test_a_truncated_tile_still_fails_the_read_after_trust(tmp_path):
         assert 0 in slide._tiles.trusted_levels
         with pytest.raises(SlideReadError, match="read failed at level 0"):
             slide.read_level((x, y), 0, (64, 64))
+
+
+def test_threads_share_a_bounded_cache():
+    """Readers on several threads (OpenSlide handles are thread-safe, so a Slide may be shared):
+    same pixels as OpenSlide, and the cache stays within its budget with exact accounting."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with open_slide(CMU) as slide:
+        tile_bytes = 240 * 240 * 3
+        tiles = TiffTiles.open(CMU, slide.vendor, slide.level_dimensions, slide._reference_read)
+        tiles._cache_bytes = 3 * tile_bytes  # three tiles: constant eviction
+        try:
+            corners = [(x, y) for y in range(0, 2700, 150) for x in range(0, 2000, 170)]
+            with ThreadPoolExecutor(4) as pool:
+                regions = list(pool.map(lambda c: tiles.read(0, *c, 200, 200), corners))
+            for (x, y), region in zip(corners, regions):
+                np.testing.assert_array_equal(region, slide._backend_read((x, y), 0, (200, 200)))
+            assert tiles.trusted_levels == {0}
+            assert tiles._cached == sum(t.nbytes for t in tiles._cache.values() if t is not None) <= 3 * tile_bytes
+        finally:
+            tiles.close()

@@ -160,8 +160,9 @@ class TiffTiles:
                 raise ValueError(f"tile {index} of level {level} is truncated")
             tile = page.decode(data, index, jpegtables=page.jpegtables)[0][0]
         with self._lock:
-            self._cache[key] = tile
-            self._cached += 0 if tile is None else tile.nbytes
+            if key not in self._cache:  # another thread may have decoded it meanwhile
+                self._cache[key] = tile
+                self._cached += 0 if tile is None else tile.nbytes
             while self._cached > self._cache_bytes and self._cache:
                 _, old = self._cache.popitem(last=False)
                 self._cached -= 0 if old is None else old.nbytes
