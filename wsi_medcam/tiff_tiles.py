@@ -111,10 +111,11 @@ class TiffTiles:
     def read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray | None:
         """RGB uint8 (height, width, 3) at ``level`` from level px (``x``, ``y``), or None where
         OpenSlide must read it (see the module docstring)."""
-        if level not in self._pages:
+        page = self._pages.get(level)  # one lookup: another thread may hand the level back meanwhile
+        if page is None:
             return None
         try:
-            region = self._assemble(self._pages[level], level, x, y, width, height)
+            region = self._assemble(page, level, x, y, width, height)
         except Exception:  # noqa: BLE001 - a tile tifffile cannot decode: OpenSlide reports it properly
             self._pages.pop(level, None)
             return None
