@@ -15,11 +15,9 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .bundles import ClassifierConfig, SegmenterConfig, import_classifier, make_segmenter
 from .config import RunConfig
 from .errors import WsiMedcamError
 from .inputs import expand_slides
-from .slide import MppOverrides, open_slide
 
 app = typer.Typer(
     help="Med-CAM minimal-evidence explanations for patch classifiers on whole-slide images.",
@@ -78,6 +76,8 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON document on stdout")] = False,
 ) -> None:
     """Show vendor, backend, levels, microns per pixel (and where it came from) and associated images."""
+    from .slide import MppOverrides, open_slide
+
     paths, _ = expand_slides(slides)
     if not paths:
         raise _fail("no slides matched")
@@ -227,6 +227,8 @@ def import_classifier_cmd(
     std: Annotated[str, typer.Option(help="normalisation std r,g,b")] = "0.229,0.224,0.225",
 ) -> None:
     """Convert a timm state_dict checkpoint into a classifier bundle (config.json + model.safetensors)."""
+    from .bundles import ClassifierConfig, import_classifier
+
     if (weights is None) == (not untrained):
         raise _fail("give exactly one of --weights FILE or --untrained")
     try:
@@ -253,7 +255,7 @@ def train_classifier_cmd(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Train a timm classifier (from scratch unless --weights) on labelled tiles and write its bundle."""
-    from .bundles import save_bundle
+    from .bundles import ClassifierConfig, save_bundle
     from .classifier_training import load_image_folder, train_classifier
 
     try:
@@ -295,6 +297,7 @@ def train_cam_cmd(
     from .bundles import load_classifier
     from .config import format_validation_error
     from .medcam.data import tiles_from_folder, tiles_from_slides
+    from .slide import MppOverrides
     from .medcam.train import CamTrainConfig, train_segmenter
 
     _setup_logging(verbose)
@@ -412,6 +415,8 @@ def make_segmenter_cmd(
     tile_size: Annotated[int, typer.Option(help="tile edge, px")] = 224,
 ) -> None:
     """Create an untrained Med-CAM segmenter bundle (U-Net, one logit channel), e.g. for tests."""
+    from .bundles import SegmenterConfig, make_segmenter
+
     try:
         path = make_segmenter(SegmenterConfig(encoder=encoder, tile_size=tile_size), out)
     except WsiMedcamError as exc:
