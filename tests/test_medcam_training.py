@@ -231,7 +231,10 @@ def test_optimised_run_matches_plain_run(tmp_path, trained, sources):
     assert union > 0 and inter / union > 0.9
 
 
-def test_run_refine_rewrites_only_the_refined_tiles(tmp_path, trained, sources):
+@pytest.mark.parametrize("stitchers", [0, 2])
+def test_run_refine_rewrites_only_the_refined_tiles(stitchers, tmp_path, trained, sources):
+    """Refined tiles are rewritten after streaming, in the store (and the pyramid above it) and in
+    the polygons; also when narrow strips were stitched in 2 processes."""
     import csv
 
     import zarr
@@ -242,8 +245,10 @@ def test_run_refine_rewrites_only_the_refined_tiles(tmp_path, trained, sources):
     _, _, _, _, root = trained
     slide = tmp_path / "planted.tif"
     build_slide(slide, sources, tile_size=TILE, grid=5, mpp=0.5, seed=4)
+    config = tmp_path / "strips.yaml"
+    config.write_text("output:\n  chunk_size: 128\n  strip_px: 128\n" if stitchers else "{}\n")
     common = ["--classifier", str(root / "clf"), "--segmenter", str(root / "cam" / "segmenter"), "--precision", "fp32",
-              "--workers", "0"]
+              "--workers", "0", "--stitchers", str(stitchers), "--config", str(config)]
     for name, extra in {"plain": [], "refined": ["--refine", "2"]}.items():
         result = runner.invoke(app, ["run", str(slide), *common, "-o", str(tmp_path / name), *extra])
         assert result.exit_code == 0, result.output

@@ -211,22 +211,30 @@ def test_coarser_mask_mpp_with_overlapping_tiles(tmp_path, bundles, built_pyrami
 
 def test_narrow_strips_change_the_tile_order_not_the_outputs(tmp_path, bundles):
     """The stitcher finishes the slide in vertical strips (memory bounded by their width): 256-px
-    strips, about 9 across the real slide with chunks of 256, must give the outputs of one strip."""
-    from shapely.geometry import shape
-    from shapely.ops import unary_union
-
+    strips, about 9 across the real slide with chunks of 256, must give the outputs of one strip,
+    and so must those strips stitched in 2 processes (every other strip each)."""
     clf, seg = bundles
     runs = {}
-    for name, strip_px in (("one", 4096), ("many", 256)):
+    for name, strip_px, stitchers in (("one", 4096, 0), ("many", 256, 0), ("processes", 256, 2)):
         config = tmp_path / f"{name}.yaml"
-        config.write_text(f"output:\n  chunk_size: 256\n  strip_px: {strip_px}\n")
+        config.write_text(f"output:\n  chunk_size: 256\n  strip_px: {strip_px}\n  stitchers: {stitchers}\n")
         result = _run(CMU, "--classifier", clf, "--segmenter", seg, "-o", tmp_path / name, "--workers", "0",
                       "--precision", "fp32", "--config", config)
         assert result.exit_code == 0, result.output
         runs[name] = tmp_path / name / CMU.stem
-    one, many = runs["one"], runs["many"]
-    order = [int(t["tile"]) for t in _tiles(many)]
-    assert order != sorted(order), "strips must change the order tiles are read in"
+    one = runs["one"]
+    orders = [[int(t["tile"]) for t in _tiles(runs[name])] for name in ("many", "processes")]
+    assert orders[0] != sorted(orders[0]), "strips must change the order tiles are read in"
+    assert orders[1] != orders[0], "two stitching processes take two strips at a time"
+    for many in (runs["many"], runs["processes"]):
+        _assert_same_outputs(one, many)
+
+
+def _assert_same_outputs(one: Path, many: Path) -> None:
+    """Same predictions, evidence within 1 at every level, the same polygons (up to fp32 ties)."""
+    from shapely.geometry import shape
+    from shapely.ops import unary_union
+
     by_tile = [sorted(_tiles(f), key=lambda t: int(t["tile"])) for f in (one, many)]
     assert [t["prediction"] for t in by_tile[0]] == [t["prediction"] for t in by_tile[1]]
     stores = [zarr.open_group(str(f / "evidence.ome.zarr"), mode="r") for f in (one, many)]

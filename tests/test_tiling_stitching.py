@@ -200,3 +200,96 @@ def test_store_chunk_files_are_the_bytes_zarr_writes(tmp_path):
     assert len(files) == 2 * 3 * 2  # evidence and labels, 3 × 2 chunks
     for rel in files:
         assert (tmp_path / "ours.ome.zarr" / rel).read_bytes() == (tmp_path / "zarr.ome.zarr" / rel).read_bytes(), rel
+
+
+def _stitch_into_store(path, grid, masks, *, processes, strip_px, chunk, out_shape):
+    """Stitch ``masks`` (tile, soft, class, confidence) into a new evidence store at ``path`` in
+    this process (0) or in ``processes`` stitching processes; returns (store, polygons, level-0
+    chunks written)."""
+    from wsi_medcam.export.ome_zarr import EvidenceStore
+    from wsi_medcam.stitch_processes import StitchingProcesses
+
+    store = EvidenceStore(path / "e.ome.zarr", shape=out_shape, mpp=0.5, chunk=chunk, min_size=16,
+                          class_names=["a", "b", "c"], colors=[(255, 0, 0)] * 3, name="t")
+    kwargs = dict(block=40, spool_dir=path, trace_blocks=3, strip_px=strip_px)
+    stitcher = (StitchingProcesses(grid, store, processes=processes, **kwargs) if processes
+                else EvidenceStitcher(grid, store, threads=2, tracers=0, **kwargs))
+    try:
+        order = stitcher.order()
+        for start in range(0, len(order), 7):  # batches of 7 tiles
+            batch = order[start : start + 7]
+            stitcher.add_batch(batch, np.stack([masks[i][0] for i in batch]), np.array([masks[i][1] for i in batch]),
+                               np.array([masks[i][2] for i in batch]))
+        stitcher.finish()
+    finally:
+        stitcher.close()
+    store.finalize({})
+    return store, list(stitcher.polygons.merged()), stitcher.chunks_written
+
+
+@pytest.mark.parametrize("downsample,out_scale,overlap,strip_px,processes", [
+    (2.0, 1.0, 16, 60, 2), (1.37, 1.0, 40, 40, 3), (2.0, 0.25, 8, 30, 2), (1.002, 1.0, 0, 100, 1),
+])
+def test_stitching_processes_write_what_one_stitcher_writes(downsample, out_scale, overlap, strip_px, processes,
+                                                           tmp_path):
+    """Strips stitched in several processes (every N-th strip each; strips narrower than a tile
+    too, so one tile reaches three strips): every pyramid level of the evidence and labels must be
+    identical to one in-process stitcher's, and the polygons merged across the processes' seams the
+    same regions."""
+    import zarr
+    from shapely.ops import unary_union
+
+    rng = np.random.default_rng(5)
+    tile, width0, height0 = 64, 900, 600
+    tissue = rng.random((30, 45)) > 0.3
+    grid = plan_tiles((width0, height0), downsample, tissue, TilingConfig(overlap=overlap, min_tissue=0.2),
+                      mpp=0.5, tile_size=tile)
+    yy, xx = np.mgrid[:tile, :tile]
+    masks = {}
+    for i in range(len(grid)):  # blobs, so regions span tiles and seams
+        cy, cx, r = rng.integers(0, tile, 3)
+        soft = np.clip(1.2 - np.hypot(yy - cy, xx - cx) / (r + 8), 0, 1).astype(np.float32)
+        masks[i] = (soft, int(rng.integers(3)), float(rng.random()))
+    out_shape = (round(height0 * out_scale), round(width0 * out_scale))
+    (tmp_path / "one").mkdir()
+    (tmp_path / "many").mkdir()
+    one, one_polys, one_chunks = _stitch_into_store(tmp_path / "one", grid, masks, processes=0, strip_px=strip_px, chunk=32,
+                                        out_shape=out_shape)
+    many, many_polys, many_chunks = _stitch_into_store(tmp_path / "many", grid, masks, processes=processes, strip_px=strip_px,
+                                          chunk=32, out_shape=out_shape)
+    assert len(one.shapes) >= 4  # levels above a strip's width: built from the processes' chunks
+    assert many_chunks == one_chunks > 0
+    a, b = zarr.open_group(str(tmp_path / "one/e.ome.zarr"), mode="r"), zarr.open_group(str(tmp_path / "many/e.ome.zarr"), mode="r")
+    assert b["0"][0].any()
+    for level in range(len(one.shapes)):
+        np.testing.assert_array_equal(b[str(level)][0], a[str(level)][0], err_msg=f"evidence level {level}")
+        np.testing.assert_array_equal(b[f"labels/evidence/{level}"][0], a[f"labels/evidence/{level}"][0],
+                                      err_msg=f"labels level {level}")
+    assert not list((tmp_path / "many").glob(".evidence-polygons-*")), "the processes' spools are read and removed"
+    for c in range(3):
+        ours = [p for k, p in many_polys if k == c]
+        theirs = [p for k, p in one_polys if k == c]
+        assert len(ours) == len(theirs), f"class {c}"
+        assert unary_union(ours).symmetric_difference(unary_union(theirs)).area < 1e-6
+
+
+def test_a_failing_stitching_process_fails_the_slide_in_one_line(tmp_path):
+    """An error inside a stitching process (here: tiles out of order) reaches the model process as
+    one OutputError line naming the process and the cause; close() leaves no process behind."""
+    from wsi_medcam.errors import OutputError
+    from wsi_medcam.export.ome_zarr import EvidenceStore
+    from wsi_medcam.stitch_processes import StitchingProcesses
+
+    grid = plan_tiles((900, 600), 2.0, np.ones((30, 45), bool), TilingConfig(), mpp=0.5, tile_size=64)
+    store = EvidenceStore(tmp_path / "e.ome.zarr", shape=(600, 900), mpp=0.5, chunk=32, min_size=16,
+                          class_names=["a"], colors=[(255, 0, 0)], name="t")
+    stitcher = StitchingProcesses(grid, store, processes=2, spool_dir=tmp_path, strip_px=60, block=40)
+    backwards = stitcher.order()[::-1]
+    soft = np.ones((len(backwards), 64, 64), np.float32)
+    with pytest.raises(OutputError, match=r"^stitching process \d failed: ValueError: tile \d+ came out of order"):
+        try:
+            stitcher.add_batch(backwards, soft, np.zeros(len(backwards), int), np.ones(len(backwards)))
+            stitcher.finish()
+        finally:
+            stitcher.close()
+    assert not any(p.is_alive() for p in stitcher._procs)

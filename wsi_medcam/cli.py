@@ -134,6 +134,7 @@ def run(
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (per model stream)")] = None,
     streams: Annotated[Optional[int], typer.Option(help="on a CPU, batches in the models at once (default: one per core)")] = None,
     mask_mpp: Annotated[Optional[float], typer.Option(help="µm/px of the evidence store's level 0 (default: the slide's)")] = None,
+    stitchers: Annotated[Optional[int], typer.Option(help="stitching processes (default: half the cores on CUDA; 0 on CPU: stitch in the model process)")] = None,
     explainer: Annotated[Optional[str], typer.Option(help="medcam (needs --segmenter), gradcam, gradcam++, hirescam, layercam, scorecam")] = None,
     refine: Annotated[Optional[int], typer.Option(help="refine the K most confident tiles per class with per-image Med-CAM")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="redo slides that are already finished")] = False,
@@ -158,7 +159,7 @@ def run(
         "inference.batch_size": batch_size, "inference.workers": workers, "inference.device": device,
         "inference.precision": precision, "inference.threads": threads,
         "inference.streams": streams, "inference.explainer": explainer, "inference.refine": refine,
-        "output.mask_mpp": mask_mpp, "output.overwrite": overwrite or None,
+        "output.mask_mpp": mask_mpp, "output.stitchers": stitchers, "output.overwrite": overwrite or None,
     }
     try:
         if sum(x is not None for x in (dask, scheduler, slurm)) > 1:

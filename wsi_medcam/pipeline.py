@@ -38,6 +38,7 @@ from .export.tiles import TileRecord, TileWriter
 from .heap import release_freed_memory
 from .inference import BatchResult, Predictor, default_batch_size, default_workers
 from .slide import MppOverrides, SlideRef, open_slide, read_mpp_csv
+from .stitch_processes import StitchingProcesses, default_stitchers
 from .stitching import EvidenceStitcher
 from .tiling import plan_tiles
 from .tissue import detect_tissue
@@ -197,7 +198,10 @@ def process_slide(
         store = EvidenceStore(work_dir / "evidence.ome.zarr", shape=out_shape, mpp=out_mpp,
                               chunk=cfg.output.chunk_size, min_size=cfg.output.min_pyramid_size,
                               class_names=class_names, colors=colors, name=path.name)
-        stitcher = EvidenceStitcher(grid, store, spool_dir=work_dir, strip_px=cfg.output.strip_px)
+        stitchers = cfg.output.stitchers
+        stitchers = default_stitchers(models.predictor.device.type) if stitchers is None else stitchers
+        stitcher = (StitchingProcesses(grid, store, processes=stitchers, spool_dir=work_dir, strip_px=cfg.output.strip_px)
+                    if stitchers else EvidenceStitcher(grid, store, spool_dir=work_dir, strip_px=cfg.output.strip_px))
 
     grid_probs = np.zeros((len(class_names), *grid.grid_shape), np.float32)
     counts = np.zeros(len(class_names), np.int64)
@@ -220,9 +224,12 @@ def process_slide(
 
         def consume(result: BatchResult) -> None:
             nonlocal done
+            preds = result.probs.argmax(1)
+            if result.soft is not None and stitcher is not None:
+                stitcher.add_batch(result.indices, result.soft, preds, result.probs[np.arange(len(preds)), preds])
             for k, i in enumerate(result.indices):
                 probs = result.probs[k]
-                pred = int(probs.argmax())
+                pred = int(preds[k])
                 grid_probs[:, grid.rows[i], grid.cols[i]] = probs
                 counts[pred] += 1
                 fraction = None
@@ -232,7 +239,6 @@ def process_slide(
                 if result.soft is not None and stitcher is not None:
                     fraction = float((result.soft[k] > 0.5).mean())
                     evidence_fractions.append(fraction)
-                    stitcher.add(int(i), result.soft[k], pred, float(probs[pred]))
                     if refine:
                         (heapq.heappush if len(top[pred]) < refine else heapq.heappushpop)(top[pred], (float(probs[pred]), int(i)))
                 x, y = grid.xy_level0(int(i))
@@ -303,6 +309,7 @@ def process_slide(
         "slide": description,
         "parameters": {"tile_mpp": mpp, "tile_size": tile_size, "stride": grid.stride, "downsample": downsample,
                        "batch_size": batch_size, "readers": workers, "streams": models.predictor.streams,
+                       "stitching_processes": stitcher.shard[1] if isinstance(stitcher, StitchingProcesses) else 0,
                        "device": str(models.predictor.device),
                        "precision": str(models.predictor.dtype or "fp32"), "config": cfg.model_dump(mode="json")},
         "models": {name: {"path": str(b.path), "sha256": b.sha256, "config": b.config.model_dump(mode="json")}

@@ -12,20 +12,23 @@ tiles), never on the slide's width or area, and no level-0 canvas exists.
 
 Chunk resampling and writing (numpy, Blosc compression and file writes, which release the GIL) run
 on a small thread pool and the pyramid on its own thread, a few chunk rows behind; tracing (GDAL's
-polygonize holds the GIL) runs in worker processes on many-core machines. The stitching thread then
-only accumulates: about 0.7 ms of GIL time per tile on a 2-core VM (py-spy), not yet measured
-against a GPU's pace.
+polygonize holds the GIL) runs in worker processes on many-core machines. Even so, one stitcher
+costs its process ~4.5 CPU ms per tile, ~1.5 of them holding the GIL (2-core VM): to keep pace with
+a GPU, :mod:`wsi_medcam.stitch_processes` runs several stitchers, each on every N-th strip
+(``shard``).
 """
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import math
 import multiprocessing
 import struct
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,21 +128,32 @@ class EvidencePolygons:
     A polygon traced inside one span of blocks (not touching an edge it may continue across) is
     final at once. Border pieces stay *open* until :meth:`close_rows` says no later piece can reach
     them: then the open pieces are merged (shared edges dissolve) and every merged polygon out of
-    reach of what is still to be traced is final too. Final polygons go to a temporary spool file (WKB), so memory depends on the slide's
-    width, never on how many polygons it has. ``cuts`` are regions whose polygons were superseded
-    (refined tiles); ``patches`` are the polygons that replace them.
+    reach of what is still to be traced is final too. Final polygons go to a temporary spool file
+    (WKB), so memory depends on the slide's width, never on how many polygons it has. ``cuts`` are
+    regions whose polygons were superseded (refined tiles); ``patches`` are the polygons that
+    replace them.
+
+    When other processes trace the strips beside some of ours, a polygon that cannot grow here but
+    touches one of their ``seams`` (level-0 x) is *held* instead of final: the process that gathers
+    every part merges it with theirs (:meth:`adopt`). ``spool_path`` names the spool file (kept
+    for that process) instead of an anonymous one.
     """
 
     _RECORD = struct.Struct("<HI")  # class index, WKB length
 
-    def __init__(self, spool_dir: Path | None = None, *, flush_every: int = 4096):
+    def __init__(self, spool_dir: Path | None = None, *, flush_every: int = 4096, seams: Sequence[float] = (),
+                 spool_path: Path | None = None):
         self.spool_dir = spool_dir
         self.flush_every = flush_every
+        self.seams = np.sort(np.asarray(seams, np.float64))
+        self.spool_path = spool_path
         self.open: dict[int, list[Polygon]] = {}
+        self.held: list[tuple[int, Polygon]] = []
         self.cuts: list[Polygon] = []
         self.patches: dict[int, list[Polygon]] = {}
         self._final: list[tuple[int, Polygon]] = []
         self._spool: IO[bytes] | None = None
+        self._adopted: list[Path] = []
 
     def add(self, class_index: int, polygon: Polygon, *, on_border: bool = True) -> None:
         if on_border:
@@ -157,8 +171,37 @@ class EvidencePolygons:
                 reaches = ((bounds[:, 3] >= y - 1e-6) & (bounds[:, 2] >= x_from - 1e-6)) | (bounds[:, 2] >= seam - 1e-6)
             else:
                 reaches = np.zeros(0, bool)
-            self._finalise([(class_index, g) for g in merged[~reaches]])
+            done = merged[~reaches]
+            held = self._touches_seam(done)
+            self.held.extend((class_index, g) for g in done[held])
+            self._finalise([(class_index, g) for g in done[~held]])
             self.open[class_index] = list(merged[reaches])
+
+    def _touches_seam(self, geoms: np.ndarray) -> np.ndarray:
+        """Per polygon: does its bounding box reach one of :attr:`seams`."""
+        if not len(self.seams) or not len(geoms):
+            return np.zeros(len(geoms), bool)
+        bounds = shapely.bounds(geoms)
+        nearest = np.searchsorted(self.seams, bounds[:, 0] - 1e-6)  # first seam right of each left edge
+        return (nearest < len(self.seams)) & (self.seams[np.minimum(nearest, len(self.seams) - 1)] <= bounds[:, 2] + 1e-6)
+
+    def adopt(self, spool: Path | None, held: Iterable[tuple[int, Polygon]]) -> None:
+        """Take over another process's final polygons (its ``spool_path``, read and deleted by
+        :meth:`merged`) and its held ones, which are merged with what touches them."""
+        if spool is not None:
+            self._adopted.append(spool)
+        for class_index, polygon in held:
+            self.add(class_index, polygon)
+
+    def release(self) -> list[tuple[int, Polygon]]:
+        """In a stitching process that is done: close every row, write every final polygon to
+        :attr:`spool_path`, and return the held ones (what :meth:`adopt` takes, with that file)."""
+        self.close_rows(math.inf)
+        self._flush()
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+        return self.held
 
     def replace_region(self, region: Polygon, class_index: int, polygons: list[Polygon]) -> None:
         """Drop what was traced inside ``region`` and use ``polygons`` there instead."""
@@ -191,28 +234,38 @@ class EvidencePolygons:
         if not self._final:
             return
         if self._spool is None:
-            self._spool = tempfile.TemporaryFile(dir=self.spool_dir, prefix="evidence-polygons-")
+            self._spool = (open(self.spool_path, "wb+") if self.spool_path is not None  # noqa: SIM115 - kept open
+                           else tempfile.TemporaryFile(dir=self.spool_dir, prefix="evidence-polygons-"))
         wkbs = shapely.to_wkb(np.array([g for _, g in self._final], dtype=object))
         self._spool.write(b"".join(self._RECORD.pack(c, len(w)) + w for (c, _), w in zip(self._final, wkbs)))
         self._final = []
 
     def _batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(class indices, polygons) read back from the spool in batches (everything is flushed first)."""
+        """(class indices, polygons) read back from the spool and the adopted ones, in batches
+        (everything is flushed first); adopted spools are deleted once read."""
         self._flush()
         if self._spool is not None:
-            self._spool.seek(0)
-            head = self._RECORD.size
-            while True:
-                classes, wkbs = [], []
-                while len(wkbs) < self.flush_every and (record := self._spool.read(head)):
-                    c, n = self._RECORD.unpack(record)
-                    classes.append(c)
-                    wkbs.append(self._spool.read(n))
-                if not wkbs:
-                    break
-                yield np.array(classes), shapely.from_wkb(np.array(wkbs, dtype=object))
+            yield from self._read_spool(self._spool)
             self._spool.close()
             self._spool = None
+        while self._adopted:
+            path = self._adopted.pop(0)
+            with open(path, "rb") as spool:
+                yield from self._read_spool(spool)
+            path.unlink()
+
+    def _read_spool(self, spool: IO[bytes]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        spool.seek(0)
+        head = self._RECORD.size
+        while True:
+            classes, wkbs = [], []
+            while len(wkbs) < self.flush_every and (record := spool.read(head)):
+                c, n = self._RECORD.unpack(record)
+                classes.append(c)
+                wkbs.append(spool.read(n))
+            if not wkbs:
+                break
+            yield np.array(classes), shapely.from_wkb(np.array(wkbs, dtype=object))
 
 
 def _merge_touching(pieces: np.ndarray) -> np.ndarray:
@@ -267,6 +320,16 @@ class _Piece:
     soft: np.ndarray
     label: int  # class index + 1
     score: int  # 1 + round(confidence · 65534)
+    tile_x0: int  # canvas column of the tile it is cut from
+
+    def cut(self, x: int) -> "_Piece":
+        """The part right of canvas column ``x`` (a copy: the batch it came with is not kept)."""
+        cut = max(0, x - self.x0)
+        return _Piece(self.x0 + cut, self.y0, self.soft[:, cut:].copy(), self.label, self.score, self.tile_x0)
+
+    def key(self) -> tuple[int, int]:
+        """The order in which one stitcher adds the pieces of a strip: row-major by tile."""
+        return self.y0, self.tile_x0
 
 
 class EvidenceStitcher:
@@ -287,11 +350,15 @@ class EvidenceStitcher:
     strip_px : strip width, canvas px, rounded down to a power-of-two number of output chunks (at
         least one), so the first pyramid levels complete within a strip. The accumulator holds
         about 9 bytes per canvas px of one strip's width × (a chunk row + a tile) rows.
+    shard : (index, count): stitch only strips ``index, index + count, …`` (one of ``count``
+        stitching processes, :mod:`wsi_medcam.stitch_processes`); polygons touching the other
+        strips are held for merging, and parts of tiles reaching into them are left to their owner.
+    spool_path : passed to :class:`EvidencePolygons`.
     """
 
     def __init__(self, grid: TileGrid, writer: ChunkWriter, *, block: int = 256, spool_dir: Path | None = None,
                  threads: int | None = None, tracers: int | None = None, trace_blocks: int = 16,
-                 strip_px: int = 4096):
+                 strip_px: int = 4096, shard: tuple[int, int] = (0, 1), spool_path: Path | None = None):
         self.grid = grid
         self.writer = writer
         self.block = block
@@ -314,21 +381,41 @@ class EvidenceStitcher:
         self._fx = width0 / out_w / grid.downsample
         self._strips = _strips(out_w, writer.chunk, self._fx, grid.canvas_shape[1], strip_px)
         self._acc_ends = np.array([s.acc1 for s in self._strips])
-        self._strip = 0
+        self._starts = [s.start for s in self._strips]
+        self.shard = shard
+        self._strip = shard[0]  # the current strip (past the last one: nothing to stitch)
         self._blocks: dict[tuple[int, int], _Block] = {}
         self._next_chunk_row = 0
         self._next_trace_row = 0  # block rows below this are traced
         self._last_row = 0  # canvas row of the latest tile: tiles come top to bottom within a strip
-        self._carried: deque[_Piece] = deque()  # parts of earlier strips' tiles reaching into this one
-        self._carry: list[_Piece] = []  # parts of this strip's tiles reaching into the next one
-        self.polygons = EvidencePolygons(spool_dir)
+        # heaps by _Piece.key() of the parts of earlier strips' tiles reaching into this strip, and
+        # into the strips after it
+        self._carried: list[tuple[tuple[int, int], _Piece]] = []
+        self._carry_in: dict[int, list[tuple[tuple[int, int], _Piece]]] = {}
+        seams = [s.start * grid.downsample for s in self._strips[1:]] if shard[1] > 1 else []
+        self.polygons = EvidencePolygons(spool_dir, seams=seams, spool_path=spool_path)
         self.chunks_written = 0
+
+    @property
+    def strip_chunks(self) -> int:
+        """Output chunks per strip (a power of two; the last strip may have fewer)."""
+        return -(-self._strips[0].x1 // self.writer.chunk)
+
+    def strips_of(self, i: int) -> range:
+        """The strips tile ``i`` reaches, its own first (strip ``s`` is stitched by stitcher
+        ``s % count`` of :attr:`shard`'s ``count``)."""
+        x0, _ = self.grid.xy_canvas(i)
+        home = int(self._home(x0))
+        # a tile reaches every strip that starts left of its end
+        return range(home, max(home + 1, bisect.bisect_left(self._starts, x0 + self.grid.tile_size)))
 
     def order(self) -> np.ndarray:
         """Tile indices in the order :meth:`add` takes them: strip by strip, row-major within one (a
-        tile belongs to the first strip it reaches)."""
+        tile belongs to the first strip it reaches). With ``count`` stitchers, ``count`` strips side
+        by side at a time, row-major across them, so all stitchers work at once and a part carried
+        into the next strip arrives before that strip's tiles of the same row."""
         x0 = self.grid.cols.astype(np.int64) * self.grid.stride
-        return np.lexsort((self.grid.cols, self.grid.rows, self._home(x0)))
+        return np.lexsort((self.grid.cols, self.grid.rows, self._home(x0) // self.shard[1]))
 
     def _home(self, x0: np.ndarray | int) -> np.ndarray:
         """The strip whose accumulated columns first contain canvas column ``x0``."""
@@ -339,15 +426,35 @@ class EvidenceStitcher:
         """Add tile ``i``'s soft mask (tile_size² in [0, 1]); tiles must come in :meth:`order`."""
         x0, y0 = self.grid.xy_canvas(i)
         home = int(self._home(x0))
-        if home < self._strip or (home == self._strip and y0 < self._last_row):
+        if home < self._strip or (home == self._strip and y0 < self._last_row) or home % self.shard[1] != self.shard[0]:
             raise ValueError(f"tile {i} came out of order: tiles must come in EvidenceStitcher.order()")
         while self._strip < home:
             self._close_strip()
-            self._open_strip(self._strip + 1)
+            self._open_strip(self._strip + self.shard[1])
         self._last_row = y0
-        while self._carried and self._carried[0].y0 <= y0:  # row-major: the carried part came first
-            self._place(self._carried.popleft())
-        self._place(_Piece(x0, y0, soft, class_index + 1, 1 + round(confidence * 65534)))
+        while self._carried and self._carried[0][0][0] <= y0:  # row-major: the carried part came first
+            self._place(heapq.heappop(self._carried)[1])
+        self._place(_Piece(x0, y0, soft, class_index + 1, 1 + round(confidence * 65534), x0))
+
+    def add_batch(self, indices: np.ndarray, soft: np.ndarray, classes: np.ndarray, confidences: np.ndarray) -> None:
+        """:meth:`add` for each tile of a batch: ``soft`` (B, tile_size, tile_size), ``classes`` and
+        ``confidences`` (B,)."""
+        for i, mask, c, conf in zip(indices.tolist(), soft, classes.tolist(), confidences.tolist()):
+            self.add(i, mask, c, conf)
+
+    def add_carried(self, i: int, soft: np.ndarray, class_index: int, confidence: float, target: int) -> None:
+        """Take the part of tile ``i`` reaching into strip ``target`` (ours), after the strip another
+        stitcher adds the tile to (one of ``count``); in :meth:`order`, like :meth:`add`."""
+        x0, y0 = self.grid.xy_canvas(i)
+        if not self._home(x0) < target < len(self._strips) or target < self._strip or target % self.shard[1] != self.shard[0]:
+            raise ValueError(f"tile {i} came out of order: tiles must come in EvidenceStitcher.order()")
+        piece = _Piece(x0, y0, soft, class_index + 1, 1 + round(confidence * 65534), x0).cut(self._strips[target].start)
+        self._carry(target, piece)
+
+    def _carry(self, strip: int, piece: _Piece) -> None:
+        """Keep ``piece`` for ``strip`` (the current one or a later one), in :meth:`_Piece.key` order:
+        from several stitchers, pieces of a row arrive in no fixed order."""
+        heapq.heappush(self._carried if strip == self._strip else self._carry_in.setdefault(strip, []), (piece.key(), piece))
 
     def _place(self, piece: _Piece) -> None:
         """Accumulate ``piece`` within the current strip; keep what reaches into the next one."""
@@ -355,9 +462,9 @@ class EvidenceStitcher:
         strip = self._strips[self._strip]
         x0, y0, soft = piece.x0, piece.y0, piece.soft
         h, w = soft.shape
-        if self._strip + 1 < len(self._strips) and x0 + w > (nxt := self._strips[self._strip + 1].start):
-            cut = max(0, nxt - x0)
-            self._carry.append(_Piece(x0 + cut, y0, soft[:, cut:].copy(), piece.label, piece.score))
+        nxt = self._strip + 1
+        if nxt < len(self._strips) and nxt % self.shard[1] == self.shard[0] and x0 + w > self._strips[nxt].start:
+            self._carry(nxt, piece.cut(self._strips[nxt].start))  # the part reaching into the next strip, if ours
         xs, xe = max(x0, strip.start), min(x0 + w, strip.acc1)
         b = self.block
         for by in range(y0 // b, (y0 + h - 1) // b + 1):
@@ -377,8 +484,10 @@ class EvidenceStitcher:
 
     def _close_strip(self) -> None:
         """Place what is still carried into the current strip, then emit all of it."""
+        if self._strip >= len(self._strips):
+            return
         while self._carried:
-            self._place(self._carried.popleft())
+            self._place(heapq.heappop(self._carried)[1])
         self._flush(before_canvas_row=math.inf)
 
     def _open_strip(self, index: int) -> None:
@@ -386,13 +495,13 @@ class EvidenceStitcher:
         self._strip = index
         self._blocks = {}  # the last chunk jobs of the previous strip keep theirs
         self._next_chunk_row = self._next_trace_row = self._last_row = 0
-        self._carried, self._carry = deque(self._carry), []
+        self._carried = self._carry_in.pop(index, [])
 
     def finish(self) -> None:
         """Flush everything left and wait for the chunk writers; call once after the last tile."""
         self._close_strip()
-        while self._strip + 1 < len(self._strips):  # later strips: carried parts, and completion
-            self._open_strip(self._strip + 1)
+        while self._strip + self.shard[1] < len(self._strips):  # later strips: carried parts, and completion
+            self._open_strip(self._strip + self.shard[1])
             self._close_strip()
         self._announce_rows(wait_until=0)
         self._collect_traces(wait_until=0)

@@ -100,7 +100,11 @@ _Half = tuple[np.ndarray, "np.ndarray | None"]  # a chunk halved: evidence, and 
 class EvidenceStore:
     """``evidence.ome.zarr``: soft evidence (uint8 0–255) and ``labels/evidence`` (class index + 1).
 
-    Implements :class:`wsi_medcam.stitching.ChunkWriter` for level 0.
+    Implements :class:`wsi_medcam.stitching.ChunkWriter` for level 0. ``part=True`` opens the
+    arrays of a store created by another process, for stitching processes that each write some
+    chunk columns: such a part builds the pyramid up to level ``top`` only (the levels whose chunks
+    lie within its columns) and lists its chunks of that level in :attr:`top_chunks`; the store's
+    own process builds the levels above from them (:meth:`adopt`).
     """
 
     def __init__(
@@ -114,6 +118,8 @@ class EvidenceStore:
         class_names: list[str],
         colors: list[tuple[int, int, int]],
         name: str,
+        part: bool = False,
+        top: int | None = None,
     ):
         self.path = Path(path)
         self.shape = shape
@@ -123,10 +129,20 @@ class EvidenceStore:
         self.colors = colors
         self.name = name
         self.shapes = pyramid_shapes(shape, min_size)
-        self.root = zarr.open_group(str(self.path), mode="w", zarr_format=2)
-        label_group = self.root.create_group("labels").create_group(LABEL_NAME)
-        self._image = [_create(self.root, str(i), (1, *s), (1, chunk, chunk), "uint8") for i, s in enumerate(self.shapes)]
-        self._labels = [_create(label_group, str(i), (1, *s), (1, chunk, chunk), "uint8") for i, s in enumerate(self.shapes)]
+        self.spec = {"path": self.path, "shape": shape, "mpp": mpp, "chunk": chunk, "min_size": min_size,
+                     "class_names": class_names, "colors": colors, "name": name}  # what a part is opened with
+        if part:
+            self.root = zarr.open_group(str(self.path), mode="r+", zarr_format=2)
+            self._image = [self.root[str(i)] for i in range(len(self.shapes))]
+            self._labels = [self.root[f"labels/{LABEL_NAME}/{i}"] for i in range(len(self.shapes))]
+        else:
+            self.root = zarr.open_group(str(self.path), mode="w", zarr_format=2)
+            label_group = self.root.create_group("labels").create_group(LABEL_NAME)
+            self._image = [_create(self.root, str(i), (1, *s), (1, chunk, chunk), "uint8") for i, s in enumerate(self.shapes)]
+            self._labels = [_create(label_group, str(i), (1, *s), (1, chunk, chunk), "uint8") for i, s in enumerate(self.shapes)]
+        self._top = len(self.shapes) - 1 if top is None else min(top, len(self.shapes) - 1)
+        self.top_chunks: set[tuple[int, int]] = set()  # non-empty chunks of level ``top`` (written by a part)
+        self._adopted: set[tuple[int, int]] = set()  # the same, from parts: the levels above come from them
         if not isinstance(self.root.store, zarr.storage.LocalStore):
             raise TypeError(f"{self.path}: chunks are written as files, so the store must be a local folder")
         self._store_root = Path(self.root.store.root)
@@ -150,10 +166,13 @@ class EvidenceStore:
         any_label = bool(labels.any())
         if any_label:
             self._put(self._labels[level], cy, cx, labels)
-        if level + 1 < len(self.shapes):
+        if level < self._top:
             half = (_halve_mean(evidence), _halve_nearest(labels) if any_label else None)
             with self._lock:  # writer threads
                 self._halves[level][(cy, cx)] = half
+        elif level < len(self.shapes) - 1:
+            with self._lock:
+                self.top_chunks.add((cy, cx))
 
     def _put(self, array: zarr.Array, cy: int, cx: int, block: np.ndarray) -> None:
         """Write chunk (``cy``, ``cx``) of ``array`` whole, as zarr stores it: padded with the fill
@@ -178,7 +197,7 @@ class EvidenceStore:
         stitcher finishes the slide strip by strip."""
         c0, c1 = cols or (0, len(self._complete[0]))
         np.maximum(self._complete[0][c0:c1], rows, out=self._complete[0][c0:c1])
-        for level in range(1, len(self.shapes)):
+        for level in range(1, self._top + 1):
             below, done = self._complete[level - 1], self._complete[level]
             # parent row r needs rows 2r and 2r+1 of both child columns; a finished column frees all
             ready_below = np.where(below >= self._rows(level - 1), self._rows(level), below // 2)
@@ -201,9 +220,9 @@ class EvidenceStore:
         """Finish the pyramid (and redo it above patched chunks), then write NGFF 0.4 metadata (last,
         so an interrupted store is never mistaken for a complete one)."""
         self.rows_complete(self._rows(0))
-        patched = self._patched
+        redo = self._patched
         for level in range(1, len(self.shapes)):
-            patched = self._redo_above(level, patched)
+            redo = self._redo_above(level, redo | self._adopted if level == self._top + 1 else redo)
         mpps = [self.mpp * 2**i for i in range(len(self.shapes))]
         fmt = FormatV04()
         write_multiscales_metadata(self.root, _datasets(mpps), fmt=fmt, axes=AXES, name=self.name)
@@ -223,6 +242,12 @@ class EvidenceStore:
             properties=[{"label-value": i + 1, "class": n} for i, n in enumerate(self.class_names)],
             fmt=fmt,
         )
+
+    def adopt(self, top: int, chunks: set[tuple[int, int]]) -> None:
+        """Parts built the pyramid up to level ``top``, with these non-empty chunks there: the levels
+        above are built from them (read back, a few chunks) by :meth:`finalize`."""
+        self._top = min(top, len(self.shapes) - 1)
+        self._adopted |= chunks
 
     def patch(self, y: int, x: int, evidence: np.ndarray, labels: np.ndarray) -> None:
         """Overwrite any level-0 region after streaming (single writer, so unaligned is safe)."""

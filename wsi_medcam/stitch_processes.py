@@ -1,0 +1,185 @@
+"""Stitching in several processes, so it keeps pace with a GPU.
+
+One stitcher in the model process costs it ~4.5 CPU ms per tile, ~1.5 of them holding its GIL
+(accumulating, cutting chunks, tracing; py-spy and ``benchmarks/stitching.py`` on a 2-core VM),
+which caps a GPU run at a few hundred tiles/s whatever the GPU does. Here ``count`` processes each
+stitch every ``count``-th strip
+(:class:`~wsi_medcam.stitching.EvidenceStitcher` with ``shard``): tiles come ``count`` strips at a
+time, row-major across them (:meth:`EvidenceStitcher.order`), so every process has work at once,
+and the model process only sends each batch's masks to the processes whose strips they reach:
+~0.5 CPU ms per tile left in it.
+
+Each process writes its strips' level-0 chunks into the shared store and builds the pyramid levels
+whose chunks lie within a strip; this process builds the few levels above from those
+(:meth:`EvidenceStore.adopt`). Polygons final within a process are spooled by it; those touching
+another process's strip are merged here (:meth:`EvidencePolygons.adopt`). Outputs are the same as
+with one stitcher: the same sums in the same order per pixel.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import shapely
+
+from .cpus import usable_cores
+from .errors import OutputError
+from .export.ome_zarr import EvidenceStore
+from .stitching import EvidenceStitcher
+from .tiling import TileGrid
+
+_POLL_S = 0.5  # how often a blocked send or wait checks that the processes are alive
+
+
+def default_stitchers(device_type: str) -> int:
+    """Stitching processes: on a GPU, half the CPU cores (stitching costs ~5 CPU ms per tile, reading
+    ~1.3: at 1500 tiles/s that is 7.5 cores of stitching and 2 of reading); on a CPU none, since
+    the models there are far slower than one stitcher and need every core."""
+    return max(1, usable_cores() // 2) if device_type == "cuda" else 0
+
+
+class StitchingProcesses(EvidenceStitcher):
+    """:class:`EvidenceStitcher`'s interface (:meth:`order`, :meth:`add_batch`, :meth:`finish`,
+    :meth:`replace`, :attr:`polygons`) with the strips stitched in ``processes`` processes
+    (at most one per strip). ``depth`` batches may wait per process (bounded memory)."""
+
+    def __init__(self, grid: TileGrid, store: EvidenceStore, *, processes: int, spool_dir: Path, strip_px: int = 4096,
+                 block: int = 256, trace_blocks: int = 16, depth: int = 2):
+        super().__init__(grid, store, block=block, spool_dir=spool_dir, tracers=0, trace_blocks=trace_blocks,
+                         strip_px=strip_px)
+        count = max(1, min(processes, len(self._strips)))
+        self.shard = (0, count)  # for order() and strips_of(); this process stitches nothing itself
+        self.store = store
+        self._top = self.strip_chunks.bit_length() - 1  # the highest level whose chunks lie within a strip
+        start = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        ctx = multiprocessing.get_context(start)
+        if start == "forkserver":  # the server, if not running yet, imports our dependencies (1.8 s) once, so
+            ctx.set_forkserver_preload([__name__])  # a process starts in the time its __main__ takes to import
+        self._outbox: Any = ctx.Queue()
+        self._inboxes: list[Any] = [ctx.Queue(maxsize=depth) for _ in range(count)]
+        self._spools = [Path(spool_dir) / f".evidence-polygons-{p}.bin" for p in range(count)]
+        options = {"block": block, "trace_blocks": trace_blocks, "strip_px": strip_px, "top": self._top}
+        self._procs = [ctx.Process(target=_stitch_part, name=f"wsi-medcam-stitch-{p}", daemon=True,
+                                   args=(store.spec, grid, (p, count), options, self._spools[p], self._inboxes[p],
+                                         self._outbox))
+                       for p in range(count)]
+        for proc in self._procs:
+            proc.start()
+        self._done: dict[int, tuple[int, set[tuple[int, int]], np.ndarray, np.ndarray, float]] = {}
+        self.processes_cpu_s = 0.0  # CPU time the stitching processes used, s (known after finish)
+
+    def add(self, i: int, soft: np.ndarray, class_index: int, confidence: float) -> None:
+        self.add_batch(np.array([i]), soft[None], np.array([class_index]), np.array([confidence]))
+
+    def add_batch(self, indices: np.ndarray, soft: np.ndarray, classes: np.ndarray, confidences: np.ndarray) -> None:
+        """Send each tile (in :meth:`order`) to the process of its strip, and to those of the strips
+        it reaches into; one message per process."""
+        count = self.shard[1]
+        picks: list[list[int]] = [[] for _ in range(count)]
+        targets: list[list[int]] = [[] for _ in range(count)]
+        for k, i in enumerate(indices):
+            strips = self.strips_of(int(i))
+            for t in strips if count > 1 else strips[:1]:  # one process carries into its own next strip
+                picks[t % count].append(k)
+                targets[t % count].append(-1 if t == strips[0] else t)
+        for p, ks in enumerate(picks):
+            if ks:
+                self._send(p, (indices[ks], soft[ks], classes[ks], confidences[ks], np.array(targets[p])))
+
+    def _send(self, p: int, message: Any) -> None:
+        while True:
+            try:
+                self._inboxes[p].put(message, timeout=_POLL_S)
+                return
+            except queue.Full:
+                self._check()
+
+    def _check(self, wait: float = 0.0) -> None:
+        """Take the processes' reports (waiting up to ``wait`` s for one); raise if one failed or died."""
+        try:
+            while True:
+                kind, p, payload = self._outbox.get(timeout=wait) if wait else self._outbox.get_nowait()
+                wait = 0.0
+                if kind == "error":
+                    raise OutputError(f"stitching process {p} failed: {payload}")
+                self._done[p] = payload
+        except queue.Empty:
+            pass
+        for p, proc in enumerate(self._procs):
+            if p not in self._done and proc.exitcode not in (None, 0):
+                raise OutputError(f"stitching process {p} died (exit code {proc.exitcode}); out of memory?")
+
+    def finish(self) -> None:
+        """Tell the processes the tiles are done, wait for their strips, then take over their
+        polygons, level-0 chunk counts and the chunks the pyramid above them is built from."""
+        for p in range(len(self._procs)):
+            self._send(p, None)
+        while len(self._done) < len(self._procs):
+            self._check(wait=_POLL_S)
+        for proc in self._procs:
+            proc.join()
+        tops: set[tuple[int, int]] = set()
+        for p, (chunks, top_chunks, classes, wkbs, cpu_s) in sorted(self._done.items()):
+            self.chunks_written += chunks
+            self.processes_cpu_s += cpu_s
+            tops |= top_chunks
+            spool = self._spools[p] if self._spools[p].exists() else None
+            self.polygons.adopt(spool, zip(classes.tolist(), shapely.from_wkb(wkbs)))
+        self.store.adopt(self._top, tops)
+        self.close()
+
+    def close(self) -> None:
+        """Stop the processes (after :meth:`finish`, or when a slide is abandoned)."""
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+        for q in (*self._inboxes, self._outbox):
+            q.cancel_join_thread()  # never block on data nobody will read
+            q.close()
+        super().close()
+
+
+def _receive(inbox: Any) -> Any:
+    """The next message; SystemExit if the model process is gone (killed: it never sends None)."""
+    parent = multiprocessing.parent_process()
+    while True:
+        try:
+            return inbox.get(timeout=_POLL_S)
+        except queue.Empty:
+            if parent is not None and not parent.is_alive():
+                raise SystemExit(1) from None
+
+
+def _stitch_part(spec: dict[str, Any], grid: TileGrid, shard: tuple[int, int], options: dict[str, int],
+                 spool: Path, inbox: Any, outbox: Any) -> None:
+    """A stitching process: stitch strips ``shard`` of the store ``spec`` from the messages in
+    ``inbox`` until None; report (level-0 chunks written, top-level chunks, held polygons)."""
+    try:
+        store = EvidenceStore(**spec, part=True, top=options["top"])
+        stitcher = EvidenceStitcher(grid, store, block=options["block"], trace_blocks=options["trace_blocks"],
+                                    strip_px=options["strip_px"], threads=1, tracers=0, shard=shard, spool_path=spool)
+        try:
+            while (message := _receive(inbox)) is not None:
+                indices, soft, classes, confidences, targets = message
+                for i, mask, c, conf, t in zip(indices.tolist(), soft, classes.tolist(), confidences.tolist(),
+                                               targets.tolist()):
+                    if t < 0:
+                        stitcher.add(i, mask, c, conf)
+                    else:
+                        stitcher.add_carried(i, mask, c, conf, t)
+            stitcher.finish()
+        finally:
+            stitcher.close()
+        held = stitcher.polygons.release()
+        classes = np.array([c for c, _ in held], np.int64)
+        wkbs = shapely.to_wkb(np.array([g for _, g in held], dtype=object))
+        outbox.put(("done", shard[0], (stitcher.chunks_written, store.top_chunks, classes, wkbs, time.process_time())))
+    except BaseException as exc:  # noqa: BLE001 - reported to the model process, which raises it
+        first = (str(exc).strip().splitlines() or [""])[0]
+        outbox.put(("error", shard[0], f"{type(exc).__name__}: {first}"))
