@@ -4,8 +4,10 @@
 # repository root:   bash benchmarks/gpu_throughput.sh [OUTDIR]   (about 10 minutes on one H100)
 # 1. a 32k² slide at 0.25 µm/px (~2.7k tissue tiles at 0.5 µm/px), a resnet18 classifier and a
 #    briefly trained Med-CAM U-Net/resnet18 (so masks have Med-CAM's structure, not speckle);
-# 2. benchmarks/throughput.py on it: batch 256 with the default readers (+ the models-stubbed
-#    ceiling); with BATCH512=yes also batch 512 with 12 readers (one more minute);
+# 2. benchmarks/throughput.py on it: batch 256 with the default readers and stitching processes (+
+#    the models-stubbed ceiling), then the ceiling once more with stitching in the model process;
+#    benchmarks/stitching.py: stitching alone, in the model process against 4 and 8 processes;
+#    with BATCH512=yes also batch 512 with 12 readers (one more minute);
 # 3. a BIG² slide at 0.5 µm/px through the whole pipeline: tiles/s, stages, RSS. BIG=100000 gives
 #    ~100k tissue tiles, but making it took over 120 s on the H100 machine's 16 cores (the pyramid
 #    levels are read from level-0 pixels); the default 72000 (~50k tiles) fits a 15-minute lease.
@@ -33,7 +35,8 @@ work=/tmp/wsi-medcam-gpu
 mkdir -p "$work"
 source=.whl/CMU-1-Small-Region.svs
 summary='import json,sys; d=json.load(open(sys.argv[1])); c=d.get("ceiling_tiles_per_s") or {}
-print(sys.argv[1], d["gpu"], d["precision"], "batch", d["batch_size"], "readers", d["workers"], "tiles", d["tiles"],
+print(sys.argv[1], d["gpu"], d["precision"], "batch", d["batch_size"], "readers", d["workers"],
+      "stitching processes", d["stitching_processes"], "tiles", d["tiles"],
       "bare", {k: round(v) for k, v in d["bare_tiles_per_s"].items()}, "pipeline", round(d["pipeline_tiles_per_s"]),
       "ratio", round(d["ratio_pipeline_to_bare"], 3), "stage ratio", round(d["ratio_inference_stage_to_bare"], 3),
       "ceiling", round(c.get("whole_run", 0)), "stages", d["stage_seconds"], "peak RSS MiB", d["peak_rss_mib"])'
@@ -56,6 +59,10 @@ step python3 -m wsi_medcam.cli train-cam --classifier "$work/clf" --slides "$wor
 models=(--classifier "$work/clf" --segmenter "$work/cam/segmenter" --device "$device")
 step python3 benchmarks/throughput.py "$work/slide.tif" "${models[@]}" --batch-size 256 --repeats 2 --bare-seconds 8 --ceiling --json \
   > "$out/throughput-b256.json" && python3 -c "$summary" "$out/throughput-b256.json" | tee -a "$log"
+step python3 benchmarks/throughput.py "$work/slide.tif" "${models[@]}" --batch-size 256 --repeats 1 --bare-seconds 4 --ceiling \
+  --stitchers 0 --json > "$out/throughput-b256-stitch0.json" && python3 -c "$summary" "$out/throughput-b256-stitch0.json" | tee -a "$log"
+step python3 benchmarks/stitching.py "$work/slide.tif" "${models[@]}" --stitchers 0 4 8 --repeats 1 --batch-size 256 \
+  | tee -a "$out/stitching.txt" "$log"
 if [ "${BATCH512:-no}" = yes ]; then
   step python3 benchmarks/throughput.py "$work/slide.tif" "${models[@]}" --batch-size 512 --workers 12 --repeats 1 --bare-seconds 6 --json \
     > "$out/throughput-b512-r12.json" && python3 -c "$summary" "$out/throughput-b512-r12.json" | tee -a "$log"

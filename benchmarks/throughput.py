@@ -123,6 +123,7 @@ def main() -> None:
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--stitchers", type=int, help="stitching processes (default: the pipeline's, see output.stitchers)")
     ap.add_argument("--bare-seconds", type=float, default=16.0, help="per bare measurement")
     ap.add_argument("--repeats", type=int, default=3, help="bare-model / pipeline pairs; medians are reported")
     ap.add_argument("--ceiling", action="store_true", help="also run the pipeline with the models stubbed out")
@@ -133,7 +134,7 @@ def main() -> None:
         "classifier": str(args.classifier), "segmenter": str(args.segmenter) if args.segmenter else None,
         "inference": {"batch_size": args.batch_size, "workers": args.workers, "precision": args.precision,
                       "device": args.device, "threads": args.threads},
-        "output": {"overwrite": True},
+        "output": {"overwrite": True, "stitchers": args.stitchers},
     })
     models = load_models(cfg)
     predictor = models.predictor
@@ -184,6 +185,7 @@ def main() -> None:
         "precision": str(predictor.dtype or "fp32"),
         "batch_size": batch,
         "workers": result.report["parameters"]["readers"],
+        "stitching_processes": result.report["parameters"]["stitching_processes"],
         "streams": predictor.streams,
         "torch_threads": predictor.threads_per_stream if predictor.streams > 1 else torch.get_num_threads(),
         "tiles": n,
@@ -202,7 +204,8 @@ def main() -> None:
         print(json.dumps(figures, indent=2))
         return
     print(f"device {figures['device']} {figures['gpu'] or ''} precision {figures['precision']} batch {batch} "
-          f"workers {figures['workers']} streams {figures['streams']} threads {figures['torch_threads']}")
+          f"workers {figures['workers']} stitching processes {figures['stitching_processes']} streams {figures['streams']} "
+          f"threads {figures['torch_threads']}")
     for name, value in bare.items():
         print(f"bare {name:>22}: {value:8.1f} tiles/s")
     print(f"pipeline (whole run)         : {figures['pipeline_tiles_per_s']:8.1f} tiles/s  ({n} tiles)")
