@@ -112,7 +112,8 @@ class StitchingProcesses(EvidenceStitcher):
             pass
         for p, proc in enumerate(self._procs):
             if p not in self._done and proc.exitcode not in (None, 0):
-                raise OutputError(f"stitching process {p} died (exit code {proc.exitcode}); out of memory?")
+                raise OutputError(f"stitching process {p} ended early (exit code {proc.exitcode}): killed (out of "
+                                  "memory?), or a script without `if __name__ == \"__main__\":` (it re-imports it)")
 
     def finish(self) -> None:
         """Tell the processes the tiles are done, wait for their strips, then take over their
