@@ -46,17 +46,12 @@ def default_stitchers(device_type: str) -> int:
 class StitchingProcesses(EvidenceStitcher):
     """:class:`EvidenceStitcher`'s interface (:meth:`order`, :meth:`add_batch`, :meth:`finish`,
     :meth:`replace`, :attr:`polygons`) with the strips stitched in ``processes`` processes
-    (at most one per strip; ``strip_px`` is halved, down to one chunk, until there are 4 strips per
-    process). ``depth`` messages (a batch's tiles for a process) may wait per process."""
+    (at most one per strip). ``depth`` batches may wait per process (bounded memory)."""
 
     def __init__(self, grid: TileGrid, store: EvidenceStore, *, processes: int, spool_dir: Path, strip_px: int = 4096,
                  block: int = 256, trace_blocks: int = 16, depth: int = 2):
         super().__init__(grid, store, block=block, spool_dir=spool_dir, tracers=0, trace_blocks=trace_blocks,
                          strip_px=strip_px)
-        while len(self._strips) < 4 * processes and self.strip_chunks > 1:
-            # narrower strips until there are 4 per process: the strips taken together can hold very
-            # different amounts of tissue, and the last ones may be fewer than the processes
-            self._set_strips(self.strip_px // 2)
         count = max(1, min(processes, len(self._strips)))
         self.shard = (0, count)  # for order() and strips_of(); this process stitches nothing itself
         self.store = store
@@ -68,7 +63,7 @@ class StitchingProcesses(EvidenceStitcher):
         self._outbox: Any = ctx.Queue()
         self._inboxes: list[Any] = [ctx.Queue(maxsize=depth) for _ in range(count)]
         self._spools = [Path(spool_dir) / f".evidence-polygons-{p}.bin" for p in range(count)]
-        options = {"block": block, "trace_blocks": trace_blocks, "strip_px": self.strip_px, "top": self._top}
+        options = {"block": block, "trace_blocks": trace_blocks, "strip_px": strip_px, "top": self._top}
         self._procs = [ctx.Process(target=_stitch_part, name=f"wsi-medcam-stitch-{p}", daemon=True,
                                    args=(store.spec, grid, (p, count), options, self._spools[p], self._inboxes[p],
                                          self._outbox))

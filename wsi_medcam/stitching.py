@@ -379,7 +379,9 @@ class EvidenceStitcher:
         # canvas px per output px, per axis
         self._fy = height0 / out_h / grid.downsample
         self._fx = width0 / out_w / grid.downsample
-        self._set_strips(strip_px)
+        self._strips = _strips(out_w, writer.chunk, self._fx, grid.canvas_shape[1], strip_px)
+        self._acc_ends = np.array([s.acc1 for s in self._strips])
+        self._starts = [s.start for s in self._strips]
         self.shard = shard
         self._strip = shard[0]  # the current strip (past the last one: nothing to stitch)
         self._blocks: dict[tuple[int, int], _Block] = {}
@@ -393,12 +395,6 @@ class EvidenceStitcher:
         seams = [s.start * grid.downsample for s in self._strips[1:]] if shard[1] > 1 else []
         self.polygons = EvidencePolygons(spool_dir, seams=seams, spool_path=spool_path)
         self.chunks_written = 0
-
-    def _set_strips(self, strip_px: int) -> None:
-        self.strip_px = strip_px
-        self._strips = _strips(self.writer.shape[1], self.writer.chunk, self._fx, self.grid.canvas_shape[1], strip_px)
-        self._acc_ends = np.array([s.acc1 for s in self._strips])
-        self._starts = [s.start for s in self._strips]
 
     @property
     def strip_chunks(self) -> int:
