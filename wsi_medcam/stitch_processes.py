@@ -19,7 +19,11 @@ with one stitcher: the same sums in the same order per pixel.
 from __future__ import annotations
 
 import multiprocessing
+import pickle
 import queue
+import socket
+import struct
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -46,7 +50,8 @@ def default_stitchers(device_type: str) -> int:
 class StitchingProcesses(EvidenceStitcher):
     """:class:`EvidenceStitcher`'s interface (:meth:`order`, :meth:`add_batch`, :meth:`finish`,
     :meth:`replace`, :attr:`polygons`) with the strips stitched in ``processes`` processes
-    (at most one per strip). ``depth`` batches may wait per process (bounded memory)."""
+    (at most one per strip). ``depth`` messages (a batch's tiles for a process) may wait per
+    process."""
 
     def __init__(self, grid: TileGrid, store: EvidenceStore, *, processes: int, spool_dir: Path, strip_px: int = 4096,
                  block: int = 256, trace_blocks: int = 16, depth: int = 2):
@@ -61,15 +66,17 @@ class StitchingProcesses(EvidenceStitcher):
         if start == "forkserver":  # the server, if not running yet, imports our dependencies (1.8 s) once, so
             ctx.set_forkserver_preload([__name__])  # a process starts in the time its __main__ takes to import
         self._outbox: Any = ctx.Queue()
-        self._inboxes: list[Any] = [ctx.Queue(maxsize=depth) for _ in range(count)]
         self._spools = [Path(spool_dir) / f".evidence-polygons-{p}.bin" for p in range(count)]
         options = {"block": block, "trace_blocks": trace_blocks, "strip_px": strip_px, "top": self._top}
-        self._procs = [ctx.Process(target=_stitch_part, name=f"wsi-medcam-stitch-{p}", daemon=True,
-                                   args=(store.spec, grid, (p, count), options, self._spools[p], self._inboxes[p],
-                                         self._outbox))
-                       for p in range(count)]
-        for proc in self._procs:
-            proc.start()
+        self._procs, self._inboxes = [], []
+        for p in range(count):
+            ours, theirs = socket.socketpair()
+            self._procs.append(ctx.Process(target=_stitch_part, name=f"wsi-medcam-stitch-{p}", daemon=True,
+                                           args=(store.spec, grid, (p, count), options, self._spools[p], theirs,
+                                                 self._outbox)))
+            self._procs[-1].start()
+            theirs.close()  # the process holds it now; when we are gone, it reads the end of the stream
+            self._inboxes.append(_Inbox(ours, depth, name=f"wsi-medcam-stitch-send-{p}"))
         self._done: dict[int, tuple[int, set[tuple[int, int]], np.ndarray, np.ndarray, float]] = {}
         self.processes_cpu_s = 0.0  # CPU time the stitching processes used, s (known after finish)
 
@@ -87,9 +94,10 @@ class StitchingProcesses(EvidenceStitcher):
             for t in strips if count > 1 else strips[:1]:  # one process carries into its own next strip
                 picks[t % count].append(k)
                 targets[t % count].append(-1 if t == strips[0] else t)
+        soft = np.ascontiguousarray(soft, np.float32)
         for p, ks in enumerate(picks):
             if ks:
-                self._send(p, (indices[ks], soft[ks], classes[ks], confidences[ks], np.array(targets[p])))
+                self._send(p, (indices[ks], [soft[k] for k in ks], classes[ks], confidences[ks], np.array(targets[p])))
 
     def _send(self, p: int, message: Any) -> None:
         while True:
@@ -140,25 +148,80 @@ class StitchingProcesses(EvidenceStitcher):
             if proc.is_alive():
                 proc.terminate()
             proc.join()
-        for q in (*self._inboxes, self._outbox):
-            q.cancel_join_thread()  # never block on data nobody will read
-            q.close()
+        for inbox in self._inboxes:
+            inbox.close()
+        self._outbox.cancel_join_thread()  # never block on data nobody will read
+        self._outbox.close()
         super().close()
 
 
-def _receive(inbox: Any) -> Any:
-    """The next message; SystemExit if the model process is gone (killed: it never sends None)."""
-    parent = multiprocessing.parent_process()
-    while True:
+_HEAD = struct.Struct("<Q")  # bytes of a message's pickled part; 0 ends the stream
+
+
+class _Inbox:
+    """Messages to one stitching process over a socket, written by a thread of ours, so the models
+    do not wait on one busy process while the others idle; at most ``depth`` wait. Masks go as raw
+    float32 straight from the batch's array (no pickling, no copy in this process: 0.4 CPU ms per
+    tile less here than through a multiprocessing.Queue, and 0.3 less in the stitching process)."""
+
+    def __init__(self, sock: socket.socket, depth: int, name: str):
+        self._sock = sock
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._write, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, message: Any, timeout: float) -> None:
+        """Queue (indices, masks, classes, confidences, targets), or None to end; queue.Full after
+        ``timeout`` s."""
+        self._queue.put(message, timeout=timeout)
+
+    def _write(self) -> None:
         try:
-            return inbox.get(timeout=_POLL_S)
-        except queue.Empty:
-            if parent is not None and not parent.is_alive():
-                raise SystemExit(1) from None
+            while (message := self._queue.get()) is not None:
+                indices, masks, classes, confidences, targets = message
+                head = pickle.dumps((indices, classes, confidences, targets, masks[0].shape), protocol=5)
+                self._sock.sendall(_HEAD.pack(len(head)) + head)
+                for mask in masks:  # contiguous float32 views of the batch
+                    self._sock.sendall(mask)
+            self._sock.sendall(_HEAD.pack(0))
+        except OSError:  # the process is gone; _check() says why
+            pass
+
+    def close(self) -> None:
+        """Close the socket; the thread ends (a send fails, or it takes the None)."""
+        self._sock.close()
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:  # the thread is sending, and the closed socket stops it
+            pass
+
+
+def _receive(sock: socket.socket) -> tuple[Any, ...] | None:
+    """The next message from an :class:`_Inbox`, its masks read straight into one array; None at
+    the end; EOFError if the model process is gone (it never sent the end)."""
+    (size,) = _HEAD.unpack(_read(sock, _HEAD.size))
+    if not size:
+        return None
+    indices, classes, confidences, targets, shape = pickle.loads(_read(sock, size))
+    masks = np.empty((len(indices), *shape), np.float32)
+    _read(sock, size=masks.nbytes, into=memoryview(masks).cast("B"))
+    return indices, masks, classes, confidences, targets
+
+
+def _read(sock: socket.socket, size: int, into: memoryview | None = None) -> bytearray | None:
+    """Exactly ``size`` bytes, into ``into`` (returns None) or a new bytearray."""
+    out = bytearray(size) if into is None else None
+    view = memoryview(out) if out is not None else into
+    while len(view):
+        got = sock.recv_into(view)
+        if not got:
+            raise EOFError("the model process closed the stream")
+        view = view[got:]
+    return out
 
 
 def _stitch_part(spec: dict[str, Any], grid: TileGrid, shard: tuple[int, int], options: dict[str, int],
-                 spool: Path, inbox: Any, outbox: Any) -> None:
+                 spool: Path, inbox: socket.socket, outbox: Any) -> None:
     """A stitching process: stitch strips ``shard`` of the store ``spec`` from the messages in
     ``inbox`` until None; report (level-0 chunks written, top-level chunks, held polygons)."""
     try:
