@@ -143,6 +143,7 @@ class EvidenceStore:
         self._top = len(self.shapes) - 1 if top is None else min(top, len(self.shapes) - 1)
         self.top_chunks: set[tuple[int, int]] = set()  # non-empty chunks of level ``top`` (written by a part)
         self._adopted: set[tuple[int, int]] = set()  # the same, from parts: the levels above come from them
+        self._adopted_level = 0
         if not isinstance(self.root.store, zarr.storage.LocalStore):
             raise TypeError(f"{self.path}: chunks are written as files, so the store must be a local folder")
         self._store_root = Path(self.root.store.root)
@@ -197,7 +198,11 @@ class EvidenceStore:
         stitcher finishes the slide strip by strip."""
         c0, c1 = cols or (0, len(self._complete[0]))
         np.maximum(self._complete[0][c0:c1], rows, out=self._complete[0][c0:c1])
-        for level in range(1, self._top + 1):
+        self._propagate(0)
+
+    def _propagate(self, start: int) -> None:
+        """Build the chunks above level ``start`` (up to ``top``) that its final rows allow."""
+        for level in range(start + 1, self._top + 1):
             below, done = self._complete[level - 1], self._complete[level]
             # parent row r needs rows 2r and 2r+1 of both child columns; a finished column frees all
             ready_below = np.where(below >= self._rows(level - 1), self._rows(level), below // 2)
@@ -219,10 +224,11 @@ class EvidenceStore:
     def finalize(self, attrs: dict[str, Any]) -> None:
         """Finish the pyramid (and redo it above patched chunks), then write NGFF 0.4 metadata (last,
         so an interrupted store is never mistaken for a complete one)."""
+        self._build_above_adopted()
         self.rows_complete(self._rows(0))
         redo = self._patched
         for level in range(1, len(self.shapes)):
-            redo = self._redo_above(level, redo | self._adopted if level == self._top + 1 else redo)
+            redo = self._redo_above(level, redo)
         mpps = [self.mpp * 2**i for i in range(len(self.shapes))]
         fmt = FormatV04()
         write_multiscales_metadata(self.root, _datasets(mpps), fmt=fmt, axes=AXES, name=self.name)
@@ -245,9 +251,34 @@ class EvidenceStore:
 
     def adopt(self, top: int, chunks: set[tuple[int, int]]) -> None:
         """Parts built the pyramid up to level ``top``, with these non-empty chunks there: the levels
-        above are built from them (read back, a few chunks) by :meth:`finalize`."""
-        self._top = min(top, len(self.shapes) - 1)
+        above are built from them by :meth:`finalize`."""
+        self._adopted_level = top
         self._adopted |= chunks
+
+    def _build_above_adopted(self) -> None:
+        """The levels above the parts' chunks, as if this store had written those: chunk row by
+        chunk row, each chunk read back from its file and halved (memory: two chunk rows' halves)."""
+        level, c = self._adopted_level, self.chunk
+        by_row: dict[int, list[int]] = {}
+        for cy, cx in self._adopted:
+            by_row.setdefault(cy, []).append(cx)
+        h, w = self.shapes[level]
+        for cy in range(self._rows(level) if self._adopted else 0):
+            for cx in sorted(by_row.get(cy, ())):
+                extent = (slice(0, min(c, h - cy * c)), slice(0, min(c, w - cx * c)))
+                evidence = self._read(self._image[level], cy, cx)
+                labels = self._read(self._labels[level], cy, cx)
+                self._halves[level][(cy, cx)] = (_halve_mean(evidence[extent]),  # type: ignore[index]
+                                                 None if labels is None else _halve_nearest(labels[extent]))
+            self._complete[level][:] = cy + 1
+            self._propagate(level)
+
+    def _read(self, array: zarr.Array, cy: int, cx: int) -> np.ndarray | None:
+        """Chunk (``cy``, ``cx``) of ``array`` as :meth:`_put` wrote it (whole), or None if absent."""
+        path = self._store_root / array.path / array.metadata.encode_chunk_key((0, cy, cx))
+        if not path.exists():
+            return None
+        return np.frombuffer(array.metadata.compressor.decode(path.read_bytes()), np.uint8).reshape(self.chunk, self.chunk)
 
     def patch(self, y: int, x: int, evidence: np.ndarray, labels: np.ndarray) -> None:
         """Overwrite any level-0 region after streaming (single writer, so unaligned is safe)."""
