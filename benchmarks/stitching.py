@@ -48,11 +48,13 @@ def stitch_once(grid, store_args: dict, outputs: tuple[np.ndarray, np.ndarray], 
             stitcher.close()
         streamed = time.perf_counter() - start
         store.finalize({})
+        pyramid = time.perf_counter() - start - streamed
         polygons = sum(1 for _ in stitcher.polygons.merged(simplify_px=grid.downsample * 0.5))
         wall = time.perf_counter() - start
         main_cpu, other_cpu = time.process_time() - cpu, getattr(stitcher, "processes_cpu_s", 0.0)
     n = len(grid)
-    return {"stitchers": stitchers, "tiles_per_s": n / wall, "streaming_tiles_per_s": n / streamed,
+    return {"stitchers": stitchers, "strips": len(stitcher._strips), "tiles_per_s": n / wall,
+            "streaming_tiles_per_s": n / streamed, "pyramid_top_s": pyramid, "polygons_s": wall - streamed - pyramid,
             "model_process_cpu_ms_per_tile": main_cpu / n * 1e3, "stitching_processes_cpu_ms_per_tile": other_cpu / n * 1e3,
             "polygons": polygons, "level0_chunks": stitcher.chunks_written}
 
@@ -110,7 +112,9 @@ def main() -> None:
     for s, f in figures.items():
         where = "in the model process" if s == 0 else f"{s} stitching processes"
         ratio = f" ({f['tiles_per_s'] / base['tiles_per_s']:.2f}× in-process)" if base and s else ""
-        print(f"{where:>24}: {f['tiles_per_s']:7.1f} tiles/s{ratio}, streaming {f['streaming_tiles_per_s']:7.1f}; "
+        print(f"{where:>24}: {f['tiles_per_s']:7.1f} tiles/s{ratio} ({f['strips']:.0f} strips), streaming "
+              f"{f['streaming_tiles_per_s']:7.1f}, then pyramid top {f['pyramid_top_s']:.2f} s, polygons "
+              f"{f['polygons_s']:.2f} s; "
               f"model process {f['model_process_cpu_ms_per_tile']:.2f} CPU ms/tile, stitching processes "
               f"{f['stitching_processes_cpu_ms_per_tile']:.2f}; {f['polygons']:.0f} polygons, "
               f"{f['level0_chunks']:.0f} level-0 chunks")
