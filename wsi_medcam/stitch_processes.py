@@ -6,8 +6,8 @@ which caps a GPU run at a few hundred tiles/s whatever the GPU does. Here ``coun
 stitch every ``count``-th strip
 (:class:`~wsi_medcam.stitching.EvidenceStitcher` with ``shard``): tiles come ``count`` strips at a
 time, row-major across them (:meth:`EvidenceStitcher.order`), so every process has work at once,
-and the model process only sends each batch's masks to the processes whose strips they reach:
-~0.5 CPU ms per tile left in it.
+and the model process only sends each batch's masks, raw over a socket, to the processes whose
+strips they reach: 0.2-0.3 CPU ms per tile left in it (``benchmarks/stitching.py``, 2-core VM).
 
 Each process writes its strips' level-0 chunks into the shared store and builds the pyramid levels
 whose chunks lie within a strip; this process builds the few levels above from those
@@ -41,9 +41,9 @@ _POLL_S = 0.5  # how often a blocked send or wait checks that the processes are 
 
 
 def default_stitchers(device_type: str) -> int:
-    """Stitching processes: on a GPU, half the CPU cores (stitching costs ~5 CPU ms per tile, reading
-    ~1.3: at 1500 tiles/s that is 7.5 cores of stitching and 2 of reading); on a CPU none, since
-    the models there are far slower than one stitcher and need every core."""
+    """Stitching processes: on a GPU, half the CPU cores (on a 2-core VM stitching costs ~4.3 CPU ms
+    per tile, reading ~1.3: at 1500 tiles/s that is 6.5 cores of stitching and 2 of reading); on a
+    CPU none, since the models there are far slower than one stitcher and need every core."""
     return max(1, usable_cores() // 2) if device_type == "cuda" else 0
 
 
