@@ -6,7 +6,8 @@
 #    briefly trained Med-CAM U-Net/resnet18 (so masks have Med-CAM's structure, not speckle);
 # 2. benchmarks/throughput.py on it: batch 256 with the default readers and stitching processes (+
 #    the models-stubbed ceiling), then the ceiling once more with stitching in the model process;
-#    benchmarks/stitching.py: stitching alone, in the model process against 4 and 8 processes;
+#    benchmarks/stitching.py: stitching alone, in the model process against 4 and 8 processes (2048-px
+#    strips, 8 on this slide: the processes are at most one per strip, 4 with the default 4096);
 #    with BATCH512=yes also batch 512 with 12 readers (one more minute);
 # 3. a BIG² slide at 0.5 µm/px through the whole pipeline: tiles/s, stages, RSS. BIG=100000 gives
 #    ~100k tissue tiles, but making it took over 120 s on the H100 machine's 16 cores (the pyramid
@@ -61,7 +62,7 @@ step python3 benchmarks/throughput.py "$work/slide.tif" "${models[@]}" --batch-s
   > "$out/throughput-b256.json" && python3 -c "$summary" "$out/throughput-b256.json" | tee -a "$log"
 step python3 benchmarks/throughput.py "$work/slide.tif" "${models[@]}" --batch-size 256 --repeats 1 --bare-seconds 4 --ceiling \
   --stitchers 0 --json > "$out/throughput-b256-stitch0.json" && python3 -c "$summary" "$out/throughput-b256-stitch0.json" | tee -a "$log"
-step python3 benchmarks/stitching.py "$work/slide.tif" "${models[@]}" --stitchers 0 4 8 --repeats 1 --batch-size 256 \
+step python3 benchmarks/stitching.py "$work/slide.tif" "${models[@]}" --stitchers 0 4 8 --repeats 1 --batch-size 256 --strip-px 2048 \
   | tee -a "$out/stitching.txt" "$log"
 if [ "${BATCH512:-no}" = yes ]; then
   step python3 benchmarks/throughput.py "$work/slide.tif" "${models[@]}" --batch-size 512 --workers 12 --repeats 1 --bare-seconds 6 --json \

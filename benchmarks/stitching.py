@@ -53,7 +53,8 @@ def stitch_once(grid, store_args: dict, outputs: tuple[np.ndarray, np.ndarray], 
         wall = time.perf_counter() - start
         main_cpu, other_cpu = time.process_time() - cpu, getattr(stitcher, "processes_cpu_s", 0.0)
     n = len(grid)
-    return {"stitchers": stitchers, "strips": len(stitcher._strips), "tiles_per_s": n / wall,
+    processes = stitcher.shard[1] if stitchers else 0  # at most one per strip
+    return {"stitchers": processes, "strips": len(stitcher._strips), "tiles_per_s": n / wall,
             "streaming_tiles_per_s": n / streamed, "pyramid_top_s": pyramid, "polygons_s": wall - streamed - pyramid,
             "model_process_cpu_ms_per_tile": main_cpu / n * 1e3, "stitching_processes_cpu_ms_per_tile": other_cpu / n * 1e3,
             "polygons": polygons, "level0_chunks": stitcher.chunks_written}
@@ -110,7 +111,7 @@ def main() -> None:
         return
     print(f"{args.slide.name}: {len(grid)} tiles, batch {batch}, strips of {args.strip_px} px; medians of {args.repeats}")
     for s, f in figures.items():
-        where = "in the model process" if s == 0 else f"{s} stitching processes"
+        where = "in the model process" if s == 0 else f"{f['stitchers']:.0f} stitching processes"
         ratio = f" ({f['tiles_per_s'] / base['tiles_per_s']:.2f}× in-process)" if base and s else ""
         print(f"{where:>24}: {f['tiles_per_s']:7.1f} tiles/s{ratio} ({f['strips']:.0f} strips), streaming "
               f"{f['streaming_tiles_per_s']:7.1f}, then pyramid top {f['pyramid_top_s']:.2f} s, polygons "
