@@ -293,3 +293,30 @@ def test_a_failing_stitching_process_fails_the_slide_in_one_line(tmp_path):
         finally:
             stitcher.close()
     assert not any(p.is_alive() for p in stitcher._procs)
+
+
+def test_a_killed_stitching_process_fails_the_slide_instead_of_hanging(tmp_path):
+    """A stitching process killed mid-slide (the OOM killer's way) ends the wait with one line."""
+    import os
+    import signal
+
+    from wsi_medcam.errors import OutputError
+    from wsi_medcam.export.ome_zarr import EvidenceStore
+    from wsi_medcam.stitch_processes import StitchingProcesses
+
+    if not hasattr(signal, "SIGKILL"):
+        pytest.skip("no SIGKILL on this platform")
+    grid = plan_tiles((900, 600), 2.0, np.ones((30, 45), bool), TilingConfig(), mpp=0.5, tile_size=64)
+    store = EvidenceStore(tmp_path / "e.ome.zarr", shape=(600, 900), mpp=0.5, chunk=32, min_size=16,
+                          class_names=["a"], colors=[(255, 0, 0)], name="t")
+    stitcher = StitchingProcesses(grid, store, processes=2, spool_dir=tmp_path, strip_px=60, block=40)
+    order = stitcher.order()[:20]
+    os.kill(stitcher._procs[1].pid, signal.SIGKILL)
+    with pytest.raises(OutputError, match=r"^stitching process 1 ended early \(exit code -9\)"):
+        try:
+            stitcher.add_batch(order, np.ones((len(order), 64, 64), np.float32), np.zeros(len(order), int),
+                               np.ones(len(order)))
+            stitcher.finish()
+        finally:
+            stitcher.close()
+    assert not any(p.is_alive() for p in stitcher._procs)
