@@ -166,22 +166,18 @@ class EvidencePolygons:
         ``y``, or right of ``seam`` (level-0 px; a strip and the strips after it)."""
         for class_index, pieces in list(self.open.items()):
             merged = _merge_touching(np.array(pieces, dtype=object))
-            if len(merged):
-                bounds = shapely.bounds(merged)
-                reaches = ((bounds[:, 3] >= y - 1e-6) & (bounds[:, 2] >= x_from - 1e-6)) | (bounds[:, 2] >= seam - 1e-6)
-            else:
-                reaches = np.zeros(0, bool)
+            bounds = shapely.bounds(merged) if len(merged) else np.zeros((0, 4))
+            reaches = ((bounds[:, 3] >= y - 1e-6) & (bounds[:, 2] >= x_from - 1e-6)) | (bounds[:, 2] >= seam - 1e-6)
             done = merged[~reaches]
-            held = self._touches_seam(done)
+            held = self._touches_seam(bounds[~reaches])
             self.held.extend((class_index, g) for g in done[held])
             self._finalise([(class_index, g) for g in done[~held]])
             self.open[class_index] = list(merged[reaches])
 
-    def _touches_seam(self, geoms: np.ndarray) -> np.ndarray:
-        """Per polygon: does its bounding box reach one of :attr:`seams`."""
-        if not len(self.seams) or not len(geoms):
-            return np.zeros(len(geoms), bool)
-        bounds = shapely.bounds(geoms)
+    def _touches_seam(self, bounds: np.ndarray) -> np.ndarray:
+        """Per polygon, from its ``bounds`` (n, 4): does it reach one of :attr:`seams`."""
+        if not len(self.seams) or not len(bounds):
+            return np.zeros(len(bounds), bool)
         nearest = np.searchsorted(self.seams, bounds[:, 0] - 1e-6)  # first seam right of each left edge
         return (nearest < len(self.seams)) & (self.seams[np.minimum(nearest, len(self.seams) - 1)] <= bounds[:, 2] + 1e-6)
 

@@ -185,7 +185,7 @@ class EvidenceStore:
             full[: block.shape[0], : block.shape[1]] = block
             block = full
         data = array.metadata.compressor.encode(np.ascontiguousarray(block))
-        path = self._store_root / array.path / array.metadata.encode_chunk_key((0, cy, cx))
+        path = self._chunk_path(array, cy, cx)
         if path.parent not in self._folders:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._folders.add(path.parent)
@@ -275,10 +275,14 @@ class EvidenceStore:
 
     def _read(self, array: zarr.Array, cy: int, cx: int) -> np.ndarray | None:
         """Chunk (``cy``, ``cx``) of ``array`` as :meth:`_put` wrote it (whole), or None if absent."""
-        path = self._store_root / array.path / array.metadata.encode_chunk_key((0, cy, cx))
+        path = self._chunk_path(array, cy, cx)
         if not path.exists():
             return None
         return np.frombuffer(array.metadata.compressor.decode(path.read_bytes()), np.uint8).reshape(self.chunk, self.chunk)
+
+    def _chunk_path(self, array: zarr.Array, cy: int, cx: int) -> Path:
+        """The file zarr names for chunk (``cy``, ``cx``) of ``array``."""
+        return self._store_root / array.path / array.metadata.encode_chunk_key((0, cy, cx))
 
     def patch(self, y: int, x: int, evidence: np.ndarray, labels: np.ndarray) -> None:
         """Overwrite any level-0 region after streaming (single writer, so unaligned is safe)."""
