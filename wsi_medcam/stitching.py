@@ -474,9 +474,14 @@ class EvidenceStitcher:
                 src = soft[ys - y0 : ye - y0, cs - x0 : ce - x0]
                 blk.total[dst] += src
                 blk.weight[dst] += 1
-                better = blk.score[dst] < piece.score
-                np.copyto(blk.label[dst], piece.label, where=better)  # in place: no temporaries
-                np.copyto(blk.score[dst], piece.score, where=better)
+                # label := piece.label where the piece is more confident, as uint8 arithmetic that
+                # wraps (label + (new − label)·better): a masked copy into a strided view is ~20×
+                # slower on a mask with edges (numpy 2.4)
+                label, score = blk.label[dst], blk.score[dst]
+                step = np.subtract(piece.label, label, dtype=np.uint8)
+                step *= score < piece.score
+                label += step
+                np.maximum(score, piece.score, out=score)
 
     def _close_strip(self) -> None:
         """Place what is still carried into the current strip, then emit all of it."""
@@ -553,9 +558,13 @@ class EvidenceStitcher:
                 xs, xe = max(x0, bx * b), min(x1, (bx + 1) * b)
                 src = (slice(ys - by * b, ye - by * b), slice(xs - bx * b, xe - bx * b))
                 dst = (slice(ys - y0, ye - y0), slice(xs - x0, xe - x0))
-                mean = soft[dst]  # a pixel no tile covered has total 0: dividing by 1 leaves it 0
-                np.divide(blk.total[src], np.maximum(blk.weight[src], 1), out=mean)
-                np.copyto(label[dst], blk.label[src], where=mean >= 0.5)
+                mean = soft[dst]
+                weight = blk.weight[src]
+                if weight.max() > 1:  # a pixel no tile covered has total 0: dividing by 1 leaves it 0
+                    np.divide(blk.total[src], np.maximum(weight, 1), out=mean)
+                else:  # no overlap here (the default grid): the mean is the sum
+                    np.copyto(mean, blk.total[src])
+                np.multiply(blk.label[src], mean >= 0.5, out=label[dst])  # not a masked copy: see _place
         return soft, label
 
     # -- flushing -------------------------------------------------------------------------------
