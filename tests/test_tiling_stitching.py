@@ -7,6 +7,7 @@ from scipy import ndimage
 import pytest
 
 from wsi_medcam.config import TilingConfig
+from wsi_medcam.export.ome_zarr import _halve_mean, _halve_nearest
 from wsi_medcam.stitching import EvidenceStitcher
 from wsi_medcam.tiling import plan_tiles
 
@@ -50,14 +51,22 @@ class _Collect:
         self.evidence = np.zeros(shape, np.uint8)
         self.labels = np.zeros(shape, np.uint8)
         self.writes = []
+        self.halves = 0
         self.complete = np.zeros(-(-shape[1] // chunk), int)  # final chunk rows per chunk column
 
     def rows_complete(self, rows, cols):
         assert (rows >= self.complete[cols[0] : cols[1]]).all()
         self.complete[cols[0] : cols[1]] = rows
 
-    def write(self, y, x, evidence, labels):
+    def write(self, y, x, evidence, labels, half=None):
         assert (y, x) not in self.writes, "a chunk was written twice"
+        if half is not None:  # given for free: it must be what the store would compute
+            self.halves += 1
+            np.testing.assert_array_equal(half[0], _halve_mean(evidence))
+            if labels.any():
+                np.testing.assert_array_equal(half[1], _halve_nearest(labels))
+            else:
+                assert half[1] is None
         assert y // self.chunk >= self.complete[x // self.chunk], "a chunk announced complete was written again"
         self.writes.append((y, x))
         h, w = evidence.shape
@@ -69,10 +78,13 @@ class _Collect:
     (2.0, 1.0, 0, 0, 4096), (2.0, 1.0, 16, 0, 4096), (1.002, 1.0, 0, 0, 4096), (2.0, 0.25, 8, 0, 4096),
     (2.0, 1.0, 16, 2, 4096),
     (2.0, 1.0, 16, 0, 60), (1.002, 1.0, 0, 2, 100), (2.0, 0.25, 8, 0, 30), (1.37, 1.0, 40, 0, 40),
+    (4.0, 1.0, 12, 0, 4096), (4.0, 1.0, 0, 0, 50),
 ])
 def test_stitcher_matches_dense_reference(downsample, out_scale, overlap, tracers, strip_px, tmp_path):
     """Against a dense canvas: one strip or several (narrower than a tile, too), in-thread tracing,
-    and tracing in 2 worker processes (the default from 8 cores)."""
+    and tracing in 2 worker processes (the default from 8 cores). Where level 0 repeats each canvas
+    px an even number of times (downsample × out_scale = 2 or 4), the stitcher hands every chunk's
+    half to the writer, which checks it against the store's own halving."""
     rng = np.random.default_rng(0)
     tile = 64
     width0, height0 = 700, 500
@@ -104,6 +116,7 @@ def test_stitcher_matches_dense_reference(downsample, out_scale, overlap, tracer
         label[sl] = np.where(better, cls + 1, label[sl]); score[sl] = np.where(better, conf_q, score[sl])
     stitcher.finish()
     assert (writer.complete == -(-out_shape[0] // writer.chunk)).all(), "every chunk row is announced complete"
+    assert writer.halves == (len(writer.writes) if downsample * out_scale in (2.0, 4.0) else 0)
 
     mean = np.divide(total, weight, out=np.zeros_like(total), where=weight > 0)
     fy = height0 / out_shape[0] / downsample

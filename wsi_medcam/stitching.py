@@ -55,7 +55,10 @@ class ChunkWriter(Protocol):
     shape: tuple[int, int]
     chunk: int
 
-    def write(self, y: int, x: int, evidence: np.ndarray, labels: np.ndarray) -> None: ...
+    def write(self, y: int, x: int, evidence: np.ndarray, labels: np.ndarray,
+              half: tuple[np.ndarray, np.ndarray | None] | None = None) -> None:
+        """``half``: the block halved (2×2 mean of evidence rounded half up, top-left labels, None
+        where ``labels`` are all 0), given when the stitcher has it for free."""
 
     def patch(self, y: int, x: int, evidence: np.ndarray, labels: np.ndarray) -> None: ...
 
@@ -641,8 +644,18 @@ class EvidenceStitcher:
         if not evidence.any():
             return False
         r, c = rows - rows[0], cols - cols[0]
-        labels = _nearest(label, r, c) if label.any() else np.zeros((len(r), len(c)), np.uint8)
-        self.writer.write(y0, x0, _nearest(evidence, r, c), labels)
+        any_label = bool(label.any())
+        labels = _nearest(label, r, c) if any_label else np.zeros((len(r), len(c)), np.uint8)
+        half = None
+        ky, kx = _repeats(r), _repeats(c)
+        if ky % 2 == 0 and kx % 2 == 0:
+            # every canvas px repeated an even number of times: the chunk halved (its 2×2 means) is
+            # the canvas repeated half as often, so the pyramid's largest halving (~0.5 ms per
+            # 1024² chunk) is skipped. E.g. tiles at 0.5 µm/px on a 0.25 µm/px slide: the canvas.
+            hr, hc = np.arange(-(-len(r) // 2)) // (ky // 2), np.arange(-(-len(c) // 2)) // (kx // 2)
+            halve = (lambda a: a) if ky == kx == 2 else (lambda a: _nearest(a, hr, hc))  # (both are ours)
+            half = (halve(evidence), halve(label) if any_label else None)
+        self.writer.write(y0, x0, _nearest(evidence, r, c), labels, half)
         return True
 
     def _trace_block_row(self, block_row: int) -> None:
@@ -700,11 +713,18 @@ def _strips(out_w: int, chunk: int, fx: float, canvas_w: int, strip_px: int) -> 
     return strips
 
 
+def _repeats(index: np.ndarray) -> int:
+    """k where ``index`` is ``arange(n) // k`` (each source px repeated k times, from the first), 1
+    where it is ``arange(n)`` or any other sampling."""
+    k = max(1, round(len(index) / (int(index[-1]) + 1)))
+    return k if np.array_equal(index, np.arange(len(index)) // k) else 1
+
+
 def _nearest(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """``image[rows][:, cols]`` for a uint8 ``image``: a nearest-neighbour resampling."""
     out = image.take(rows, 0)  # whole rows: cheap
-    k = len(cols) // image.shape[1]
-    if k in _SPREAD and len(cols) == k * image.shape[1] and np.array_equal(cols, np.arange(len(cols)) // k):
+    k = _repeats(cols)
+    if k in _SPREAD and len(cols) == k * image.shape[1]:
         # each pixel repeated k times across (an integer upsampling, e.g. tiles at 0.5 µm/px written
         # at a 0.25 µm/px slide's level 0): a k-byte integer v·0x0101… holds k copies of byte v,
         # whatever the byte order; 10× faster than a gather on a 1024² chunk

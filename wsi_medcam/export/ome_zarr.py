@@ -155,20 +155,25 @@ class EvidenceStore:
         self._patched: set[tuple[int, int]] = set()
         self._lock = threading.Lock()
 
-    def write(self, y: int, x: int, evidence: np.ndarray, labels: np.ndarray) -> None:
-        """Store one chunk-aligned level-0 block (from the stitcher's writer threads)."""
+    def write(self, y: int, x: int, evidence: np.ndarray, labels: np.ndarray, half: _Half | None = None) -> None:
+        """Store one chunk-aligned level-0 block (from the stitcher's writer threads); ``half``, if
+        given, is the block halved as :func:`_halve_mean` / :func:`_halve_nearest` would (labels
+        None where ``labels`` are all 0)."""
         if y % self.chunk or x % self.chunk:
             raise ValueError(f"write at ({y}, {x}) is not aligned to chunks of {self.chunk}")
-        self._store(0, y // self.chunk, x // self.chunk, evidence, labels)
+        self._store(0, y // self.chunk, x // self.chunk, evidence, labels, half)
 
-    def _store(self, level: int, cy: int, cx: int, evidence: np.ndarray, labels: np.ndarray) -> None:
-        """Write one non-empty chunk of ``level`` and keep its half for the level above."""
+    def _store(self, level: int, cy: int, cx: int, evidence: np.ndarray, labels: np.ndarray,
+               half: _Half | None = None) -> None:
+        """Write one non-empty chunk of ``level`` and keep its half (given, or computed here) for the
+        level above."""
         self._put(self._image[level], cy, cx, evidence)
         any_label = bool(labels.any())
         if any_label:
             self._put(self._labels[level], cy, cx, labels)
         if level < self._top:
-            half = (_halve_mean(evidence), _halve_nearest(labels) if any_label else None)
+            if half is None:
+                half = (_halve_mean(evidence), _halve_nearest(labels) if any_label else None)
             with self._lock:  # writer threads
                 self._halves[level][(cy, cx)] = half
         elif level < len(self.shapes) - 1:
