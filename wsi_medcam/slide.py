@@ -43,6 +43,22 @@ def _open_handle(path: Path, backend: Backend) -> Any:
     return cls(str(path))
 
 
+def _white_beyond(region: np.ndarray, xy_level0: tuple[int, int], downsample: float,
+                  level_size: tuple[int, int]) -> np.ndarray:
+    """``region`` (read at level px ``int(xy_level0 / downsample)``, as tiffslide places it) with
+    every px beyond the level's ``level_size`` (w, h) white: tiffslide pads there with black, which
+    a classifier takes for dark tissue, where OpenSlide gives transparent px (glass once composited)."""
+    h, w = region.shape[:2]
+    x, y = (int(v / downsample) for v in xy_level0)
+    x0, x1 = min(max(-x, 0), w), min(max(level_size[0] - x, 0), w)
+    y0, y1 = min(max(-y, 0), h), min(max(level_size[1] - y, 0), h)
+    if (x0, x1, y0, y1) == (0, w, 0, h):
+        return region
+    out = np.full_like(region, 255)
+    out[y0:y1, x0:x1] = region[y0:y1, x0:x1]
+    return out
+
+
 def composite_on_white(image: np.ndarray) -> np.ndarray:
     """Return HxWx3 uint8 RGB, compositing RGBA onto white (transparent pixels become white).
 
@@ -224,7 +240,10 @@ class Slide:
             raise SlideReadError(
                 f"{self.path.name}: read failed at level {level}, x,y={xy_level0}, size={size_level}: {exc}"
             ) from exc
-        return composite_on_white(np.asarray(region))
+        region = composite_on_white(np.asarray(region))
+        if self.backend == "tiffslide":
+            region = _white_beyond(region, xy_level0, self.level_downsamples[level], self.level_dimensions[level])
+        return region
 
     def read_region_at(
         self, xy_level0: tuple[int, int], size_px: int | tuple[int, int], mpp: float, *, tolerance: float = 0.02
