@@ -76,6 +76,69 @@ def test_local_cluster_matches_one_process(tmp_path, bundles, slide_set):
     assert {r["status"] for r in _status(tmp_path / "dask").values()} == {"done"}
 
 
+def test_a_gpu_task_on_a_local_cluster_is_scheduled(tmp_path, bundles):
+    """Slide tasks for --device cuda ask for a GPU resource, so local workers must offer one: without
+    it the run waited forever. Here (no CUDA) the slide is scheduled and fails in one line."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    clf, _ = bundles
+    proc = subprocess.run([sys.executable, "-m", "wsi_medcam.cli", "run", str(CMU), "--classifier", str(clf),
+                           "-o", str(tmp_path), "--device", "cuda", "--dask", "local:1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert _status(tmp_path)[CMU.name]["reason"].startswith("--device cuda: no CUDA device here")
+    assert "Traceback" not in proc.stdout + proc.stderr and "INFO" not in proc.stdout + proc.stderr
+
+
+def test_slurm_workers_are_non_daemonic_and_run_one_slide_at_a_time(tmp_path):
+    """The job script itself must make the worker non-daemonic (this process's dask config does not
+    reach a SLURM node) and leave it one thread, whatever ``cores`` says."""
+    pytest.importorskip("dask_jobqueue")
+    from wsi_medcam.distributed import SlurmConfig, slurm_cluster
+
+    cluster = slurm_cluster(SlurmConfig(cores=8, gpus=2, jobs=1))
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    assert "export DASK_DISTRIBUTED__WORKER__DAEMON=False" in script
+    command = next(line for line in script.splitlines() if "distributed.cli.dask_worker" in line).split()
+    nthreads = [command[i + 1] for i, arg in enumerate(command) if arg == "--nthreads"]
+    assert nthreads[-1] == "1", command  # click keeps the last value
+    assert "--resources" in command and command[command.index("--resources") + 1] == "GPU=2"
+    assert "#SBATCH --gres=gpu:2" in script
+
+
+def _run_cli(args: list[str], results) -> None:
+    """The CLI in this (daemonic) process; its exit code and output go back through ``results``."""
+    result = CliRunner().invoke(app, args)
+    results.put((result.exit_code, result.output + (repr(result.exception) if result.exception else "")))
+
+
+def test_a_daemonic_dask_worker_runs_slides_without_child_processes(tmp_path, bundles):
+    """An existing dask cluster's workers are daemonic unless configured otherwise, and Python forbids
+    daemonic processes children: asked for a reader and a stitching process, a slide there still
+    runs, reading and stitching in the process itself, and says so in its report."""
+    import multiprocessing
+
+    clf, seg = bundles
+    ctx = multiprocessing.get_context("forkserver")
+    results = ctx.Queue()
+    args = ["run", str(CMU), "-o", str(tmp_path), "--classifier", str(clf), "--segmenter", str(seg),
+            "--precision", "fp32", "--workers", "1", "--stitchers", "1", "--batch-size", "8"]
+    proc = ctx.Process(target=_run_cli, args=(args, results), daemon=True)
+    proc.start()
+    code, output = results.get(timeout=600)
+    proc.join(60)
+    assert code == 0, output
+    report = json.loads((tmp_path / CMU.stem / "report.json").read_text())
+    assert report["parameters"]["readers"] == 0 and report["parameters"]["stitching_processes"] == 0
+    assert report["tiles"]["count"] > 8  # more than one batch: a reader would have been started
+    assert (tmp_path / CMU.stem / "evidence.ome.zarr").is_dir()
+
+
 def test_kill_9_then_rerun_redoes_only_the_interrupted_slide(tmp_path, bundles, slide_set):
     clf, seg = bundles
     slides = [str(p) for p in slide_set[:3]]

@@ -62,9 +62,10 @@ def test_default_yaml_holds_every_default():
     ({"tiling.min_tissue": 1.5}, "tiling.min_tissue"),
     ({"inference.batch_size": "many"}, "inference.batch_size"),
     ({"slide.backend": "bioformats"}, "slide.backend"),
+    ({"inference.device": "gpu0"}, "inference.device: .*'gpu0' is not auto, cpu, cuda or cuda:N"),
 ])
 def test_bad_config_is_one_readable_message(overrides, field):
-    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.", 1)):
         RunConfig.from_yaml(None, overrides)
 
 
@@ -74,3 +75,21 @@ def test_bad_config_file_through_the_cli(tmp_path):
     result = runner.invoke(app, ["run", "x.svs", "--config", str(cfg)])
     assert result.exit_code == 2
     assert "tiling.overlap" in result.output and "Traceback" not in result.output
+
+
+@needs_data
+def test_a_cuda_device_that_is_not_there_is_one_line(tmp_path):
+    """Refused before any slide is opened, not by torch's first kernel launch with a traceback."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from wsi_medcam.bundles import ClassifierConfig, import_classifier
+
+    clf = import_classifier(ClassifierConfig(arch="resnet18", class_names=["a", "b"], mpp=0.5, tile_size=224),
+                            tmp_path / "clf")
+    result = runner.invoke(app, ["run", str(SLIDES / "CMU-1-Small-Region.svs"), "--classifier", str(clf),
+                                 "-o", str(tmp_path / "out"), "--device", "cuda"])
+    assert result.exit_code == 2, result.output
+    assert "--device cuda: no CUDA device here" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig
-from .errors import OutputError
-from .pipeline import Models, ProgressHook, SlideResult, load_models, output_names, run_slide
+from .errors import OutputError, WsiMedcamError
+from .pipeline import Models, ProgressHook, SlideResult, failure_reason, load_models, output_names, run_slide
 
 LOCK_NAME = ".wsi-medcam.lock"
 STATUS_NAME = "status.jsonl"
@@ -85,7 +85,12 @@ def worker_models(cfg: RunConfig) -> Models:
 def slide_task(path: str, out_dir: str, cfg_json: str) -> dict[str, Any]:
     """What a dask worker runs for one slide; returns the :class:`SlideResult` as a plain dict."""
     cfg = RunConfig.model_validate_json(cfg_json)
-    result = run_slide(Path(path), Path(out_dir), cfg, worker_models(cfg))
+    try:
+        models = worker_models(cfg)
+    except WsiMedcamError as exc:  # e.g. no GPU on this worker: the slide fails in one line, not a worker traceback
+        result = SlideResult(Path(path), "failed", None, failure_reason(exc))
+    else:
+        result = run_slide(Path(path), Path(out_dir), cfg, models)
     return {**asdict(result), "path": str(result.path), "output": str(result.output) if result.output else None}
 
 

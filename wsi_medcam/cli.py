@@ -38,7 +38,6 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False, show_time=False)], force=True)
     logging.getLogger("tifffile").setLevel(logging.ERROR)  # its warnings repeat what our one-line errors say
-    logging.getLogger("distributed").setLevel(logging.WARNING)
 
 
 @app.command()
@@ -179,6 +178,7 @@ def run(
         if dask or scheduler or slurm:  # dask is imported only when asked for (memory of plain runs)
             from .distributed import client_for
 
+            logging.getLogger("distributed").setLevel(logging.WARNING)  # importing it applied dask's INFO
             client = client_for(dask_spec=dask, scheduler=scheduler, slurm=slurm)
         models = None if client else load_models(cfg)
     except WsiMedcamError as exc:

@@ -7,11 +7,12 @@ types and out-of-range values are rejected with one readable message naming the 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
 
@@ -69,6 +70,13 @@ class InferenceConfig(_Frozen):
     refine_steps: int = Field(40, ge=1, description="per-image steps of each refined tile")
     certify_fills: tuple[Literal["mean", "white", "blur", "noise", "uniform", "colour"], ...] = Field(
         ("mean", "white"), description="fills under which each tile's hard evidence is re-classified")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"'{value}' is not auto, cpu, cuda or cuda:N")
+        return value
 
 
 class OutputConfig(_Frozen):

@@ -1,9 +1,12 @@
 """Where slides run: one process, a dask LocalCluster, an existing scheduler, or SLURM workers.
 
-One small function per backend. Dask resources are labels only, so GPU workers also get their
-device set explicitly; dask's nanny pins OMP/MKL threads to 1, so torch threads are set per worker
-too. Worker processes are made non-daemonic so a DataLoader with reader processes works inside a
-task.
+One small function per backend. A slide task uses many cores itself (readers, stitching
+processes, torch threads), so each worker runs one slide at a time, and a task that asks for a GPU
+(``--device cuda``) takes the worker's ``GPU`` resource. Workers we start are non-daemonic, so a
+task may start reader and stitching processes: LocalCluster's through dask's config, SLURM's
+through the job script's environment (the config of this process does not reach them). Workers of
+an existing scheduler may be daemonic; slides still run there, without child processes
+(:func:`wsi_medcam.cpus.may_start_processes`).
 """
 
 from __future__ import annotations
@@ -53,11 +56,12 @@ def parse_local(spec: str) -> int:
     return int(count) if count else 2
 
 
-def local_client(n_workers: int, *, threads_per_worker: int = 1) -> Client:
-    """A LocalCluster of ``n_workers`` non-daemonic processes (each may start DataLoader readers)."""
+def local_client(n_workers: int) -> Client:
+    """A LocalCluster of ``n_workers`` non-daemonic processes, one slide at a time each, each with
+    one ``GPU`` resource (without it a task asking for a GPU would wait forever)."""
     with dask.config.set({"distributed.worker.daemon": False}):
-        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
-                               dashboard_address=None)
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None, resources={"GPU": 1})
     return Client(cluster)
 
 
@@ -66,20 +70,27 @@ def scheduler_client(address: str) -> Client:
     return Client(address)
 
 
-def slurm_client(cfg: SlurmConfig) -> Client:
-    """SLURM jobs through dask-jobqueue; GPU jobs advertise ``GPU=N`` resources."""
+def slurm_cluster(cfg: SlurmConfig) -> Any:
+    """A dask-jobqueue ``SLURMCluster`` (no jobs submitted yet): one worker per job, non-daemonic,
+    one slide at a time (``--nthreads 1`` after jobqueue's own ``--nthreads cores``: the last one
+    counts), GPU jobs advertising ``GPU=N``."""
     from dask_jobqueue import SLURMCluster
 
     extra = list(cfg.job_extra_directives)
-    worker_args: list[str] = []
+    worker_args = ["--nthreads", "1"]
     if cfg.gpus:
         extra.append(f"--gres=gpu:{cfg.gpus}")
-        worker_args = ["--resources", f"GPU={cfg.gpus}"]
+        worker_args += ["--resources", f"GPU={cfg.gpus}"]
     kwargs: dict[str, Any] = dict(queue=cfg.queue, account=cfg.account, cores=cfg.cores, memory=cfg.memory,
                                   walltime=cfg.walltime, processes=1, job_extra_directives=extra,
-                                  worker_extra_args=worker_args, local_directory=cfg.local_directory)
-    with dask.config.set({"distributed.worker.daemon": False}):
-        cluster = SLURMCluster(**{k: v for k, v in kwargs.items() if v is not None})
+                                  worker_extra_args=worker_args, local_directory=cfg.local_directory,
+                                  job_script_prologue=["export DASK_DISTRIBUTED__WORKER__DAEMON=False"])
+    return SLURMCluster(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def slurm_client(cfg: SlurmConfig) -> Client:
+    """:func:`slurm_cluster` with ``cfg.jobs`` jobs submitted."""
+    cluster = slurm_cluster(cfg)
     cluster.scale(jobs=cfg.jobs)
     return Client(cluster)
 

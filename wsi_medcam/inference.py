@@ -20,14 +20,24 @@ import torch
 from .bundles import Bundle
 from .config import InferenceConfig
 from .cpus import usable_cores
+from .errors import ConfigError
 from .medcam.fills import compose, make_fill
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present, else CPU."""
+    """``auto`` picks CUDA when present, else CPU; a CUDA device that is not there is refused here,
+    in one line, rather than by torch's first kernel launch."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "built without CUDA" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, no GPU or driver"
+            raise ConfigError(f"--device {name}: no CUDA device here (torch {torch.__version__}: {build}); use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+                              f"cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def cpu_supports_bf16() -> bool:

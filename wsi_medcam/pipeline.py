@@ -30,6 +30,7 @@ from shapely.geometry import Polygon, box
 from .batching import TileDataset, make_loader, shared_with_readers
 from .bundles import Bundle, load_classifier, load_segmenter
 from .config import RunConfig
+from .cpus import may_start_processes
 from .errors import OutputError, WsiMedcamError
 from .export.geojson import write_evidence
 from .export.ome_zarr import EvidenceStore, write_probabilities
@@ -193,6 +194,10 @@ def process_slide(
         raise WsiMedcamError(f"{path.name}: --mask-mpp {out_mpp} is finer than the slide's {slide.mpp.mean:.4g} µm/px")
     width0, height0 = grid.slide_dimensions
     out_shape = (max(1, round(height0 * slide.mpp.mean / out_mpp)), max(1, round(width0 * slide.mpp.mean / out_mpp)))
+    processes_ok = may_start_processes()
+    if not processes_ok:
+        log.warning("%s: this is a daemonic process (a dask worker without distributed.worker.daemon: False), "
+                    "so tiles are read and stitched in it, without reader or stitching processes", path.name)
     store = stitcher = None
     if models.predictor.explains:
         store = EvidenceStore(work_dir / "evidence.ome.zarr", shape=out_shape, mpp=out_mpp,
@@ -200,6 +205,7 @@ def process_slide(
                               class_names=class_names, colors=colors, name=path.name)
         stitchers = cfg.output.stitchers
         stitchers = default_stitchers(models.predictor.device.type) if stitchers is None else stitchers
+        stitchers = stitchers if processes_ok else 0
         stitcher = (StitchingProcesses(grid, store, processes=stitchers, spool_dir=work_dir, strip_px=cfg.output.strip_px)
                     if stitchers else EvidenceStitcher(grid, store, spool_dir=work_dir, strip_px=cfg.output.strip_px))
 
@@ -212,6 +218,7 @@ def process_slide(
     batch_size = cfg.inference.batch_size or default_batch_size(models.predictor.device)
     workers = default_workers(models.predictor.device) if cfg.inference.workers is None else cfg.inference.workers
     workers = min(workers, max(0, len(grid) // batch_size))  # no idle readers on a small slide
+    workers = workers if processes_ok else 0
     order = stitcher.order() if stitcher is not None else None
     loader = make_loader(TileDataset(ref, grid, tolerance=cfg.slide.level_tolerance, order=order), batch_size=batch_size,
                          workers=workers,

@@ -44,7 +44,7 @@ from shapely.geometry import Polygon, box
 from shapely.geometry.base import BaseGeometry
 from shapely.ops import unary_union
 
-from .cpus import usable_cores
+from .cpus import may_start_processes, usable_cores
 from .heap import release_freed_memory
 from .tiling import TileGrid
 
@@ -366,7 +366,7 @@ class EvidenceStitcher:
         self._pool = ThreadPoolExecutor(threads or max(1, cores // 4), thread_name_prefix="wsi-medcam-chunks")
         self._pyramid = ThreadPoolExecutor(1, thread_name_prefix="wsi-medcam-pyramid")  # rows in order
         self._pyramid_jobs: deque[Future[None]] = deque()
-        tracers = (cores // 4 if cores >= 8 else 0) if tracers is None else tracers
+        tracers = (cores // 4 if cores >= 8 and may_start_processes() else 0) if tracers is None else tracers
         start = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"  # Windows: spawn
         self._tracers = ProcessPoolExecutor(tracers, mp_context=multiprocessing.get_context(start)) if tracers else None
         # per block row: its traces, and the close_rows arguments once they are in
