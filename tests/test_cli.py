@@ -26,6 +26,7 @@ def test_info_json_on_every_shared_slide():
     assert docs["CMU-1-Small-Region.svs"]["associated_images"] == ["label", "macro", "thumbnail"]
     assert docs["OS-1-detail.ome.tif"]["backend"] == "tiffslide"
     assert docs["boxes_0.dcm"]["vendor"] == "dicom"
+    assert "boxes_1.dcm" not in docs  # the same DICOM series (its thumbnail instance): one slide, not two
     assert "--mpp" in docs["boxes.tiff"]["error"]
 
 

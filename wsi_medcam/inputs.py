@@ -17,7 +17,8 @@ def expand_slides(items: list[str]) -> tuple[list[Path], list[Path]]:
     for item in items:
         path = Path(item)
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES))
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
+            found.extend(one_file_per_dicom_series(files))
         elif path.suffix.lower() == ".csv" and path.is_file():
             manifests.append(path)
             with open(path, newline="") as fh:
@@ -33,3 +34,31 @@ def expand_slides(items: list[str]) -> tuple[list[Path], list[Path]]:
     for p in found:
         unique.setdefault(p, None)
     return list(unique), manifests
+
+
+def one_file_per_dicom_series(paths: list[Path]) -> list[Path]:
+    """``paths`` with one ``.dcm`` file kept per DICOM series: a DICOM WSI is dozens of instance
+    files (levels, thumbnail) in one folder, and OpenSlide opens the whole series from any one of
+    them, so each file would otherwise run as a slide of its own. The series is OpenSlide's
+    ``dicom.SeriesInstanceUID``; a file it cannot open is kept, to fail in one line like any other."""
+    kept: list[Path] = []
+    series: set[tuple[Path, str]] = set()
+    for path in paths:
+        if path.suffix.lower() == ".dcm":
+            uid = _dicom_series(path)
+            if uid is not None:
+                if (path.parent, uid) in series:
+                    continue
+                series.add((path.parent, uid))
+        kept.append(path)
+    return kept
+
+
+def _dicom_series(path: Path) -> str | None:
+    import openslide  # only for folders holding DICOM files
+
+    try:
+        with openslide.OpenSlide(str(path)) as handle:
+            return handle.properties.get("dicom.SeriesInstanceUID")
+    except (openslide.OpenSlideError, OSError):
+        return None
