@@ -34,7 +34,7 @@ def main() -> int:
 
     paths, manifests = expand_slides(args.slides)
     overrides = {"classifier": str(args.classifier), "segmenter": str(args.segmenter) if args.segmenter else None,
-                 "slide.mpp_csv": str(manifests[0]) if manifests else None}
+                 "slide.mpp_csv": [str(m) for m in manifests]}
     cfg = RunConfig.from_yaml(args.config, overrides)
     client = client_for(dask_spec=args.dask, scheduler=args.scheduler, slurm=args.slurm)
     with client:

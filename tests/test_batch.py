@@ -237,6 +237,23 @@ def test_manifest_csv_with_mpp(tmp_path, bundles, cmu_pixels):
     assert (tmp_path / "out" / CMU.stem / "report.json").is_file()
 
 
+def test_every_manifest_and_the_mpp_csv_give_mpps(tmp_path, bundles, cmu_pixels):
+    """Two manifests and --mpp-csv: each slide takes its mpp from whichever lists it, --mpp-csv first
+    (only the first manifest's column counted before, and none of them with --mpp-csv)."""
+    clf, _ = bundles
+    for name in ("a", "b", "c"):
+        write_pyramid(tmp_path / f"{name}.tif", cmu_pixels[:600, :600], mpp=None, levels=1, aperio=False)
+    (tmp_path / "m1.csv").write_text("path,mpp\na.tif,0.5\nb.tif,\n")
+    (tmp_path / "m2.csv").write_text("path,mpp\nb.tif,0.49\nc.tif,0.52\n")
+    (tmp_path / "extra.csv").write_text(f"{tmp_path / 'c.tif'},0.51\n")
+    result = runner.invoke(app, ["run", str(tmp_path / "m1.csv"), str(tmp_path / "m2.csv"), "--mpp-csv",
+                                 str(tmp_path / "extra.csv"), "--classifier", str(clf), "-o", str(tmp_path / "out"),
+                                 "--workers", "0", "--min-tissue", "0.01"])
+    assert result.exit_code == 0, result.output
+    mpps = {n: json.loads((tmp_path / "out" / n / "report.json").read_text())["slide"]["mpp"]["x"] for n in "abc"}
+    assert mpps == {"a": 0.5, "b": 0.49, "c": 0.51}
+
+
 def test_read_error_in_the_middle_of_a_slide_fails_that_slide_only(tmp_path, bundles, cmu_pixels):
     """A corrupt JPEG tile deep inside level 0: OpenSlide latches the error, the slide fails with the
     position in its reason, and the next slide still runs."""

@@ -94,3 +94,25 @@ def test_a_cuda_device_that_is_not_there_is_one_line(tmp_path):
     assert result.exit_code == 2, result.output
     assert "--device cuda: no CUDA device here" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_config_and_csv_problems_are_one_line_naming_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tiling: [1, 2\n")
+    for args in (["run", "x.svs", "--config", str(bad)], ["train-cam", "--classifier", str(tmp_path), "--tiles",
+                                                          str(tmp_path), "--config", str(bad), "-o", str(tmp_path / "o")]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert f"config {bad} is not valid YAML at line 2" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+@needs_data
+def test_a_missing_mpp_csv_fails_the_run_once(tmp_path):
+    from wsi_medcam.bundles import ClassifierConfig, import_classifier
+
+    clf = import_classifier(ClassifierConfig(arch="resnet18", class_names=["a", "b"], mpp=0.5, tile_size=224),
+                            tmp_path / "clf")
+    result = runner.invoke(app, ["run", str(SLIDES), "--classifier", str(clf), "-o", str(tmp_path / "out"),
+                                 "--mpp-csv", str(tmp_path / "nope.csv")])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: cannot read the mpp CSV {tmp_path / 'nope.csv'}: No such file or directory"

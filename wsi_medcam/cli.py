@@ -121,7 +121,7 @@ def run(
     config: Annotated[Optional[Path], typer.Option(help="YAML config (see configs/default.yaml); flags override it")] = None,
     backend: Annotated[Optional[str], typer.Option(help="auto, openslide or tiffslide")] = None,
     mpp: Annotated[Optional[float], typer.Option(help="µm/px for slides whose metadata has none")] = None,
-    mpp_csv: Annotated[Optional[Path], typer.Option(help="CSV of path,mpp for slides without metadata")] = None,
+    mpp_csv: Annotated[Optional[Path], typer.Option(help="CSV of path,mpp for slides without metadata (before manifests' mpp columns)")] = None,
     tile_mpp: Annotated[Optional[float], typer.Option(help="override the classifier's µm/px (warns)")] = None,
     tile_size: Annotated[Optional[int], typer.Option(help="override the classifier's tile size, px (warns)")] = None,
     overlap: Annotated[Optional[int], typer.Option(help="tile overlap, px at the tile resolution")] = None,
@@ -149,6 +149,7 @@ def run(
     """
     from .batch import run_archive
     from .pipeline import load_models
+    from .slide import read_mpp_csvs
 
     _setup_logging(verbose)
     overrides = {
@@ -166,8 +167,7 @@ def run(
         paths, manifests = expand_slides(slides)
         if not paths:
             raise WsiMedcamError("no slides matched " + " ".join(slides))
-        if manifests and mpp_csv is None:
-            overrides["slide.mpp_csv"] = manifests[0]
+        overrides["slide.mpp_csv"] = [str(p) for p in [*([mpp_csv] if mpp_csv else []), *manifests]] or None
         client = None
         if dask and threads is None and streams is None:  # the workers share this machine's cores: cores ÷ N single-threaded streams each
             from .distributed import parse_local
@@ -175,6 +175,7 @@ def run(
             overrides["inference.threads"] = 1
             overrides["inference.streams"] = max(1, (os.cpu_count() or 1) // parse_local(dask))
         cfg = RunConfig.from_yaml(config, {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()})
+        read_mpp_csvs(cfg.slide.mpp_csv)  # an unreadable or malformed CSV: one line now, not one per slide
         if dask or scheduler or slurm:  # dask is imported only when asked for (memory of plain runs)
             from .distributed import client_for
 
@@ -292,11 +293,10 @@ def train_cam_cmd(
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Train the amortised Med-CAM segmenter label-free against a frozen classifier (resumes if interrupted)."""
-    import yaml
     from pydantic import ValidationError
 
     from .bundles import load_classifier
-    from .config import format_validation_error
+    from .config import format_validation_error, read_yaml_mapping
     from .medcam.data import tiles_from_folder, tiles_from_slides
     from .slide import MppOverrides
     from .medcam.train import CamTrainConfig, train_segmenter
@@ -305,7 +305,7 @@ def train_cam_cmd(
     if bool(slides) == bool(tiles):
         raise _fail("give either --slides S... or --tiles DIR")
     try:
-        data = yaml.safe_load(config.read_text()) if config else {}
+        data = read_yaml_mapping(config) if config else {}
         data.update({k: v for k, v in {"steps": steps, "batch_size": batch_size, "preset": preset}.items() if v is not None})
         cfg = CamTrainConfig.model_validate(data)
         cfg.loss_weights()
@@ -327,7 +327,7 @@ def train_cam_cmd(
             path, summary = train_segmenter(bundle, images, cfg, out, on_step=on_step)
     except ValidationError as exc:
         raise _fail(format_validation_error(exc)) from None
-    except (WsiMedcamError, ValueError, OSError, yaml.YAMLError) as exc:
+    except (WsiMedcamError, ValueError, OSError) as exc:
         raise _fail(str(exc).splitlines()[0]) from None
     console.print(f"segmenter bundle written to {path}; validation: {json.dumps(summary['validation'])}")
 

@@ -26,8 +26,15 @@ class SlideConfig(_Frozen):
 
     backend: Literal["auto", "openslide", "tiffslide"] = "auto"
     mpp: float | None = Field(None, gt=0, description="µm/px override for every slide of the run")
-    mpp_csv: Path | None = Field(None, description="CSV of path,mpp overrides per slide")
+    mpp_csv: tuple[Path, ...] = Field((), description="CSVs of path,mpp overrides per slide (manifests too); the "
+                                      "first that gives a slide an mpp wins")
     level_tolerance: float = Field(0.02, ge=0, le=0.25, description="relative slack when matching a level downsample")
+
+    @field_validator("mpp_csv", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: Any) -> Any:
+        """One path (the form before manifests counted too) or none is a tuple of them."""
+        return () if value is None else (value,) if isinstance(value, (str, Path)) else value
 
 
 class TissueConfig(_Frozen):
@@ -114,15 +121,7 @@ class RunConfig(_Frozen):
     @classmethod
     def from_yaml(cls, path: Path | None = None, overrides: dict[str, Any] | None = None) -> "RunConfig":
         """Load ``path`` (or the defaults), then apply dotted ``overrides`` such as ``{"tiling.overlap": 32}``."""
-        data: dict[str, Any] = {}
-        if path is not None:
-            try:
-                loaded = yaml.safe_load(Path(path).read_text()) or {}
-            except (OSError, yaml.YAMLError) as exc:
-                raise ConfigError(f"cannot read config {path}: {exc}") from None
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"config {path} must be a mapping at the top level")
-            data = loaded
+        data = read_yaml_mapping(path) if path is not None else {}
         for dotted, value in (overrides or {}).items():
             if value is None:
                 continue
@@ -132,6 +131,25 @@ class RunConfig(_Frozen):
                 node = node.setdefault(key, {})
             node[leaf] = value
         return cls.from_dict(data)
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file's top-level mapping (empty file: {}); anything else is one :class:`ConfigError`
+    line naming the file, and for a syntax error the line and column (PyYAML's own message spans
+    several lines)."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"config {path} is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config {path} must be a mapping at the top level")
+    return loaded
 
 
 def format_validation_error(exc: ValidationError) -> str:

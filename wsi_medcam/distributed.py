@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import dask
-import yaml
 from distributed import Client, LocalCluster
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import format_validation_error
+from .config import format_validation_error, read_yaml_mapping
 from .errors import ConfigError
 
 
@@ -41,11 +40,9 @@ class SlurmConfig(BaseModel):
     @classmethod
     def from_yaml(cls, path: Path) -> "SlurmConfig":
         try:
-            return cls.model_validate(yaml.safe_load(Path(path).read_text()) or {})
+            return cls.model_validate(read_yaml_mapping(path))
         except ValidationError as exc:
             raise ConfigError(f"{path}: {format_validation_error(exc)}") from None
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read {path}: {exc}") from None
 
 
 def parse_local(spec: str) -> int:

@@ -38,7 +38,7 @@ from .export.overview import class_heatmap, shrink_for_overview, write_overview
 from .export.tiles import TileRecord, TileWriter
 from .heap import release_freed_memory
 from .inference import BatchResult, Predictor, default_batch_size, default_workers
-from .slide import MppOverrides, SlideRef, open_slide, read_mpp_csv
+from .slide import MppOverrides, SlideRef, open_slide, read_mpp_csvs
 from .stitch_processes import StitchingProcesses, default_stitchers
 from .stitching import EvidenceStitcher
 from .tiling import plan_tiles
@@ -166,7 +166,7 @@ def process_slide(
     """Run the whole flow for one slide, writing every output into ``work_dir``; returns the report."""
     timer = _Timer()
     start = time.perf_counter()
-    overrides = MppOverrides(cfg.slide.mpp, read_mpp_csv(cfg.slide.mpp_csv) if cfg.slide.mpp_csv else {})
+    overrides = MppOverrides(cfg.slide.mpp, read_mpp_csvs(cfg.slide.mpp_csv))
     ccfg = models.classifier.config
     class_names, colors = list(ccfg.class_names), ccfg.class_colors()
     mpp, tile_size = tile_geometry(cfg, models.classifier)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from .errors import MissingMetadataError, ResolutionError, SlideOpenError, SlideReadError
+from .errors import ConfigError, MissingMetadataError, ResolutionError, SlideOpenError, SlideReadError
 from .tiff_tiles import TiffTiles
 
 Backend = Literal["openslide", "tiffslide"]
@@ -117,20 +118,33 @@ def _mpp_from_resolution_tags(props: dict[str, Any]) -> tuple[float, float] | No
     return per_unit / xres, per_unit / yres
 
 
+def read_mpp_csvs(paths: Sequence[Path]) -> dict[str, float]:
+    """:func:`read_mpp_csv` of each of ``paths``, merged: the first CSV that has a key wins."""
+    table: dict[str, float] = {}
+    for path in paths:
+        for key, value in read_mpp_csv(path).items():
+            table.setdefault(key, value)
+    return table
+
+
 def read_mpp_csv(path: Path) -> dict[str, float]:
     """Read a ``path,mpp`` CSV (header optional; relative paths are relative to the CSV) into
     {resolved path: mpp} plus {file name: mpp} as a fallback key. Rows without an mpp are skipped."""
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ConfigError(f"cannot read the mpp CSV {path}: {getattr(exc, 'strerror', None) or exc}") from None
     table: dict[str, float] = {}
-    with open(path, newline="") as fh:
-        for row in csv.reader(fh):
-            if len(row) < 2 or not row[0].strip() or not row[1].strip() or row[0].strip().lower() == "path":
-                continue
-            value = _as_float(row[1])
-            if value is None:
-                raise MissingMetadataError(f"{path}: mpp '{row[1]}' for {row[0]} is not a number")
-            entry = Path(row[0].strip())
-            table[str(entry if entry.is_absolute() else (Path(path).parent / entry).resolve())] = value
-            table.setdefault(entry.name, value)
+    for row in rows:
+        if len(row) < 2 or not row[0].strip() or not row[1].strip() or row[0].strip().lower() == "path":
+            continue
+        value = _as_float(row[1])
+        if value is None:
+            raise MissingMetadataError(f"{path}: mpp '{row[1]}' for {row[0]} is not a number")
+        entry = Path(row[0].strip())
+        table[str(entry if entry.is_absolute() else (Path(path).parent / entry).resolve())] = value
+        table.setdefault(entry.name, value)
     return table
 
 
