@@ -63,7 +63,8 @@ def test_default_yaml_holds_every_default():
     ({"tiling.min_tissue": 1.5}, "tiling.min_tissue"),
     ({"inference.batch_size": "many"}, "inference.batch_size"),
     ({"slide.backend": "bioformats"}, "slide.backend"),
-    ({"inference.device": "gpu0"}, "inference.device: .*'gpu0' is not auto, cpu, cuda or cuda:N"),
+    ({"inference.device": "gpu0"}, "inference.device: 'gpu0' is not auto, cpu, cuda or cuda:N"),
+    ({"classifier": "c", "inference.refine": 2}, "inference.refine refines Med-CAM masks: it needs a segmenter"),
 ])
 def test_bad_config_is_one_readable_message(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.", 1)):
@@ -116,3 +117,10 @@ def test_a_missing_mpp_csv_fails_the_run_once(tmp_path):
                                  "--mpp-csv", str(tmp_path / "nope.csv")])
     assert result.exit_code == 2
     assert result.output.strip() == f"error: cannot read the mpp CSV {tmp_path / 'nope.csv'}: No such file or directory"
+
+
+@needs_data
+def test_info_refuses_an_unknown_backend_once():
+    result = runner.invoke(app, ["info", str(SLIDES), "--backend", "bioformats"])
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: --backend bioformats: use auto, openslide or tiffslide"

@@ -77,6 +77,8 @@ def info(
     """Show vendor, backend, levels, microns per pixel (and where it came from) and associated images."""
     from .slide import MppOverrides, open_slide
 
+    if backend not in ("auto", "openslide", "tiffslide"):
+        raise _fail(f"--backend {backend}: use auto, openslide or tiffslide")
     paths, _ = expand_slides(slides)
     if not paths:
         raise _fail("no slides matched")
@@ -89,7 +91,7 @@ def info(
             failed += 1
             described.append({"path": str(path), "error": str(exc)})
             if not as_json:
-                console.print(f"[red]error:[/red] {exc}", highlight=False)
+                console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
     if as_json:
         out_console.print_json(json.dumps(described if len(described) > 1 else described[0]))
     else:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -110,6 +110,12 @@ class RunConfig(_Frozen):
     inference: InferenceConfig = InferenceConfig()
     output: OutputConfig = OutputConfig()
 
+    @model_validator(mode="after")
+    def _refine_needs_a_segmenter(self) -> "RunConfig":
+        if self.inference.refine and self.segmenter is None:
+            raise ValueError("inference.refine refines Med-CAM masks: it needs a segmenter (--segmenter)")
+        return self
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
         """Validate a nested dict; raise :class:`ConfigError` with one readable line per problem."""
@@ -156,7 +162,6 @@ def format_validation_error(exc: ValidationError) -> str:
     """Turn a pydantic error into ``field.path: message`` lines a user can act on."""
     lines = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "config"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        lines.append(f"{where}: {msg}")
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        lines.append(f"{'.'.join(str(p) for p in err['loc'])}: {msg}" if err["loc"] else msg)
     return "invalid config: " + "; ".join(lines)

@@ -388,6 +388,8 @@ def open_slide(
         raise SlideOpenError(f"{path}: no such file")
     if path.is_file() and path.stat().st_size == 0:
         raise SlideOpenError(f"{path.name}: empty file")
+    if backend not in ("auto", "openslide", "tiffslide"):
+        raise ConfigError(f"backend '{backend}' is not auto, openslide or tiffslide")
     order: list[Backend] = ["openslide", "tiffslide"] if backend == "auto" else [backend]
     errors: list[str] = []
     for name in order:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import TilingConfig
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def plan_tiles(
     the missing part as background. An integral image makes it O(grid), independent of tile size.
     """
     if cfg.overlap >= tile_size:
-        raise ValueError(f"overlap {cfg.overlap} must be smaller than the tile size {tile_size}")
+        raise ConfigError(f"tile overlap {cfg.overlap} px must be smaller than the tile size {tile_size} px")
     stride = tile_size - cfg.overlap
     width0, height0 = slide_dimensions
     n_cols = _grid_count(width0 / downsample, tile_size, stride)
