@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ STATUS_NAME = "status.jsonl"
 
 _WORKER_MODELS: dict[str, Models] = {}
 """Per worker process: models keyed by the config that loaded them (loaded once, reused per slide)."""
+_WORKER_MODELS_LOCK = threading.Lock()  # a worker of someone else's cluster may run several tasks at once
 
 
 @contextmanager
@@ -77,9 +79,10 @@ class StatusLog:
 def worker_models(cfg: RunConfig) -> Models:
     """The models for ``cfg`` in this process, loaded on first use."""
     key = cfg.model_dump_json(include={"classifier", "segmenter", "inference"})
-    if key not in _WORKER_MODELS:
-        _WORKER_MODELS[key] = load_models(cfg)
-    return _WORKER_MODELS[key]
+    with _WORKER_MODELS_LOCK:
+        if key not in _WORKER_MODELS:
+            _WORKER_MODELS[key] = load_models(cfg)
+        return _WORKER_MODELS[key]
 
 
 def slide_task(path: str, out_dir: str, cfg_json: str) -> dict[str, Any]:
