@@ -12,14 +12,15 @@
 # 3. a BIG² slide at 0.5 µm/px through the whole pipeline: tiles/s, stages, RSS. BIG=100000 gives
 #    ~100k tissue tiles, but making it took over 120 s on the H100 machine's 16 cores (the pyramid
 #    levels are read from level-0 pixels); the default 72000 (~50k tiles) fits a 15-minute lease.
-# train-cam runs on the CPU (it has no device option yet), hence only STEPS=30 by default.
+# train-cam runs on the device (STEPS=150 by default; its first GPU run, so should it fail, 30 CPU
+# steps follow and the rest goes on): train-cam.txt has its seconds per step.
 # Each step's JSON and log land in OUTDIR as soon as it ends; a failed step does not stop the rest.
 # A dry run on a CPU machine: DEVICE=cpu SMALL=4096 BIG=8192 STEPS=2 WHEELS=no bash benchmarks/gpu_throughput.sh /tmp/o
 set -uo pipefail
 out=${1:-${OUT:-gpu-bench}}
 mkdir -p "$out"
 log="$out/log.txt"
-device=${DEVICE:-cuda} small=${SMALL:-32768} big=${BIG:-72000} steps=${STEPS:-30}
+device=${DEVICE:-cuda} small=${SMALL:-32768} big=${BIG:-72000} steps=${STEPS:-150}
 site=/tmp/site
 if [ "${WHEELS:-yes}" = yes ]; then
   python3 - "$site" .whl/*.whl .whl/*.zip <<'PY'  # wheels are zip files: unpacking them in parallel takes seconds, pip a minute
@@ -56,7 +57,18 @@ torch.manual_seed(0)
 import_classifier(ClassifierConfig(arch="resnet18", class_names=["tumor", "stroma", "other"], mpp=0.5, tile_size=224),
                   Path(sys.argv[1]) / "clf")
 PY
-step python3 -m wsi_medcam.cli train-cam --classifier "$work/clf" --slides "$work/slide.tif" --steps "$steps" --batch-size 32 -o "$work/cam"
+step python3 -m wsi_medcam.cli train-cam --classifier "$work/clf" --slides "$work/slide.tif" --steps "$steps" --batch-size 32 \
+  --device "$device" -o "$work/cam"
+if [ ! -f "$work/cam/segmenter/config.json" ]; then
+  rm -rf "$work/cam"
+  step python3 -m wsi_medcam.cli train-cam --classifier "$work/clf" --slides "$work/slide.tif" --steps 30 --batch-size 32 \
+    --device cpu -o "$work/cam"
+fi
+python3 - "$work/cam/train_log.jsonl" <<'PY' | tee "$out/train-cam.txt" >>"$log"
+import json, statistics, sys
+steps = [r for r in map(json.loads, open(sys.argv[1])) if "seconds" in r]
+print(f"train-cam: {len(steps)} steps, median {statistics.median(r['seconds'] for r in steps[1:] or steps):.3f} s per step of 32 tiles")
+PY
 models=(--classifier "$work/clf" --segmenter "$work/cam/segmenter" --device "$device")
 step python3 benchmarks/throughput.py "$work/slide.tif" "${models[@]}" --batch-size 256 --repeats 2 --bare-seconds 8 --ceiling --json \
   > "$out/throughput-b256.json" && python3 -c "$summary" "$out/throughput-b256.json" | tee -a "$log"

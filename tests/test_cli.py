@@ -124,3 +124,21 @@ def test_info_refuses_an_unknown_backend_once():
     result = runner.invoke(app, ["info", str(SLIDES), "--backend", "bioformats"])
     assert result.exit_code == 2
     assert result.output.strip() == "error: --backend bioformats: use auto, openslide or tiffslide"
+
+
+@needs_data
+def test_train_cam_device_is_checked_before_tiles_are_sampled(tmp_path):
+    import torch
+
+    from wsi_medcam.bundles import ClassifierConfig, import_classifier
+
+    clf = import_classifier(ClassifierConfig(arch="resnet18", class_names=["a", "b"], mpp=0.5, tile_size=224),
+                            tmp_path / "clf")
+    common = ["train-cam", "--classifier", str(clf), "--slides", str(SLIDES / "CMU-1-Small-Region.svs"),
+              "-o", str(tmp_path / "cam")]
+    result = runner.invoke(app, [*common, "--device", "tpu"])
+    assert result.exit_code == 2 and "device: 'tpu' is not auto, cpu, cuda or cuda:N" in result.output
+    if not torch.cuda.is_available():
+        result = runner.invoke(app, [*common, "--device", "cuda"])
+        assert result.exit_code == 2 and "--device cuda: no CUDA device here" in result.output
+        assert "tiles of" not in result.output  # refused before sampling

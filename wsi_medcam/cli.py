@@ -292,6 +292,7 @@ def train_cam_cmd(
     batch_size: Annotated[Optional[int], typer.Option()] = None,
     preset: Annotated[Optional[str], typer.Option(help="loss weights: minimal, notebook, paper-bach-vit, paper-ham-convnext, ...")] = None,
     mpp: Annotated[Optional[float], typer.Option(help="µm/px for slides without metadata")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N")] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Train the amortised Med-CAM segmenter label-free against a frozen classifier (resumes if interrupted)."""
@@ -299,6 +300,7 @@ def train_cam_cmd(
 
     from .bundles import load_classifier
     from .config import format_validation_error, read_yaml_mapping
+    from .inference import resolve_device
     from .medcam.data import tiles_from_folder, tiles_from_slides
     from .slide import MppOverrides
     from .medcam.train import CamTrainConfig, train_segmenter
@@ -308,9 +310,10 @@ def train_cam_cmd(
         raise _fail("give either --slides S... or --tiles DIR")
     try:
         data = read_yaml_mapping(config) if config else {}
-        data.update({k: v for k, v in {"steps": steps, "batch_size": batch_size, "preset": preset}.items() if v is not None})
+        data.update({k: v for k, v in {"steps": steps, "batch_size": batch_size, "preset": preset, "device": device}.items() if v is not None})
         cfg = CamTrainConfig.model_validate(data)
         cfg.loss_weights()
+        resolve_device(cfg.device)  # a missing GPU is refused before any tile is sampled
         bundle = load_classifier(classifier)
         size, tile_mpp = bundle.config.tile_size, bundle.config.mpp
         if tiles:

@@ -17,6 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 
 
+def check_device_name(value: str) -> str:
+    """``value`` if it names a device this tool drives (whether it is present is checked when
+    models are placed, :func:`wsi_medcam.inference.resolve_device`)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise ValueError(f"'{value}' is not auto, cpu, cuda or cuda:N")
+    return value
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -81,9 +89,7 @@ class InferenceConfig(_Frozen):
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
-            raise ValueError(f"'{value}' is not auto, cpu, cuda or cuda:N")
-        return value
+        return check_device_name(value)
 
 
 class OutputConfig(_Frozen):

@@ -47,6 +47,11 @@ def cpu_supports_bf16() -> bool:
     return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 autocast pays on ``device``: CPUs with AMX/AVX512-BF16, CUDA GPUs from Ampere."""
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_supports_bf16()
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32."""
     if precision == "fp32":

@@ -24,12 +24,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import load_file, save_file
 
 from ..bundles import Bundle, SegmenterConfig, build_segmenter, save_bundle
 from ..classifier_training import augment, normalise
-from ..inference import cpu_supports_bf16
+from ..config import check_device_name
+from ..inference import bf16_supported, resolve_device
 from .fills import FILL_KINDS
 from .layers import LayerSpec, deep_only, layer_preset
 from .loss import WEIGHT_PRESETS, LossWeights, MedCamObjective
@@ -59,6 +60,12 @@ class CamTrainConfig(BaseModel):
     checkpoint_every: int = Field(250, ge=1)
     tiles_per_slide: int = Field(1000, ge=1)
     seed: int = 0
+    device: str = Field("auto", description="auto (CUDA if present), cpu, cuda or cuda:N")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        return check_device_name(value)
 
     def loss_weights(self) -> LossWeights:
         if self.preset not in WEIGHT_PRESETS:
@@ -104,8 +111,10 @@ def validate(segmenter: torch.nn.Module, classifier: torch.nn.Module, x: torch.T
     segmenter.eval()
     hard = (torch.sigmoid(segmenter(x)) > 0.5).float()[:, 0]
     segmenter.train()
-    kept = sufficiency(classifier, x, hard, fills, mean=mean, std=std, generator=torch.Generator().manual_seed(seed))
-    null = null_mask_sufficiency(classifier, x, fills, mean=mean, std=std, generator=torch.Generator().manual_seed(seed))
+    kept = sufficiency(classifier, x, hard, fills, mean=mean, std=std,
+                       generator=torch.Generator(x.device).manual_seed(seed))
+    null = null_mask_sufficiency(classifier, x, fills, mean=mean, std=std,
+                                 generator=torch.Generator(x.device).manual_seed(seed))
     return Validation(float(hard.mean()), {f: float(v.mean()) for f, v in kept.items()},
                       {f: float(v.mean()) for f, v in null.items()})
 
@@ -134,10 +143,13 @@ def train_segmenter(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    gen = torch.Generator().manual_seed(cfg.seed)  # batches and augmentation, on the CPU
+    # fills and threshold jitter are drawn where the tensors are (the same generator on a CPU)
+    dev_gen = gen if device.type == "cpu" else torch.Generator(device).manual_seed(cfg.seed)
     ccfg = classifier.config
     tile_size = tiles.shape[1]
-    clf = classifier.model.eval()
+    clf = classifier.model.eval().to(device)
     specs = cfg.layer_specs(clf, ccfg.arch)
     objective = MedCamObjective(clf, specs, cfg.loss_weights(), mean=ccfg.mean, std=ccfg.std, fill=cfg.fill,
                                 threshold_noise=cfg.threshold_noise)
@@ -146,9 +158,10 @@ def train_segmenter(
     n_val = int(round(len(tiles) * cfg.val_fraction)) if len(tiles) >= 10 else 0
     val_idx, train_idx = order[:n_val], order[n_val:]
     x_all = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2)
-    x_val = normalise(x_all[val_idx].float() / 255, ccfg.mean, ccfg.std)
+    x_val = normalise(x_all[val_idx].float() / 255, ccfg.mean, ccfg.std).to(device)
 
     segmenter, seg_cfg = new_segmenter(cfg.encoder, tile_size, cfg.mask_bias, classifier)
+    segmenter.to(device)
     opt = torch.optim.Adam(segmenter.parameters(), lr=cfg.lr)
     seg_path, opt_path, state_path = _checkpoint_paths(out_dir)
     step = 0
@@ -158,8 +171,10 @@ def train_segmenter(
         state = json.loads(state_path.read_text())
         step = int(state["step"])
         gen.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+        if dev_gen is not gen and "device_generator" in state:
+            dev_gen.set_state(torch.tensor(state["device_generator"], dtype=torch.uint8))
         log.info("resuming from step %d", step)
-    amp = cpu_supports_bf16()
+    amp = bf16_supported(device)
     segmenter.train()
     log_file = open(out_dir / "train_log.jsonl", "a")
     validation = None
@@ -167,10 +182,10 @@ def train_segmenter(
         while step < cfg.steps:
             start = time.perf_counter()
             idx = train_idx[torch.randint(len(train_idx), (cfg.batch_size,), generator=gen)]
-            x = normalise(augment(x_all[idx].float() / 255, gen), ccfg.mean, ccfg.std)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            x = normalise(augment(x_all[idx].float() / 255, gen), ccfg.mean, ccfg.std).to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 ref = objective.reference(x)
-                total, terms = objective(x, segmenter(x).float(), ref, generator=gen)
+                total, terms = objective(x, segmenter(x).float(), ref, generator=dev_gen)
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
@@ -186,9 +201,12 @@ def train_segmenter(
                 log.info("step %d validation %s", step, validation.as_dict())
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 seg_path.parent.mkdir(exist_ok=True)
-                save_file({k: v.contiguous() for k, v in segmenter.state_dict().items()}, str(seg_path))
+                save_file({k: v.detach().cpu().contiguous() for k, v in segmenter.state_dict().items()}, str(seg_path))
                 torch.save(opt.state_dict(), opt_path)
-                state_path.write_text(json.dumps({"step": step, "generator": gen.get_state().tolist()}))
+                state = {"step": step, "generator": gen.get_state().tolist()}
+                if dev_gen is not gen:
+                    state["device_generator"] = dev_gen.get_state().tolist()
+                state_path.write_text(json.dumps(state))
                 log_file.flush()
     finally:
         log_file.close()
@@ -196,7 +214,8 @@ def train_segmenter(
     summary = {"steps": step, "train_tiles": int(len(train_idx)), "val_tiles": int(n_val),
                "validation": validation.as_dict() if validation else None,
                "loss": cfg.loss_weights().model_dump(), "layers": [s.name for s in specs],
-               "train_config": cfg.model_dump(), "classifier_sha256": classifier.sha256}
+               "train_config": cfg.model_dump(), "classifier_sha256": classifier.sha256, "device": str(device)}
     seg_cfg = seg_cfg.model_copy(update={"medcam": summary})
-    bundle = save_bundle(segmenter, seg_cfg, out_dir / "segmenter")
+    bundle = save_bundle(segmenter.cpu(), seg_cfg, out_dir / "segmenter")
+    clf.cpu()  # the caller's bundle, as it came
     return bundle, summary
