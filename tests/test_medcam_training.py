@@ -163,6 +163,28 @@ def test_run_with_gradcam_and_certified_evidence(tmp_path, bundles):
     header = (tmp_path / CMU.stem / "tiles.csv").read_text().splitlines()[0]
     assert header.endswith("evidence_fraction,keeps_mean,keeps_white")
     assert (tmp_path / CMU.stem / "evidence.ome.zarr").is_dir()
+    # Grad-CAM heatmaps are min-max normalised per tile: the evidence is each tile's top cam_area by rank
+    fractions = [float(r.split(",")[header.split(",").index("evidence_fraction")])
+                 for r in (tmp_path / CMU.stem / "tiles.csv").read_text().splitlines()[1:]]
+    assert len(fractions) > 10 and fractions == pytest.approx([round(0.1 * 224 * 224) / (224 * 224)] * len(fractions),
+                                                              abs=1e-4)
+
+
+def test_cam_evidence_keeps_the_top_area_and_the_order():
+    from wsi_medcam.medcam.baselines import cam_evidence
+
+    rng = np.random.default_rng(0)
+    heat = rng.random((3, 20, 30)).astype(np.float32)
+    heat[1] = 0.0  # a flat heatmap (vanished gradients): ties broken in raster order, the area still exact
+    heat[2, :10] = 1.0  # many tied maxima
+    soft = cam_evidence(heat, 0.25)
+    assert ((soft > 0.5).reshape(3, -1).sum(1) == 150).all() and ((soft >= 0.5) == (soft > 0.5)).all()
+    for h, s in zip(heat, soft):
+        kept = s > 0.5
+        assert h[kept].min() >= h[~kept].max()  # the kept px are the hottest
+        for part in (kept, ~kept):  # and within each part the order of the heat is kept
+            order = np.argsort(h[part], kind="stable")
+            assert (np.diff(s[part][order]) >= 0).all()
 
 
 def test_grouped_unet_networks_are_independent():

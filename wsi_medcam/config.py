@@ -81,6 +81,9 @@ class InferenceConfig(_Frozen):
     streams: int | None = Field(None, ge=1, le=256, description="on a CPU, batches in the models at once; None: one per "
                                 "`threads` cores (one per core by default); always 1 on CUDA and with Grad-CAM explainers")
     explainer: Literal["medcam", "gradcam", "gradcam++", "hirescam", "layercam", "scorecam"] = "medcam"
+    cam_area: float = Field(0.1, gt=0, le=1, description="Grad-CAM explainers: fraction of each tile kept as hard "
+                            "evidence (their heatmaps are min-max normalised per tile, so they are cut by rank, "
+                            "not at a value)")
     refine: int = Field(0, ge=0, description="refine the K most confident tiles per class with per-image Med-CAM")
     refine_steps: int = Field(40, ge=1, description="per-image steps of each refined tile")
     certify_fills: tuple[Literal["mean", "white", "blur", "noise", "uniform", "colour"], ...] = Field(

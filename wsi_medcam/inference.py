@@ -125,6 +125,7 @@ class Predictor:
         self.dtype = resolve_precision(cfg.precision, self.device)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.explainer = cfg.explainer
+        self.cam_area = cfg.cam_area
         self.certify_fills = tuple(cfg.certify_fills)
         # streams are for CPUs; Grad-CAM hooks the classifier's modules, so its batches run one at a time
         medcam_on_cpu = self.device.type == "cpu" and cfg.explainer == "medcam"
@@ -168,10 +169,10 @@ class Predictor:
                     soft = torch.sigmoid(self.segmenter(x_seg.contiguous(memory_format=self.memory_format)).float())[:, 0]
         pred = probs.argmax(1)
         if self.explainer != "medcam":
-            from .medcam.baselines import cam_heatmaps  # grad-cam pulls in cv2, sklearn, matplotlib: only when used
+            from .medcam.baselines import cam_evidence, cam_heatmaps  # grad-cam pulls in cv2, sklearn, matplotlib
 
             heat = cam_heatmaps(self.classifier, x_cls, self.explainer, pred.tolist(), arch=self.arch, batch_size=len(x_cls))
-            soft = torch.from_numpy(heat).to(self.device)
+            soft = torch.from_numpy(cam_evidence(heat, self.cam_area)).to(self.device)
         kept: dict[str, np.ndarray] = {}
         if soft is not None and self.certify_fills:
             with torch.no_grad(), self._autocast():

@@ -20,6 +20,8 @@ from timm.models.resnet import ResNet
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from .metrics import binarise_at_area
+
 CAM_METHODS: dict[str, type] = {
     "gradcam": GradCAM,
     "gradcam++": GradCAMPlusPlus,
@@ -174,6 +176,16 @@ def cam_heatmaps(
         for p, g in grads.items():
             p.grad = g
     return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def cam_evidence(heat: np.ndarray, area: float) -> np.ndarray:
+    """Heatmaps (B, H, W) in [0, 1] as soft evidence for a 0.5 threshold: each one's top ``area``
+    fraction of px (:func:`~wsi_medcam.medcam.metrics.binarise_at_area`, by rank: the heatmaps are
+    min-max normalised per tile, so a value threshold keeps an arbitrary area per tile) maps to
+    [0.51, 1], the rest to [0, 0.49]; the order within each part is kept, so the stitched map still
+    shows the heat, and ``> 0.5`` and ``>= 0.5`` cut the same px."""
+    hard = binarise_at_area(heat, area)
+    return np.where(hard, 0.51 + 0.49 * heat, 0.49 * heat).astype(np.float32)
 
 
 def _cam_targets(targets: Sequence[int] | None, start: int, size: int) -> list[ClassifierOutputTarget] | None:
