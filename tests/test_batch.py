@@ -92,6 +92,21 @@ def test_a_gpu_task_on_a_local_cluster_is_scheduled(tmp_path, bundles):
     assert "Traceback" not in proc.stdout + proc.stderr and "INFO" not in proc.stdout + proc.stderr
 
 
+def test_local_cluster_workers_share_the_gpus():
+    """LocalCluster workers are named 0..N-1: on a 4-GPU machine worker k takes cuda:k mod 4 unless a
+    device is numbered or chosen as the CPU; named workers (SLURM jobs own their GPUs) keep theirs."""
+    from wsi_medcam.batch import spread_over_gpus
+    from wsi_medcam.config import RunConfig
+
+    def device(name, gpus, chosen="auto"):
+        return spread_over_gpus(RunConfig.from_dict({"inference": {"device": chosen}}), name, gpus).inference.device
+
+    assert [device(k, 4) for k in range(6)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0", "cuda:1"]
+    assert [device(k, 2, "cuda") for k in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
+    assert device(3, 4, "cuda:2") == "cuda:2" and device(3, 4, "cpu") == "cpu"
+    assert device(3, 1) == "auto" and device(3, 0) == "auto" and device("SLURMCluster-3", 4) == "auto"
+
+
 def test_slurm_workers_are_non_daemonic_and_run_one_slide_at_a_time(tmp_path):
     """The job script itself must make the worker non-daemonic (this process's dask config does not
     reach a SLURM node) and leave it one thread, whatever ``cores`` says."""

@@ -85,9 +85,24 @@ def worker_models(cfg: RunConfig) -> Models:
         return _WORKER_MODELS[key]
 
 
+def spread_over_gpus(cfg: RunConfig, worker_name: Any, gpus: int) -> RunConfig:
+    """``cfg`` for dask worker ``worker_name`` on a machine with ``gpus`` CUDA devices: a
+    LocalCluster names its workers 0…N−1, and there an unnumbered CUDA device (``auto`` or ``cuda``)
+    becomes ``cuda:(name mod gpus)``, so N workers share the machine's GPUs instead of all using the
+    first. Workers with other names (SLURM jobs, which get their own GPUs) keep the device as it is."""
+    if gpus < 2 or not isinstance(worker_name, int) or cfg.inference.device not in ("auto", "cuda"):
+        return cfg
+    inference = cfg.inference.model_copy(update={"device": f"cuda:{worker_name % gpus}"})
+    return cfg.model_copy(update={"inference": inference})
+
+
 def slide_task(path: str, out_dir: str, cfg_json: str) -> dict[str, Any]:
     """What a dask worker runs for one slide; returns the :class:`SlideResult` as a plain dict."""
     cfg = RunConfig.model_validate_json(cfg_json)
+    import torch
+    from distributed import get_worker  # here: plain runs do not import dask
+
+    cfg = spread_over_gpus(cfg, get_worker().name, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     try:
         models = worker_models(cfg)
     except WsiMedcamError as exc:  # e.g. no GPU on this worker: the slide fails in one line, not a worker traceback
