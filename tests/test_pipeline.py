@@ -130,6 +130,37 @@ def test_geojson_follows_qupath_rules(cmu_run):
     assert area == pytest.approx(hard, rel=0.1)
 
 
+def test_export_tiff_writes_the_stores_pyramids_as_ome_tiff(cmu_run, tmp_path):
+    """QuPath 0.5 and older read no Zarr: the evidence and labels as pyramidal OME-TIFFs hold the same
+    levels, pixel for pixel, as SubIFDs of level 0 with the µm/px in the OME-XML; a second reader
+    (tiffslide) sees the pyramid and the resolution too. The run's folder is copied: the module's
+    other tests read it."""
+    import shutil
+
+    import tifffile
+    import tiffslide
+
+    folder = tmp_path / cmu_run[0].name
+    shutil.copytree(cmu_run[0], folder)
+    result = runner.invoke(app, ["export-tiff", str(tmp_path), "--labels"])
+    assert result.exit_code == 0, result.output
+    store = zarr.open_group(str(folder / "evidence.ome.zarr"), mode="r")
+    mpp = store.attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"][-1]
+    for name, group in (("evidence.ome.tif", store), ("evidence-labels.ome.tif", store["labels/evidence"])):
+        with tifffile.TiffFile(folder / name) as tif:
+            assert tif.is_ome and len(tif.series) == 1 and len(tif.pages) == 1  # coarser levels are SubIFDs
+            levels = tif.series[0].levels
+            assert len(levels) == len(group.attrs["multiscales"][0]["datasets"]) >= 3
+            for i, level in enumerate(levels):
+                np.testing.assert_array_equal(level.asarray(), group[str(i)][0], err_msg=f"{name} level {i}")
+            assert f'PhysicalSizeX="{mpp}"' in tif.ome_metadata
+        with tiffslide.TiffSlide(folder / name) as slide:
+            assert slide.level_count == len(levels)
+            assert float(slide.properties["tiffslide.mpp-x"]) == pytest.approx(mpp)
+    assert not list(folder.glob(".*partial"))
+    assert runner.invoke(app, ["export-tiff", str(tmp_path / "nothing")]).exit_code == 2
+
+
 def test_report_records_slide_models_and_counts(cmu_run):
     folder, clf, seg = cmu_run
     report = json.loads((folder / "report.json").read_text())

@@ -218,6 +218,33 @@ def run(
         raise typer.Exit(1)
 
 
+@app.command("export-tiff")
+def export_tiff_cmd(
+    folders: Annotated[list[Path], typer.Argument(help="slide output folders (OUT/<slide>), or OUT for all of them")],
+    labels: Annotated[bool, typer.Option("--labels", help="also the class labels, as evidence-labels.ome.tif")] = False,
+) -> None:
+    """Write each slide's evidence as a pyramidal OME-TIFF (evidence.ome.tif) beside its OME-Zarr store,
+    for QuPath 0.5 and older and other viewers without Zarr: same levels, µm/px in the OME-XML."""
+    from .export.ome_tiff import write_ome_tiff
+
+    stores = [f / "evidence.ome.zarr" for f in folders if (f / "evidence.ome.zarr").is_dir()]
+    stores += [s for f in folders if not (f / "evidence.ome.zarr").is_dir() for s in sorted(f.glob("*/evidence.ome.zarr"))]
+    if not stores:
+        raise _fail("no evidence.ome.zarr in " + " ".join(map(str, folders)) + " (classify-only runs have none)")
+    jobs = [(s, s.parent / "evidence.ome.tif") for s in stores]
+    jobs += [(s / "labels" / "evidence", s.parent / "evidence-labels.ome.tif") for s in stores] if labels else []
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console) as bar:
+            for store, target in jobs:
+                task = bar.add_task(f"{target.parent.name[:40]}/{target.name}", total=None)
+                write_ome_tiff(store, target,
+                               progress=lambda rows, total, task=task: bar.update(task, advance=rows, total=total))
+                bar.console.print(f"[green]written[/green] {target}", highlight=False)
+    except WsiMedcamError as exc:
+        raise _fail(str(exc)) from None
+
+
 @app.command("import-classifier")
 def import_classifier_cmd(
     out: Annotated[Path, typer.Option("-o", "--out", help="bundle folder to create")],
