@@ -75,10 +75,10 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON document on stdout")] = False,
 ) -> None:
     """Show vendor, backend, levels, microns per pixel (and where it came from) and associated images."""
-    from .slide import MppOverrides, open_slide
+    from .slide import BACKENDS, MppOverrides, open_slide
 
-    if backend not in ("auto", "openslide", "tiffslide"):
-        raise _fail(f"--backend {backend}: use auto, openslide or tiffslide")
+    if backend not in BACKENDS:
+        raise _fail(f"--backend {backend}: use {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
     paths, _ = expand_slides(slides)
     if not paths:
         raise _fail("no slides matched")
@@ -227,8 +227,10 @@ def export_tiff_cmd(
     for QuPath 0.5 and older and other viewers without Zarr: same levels, µm/px in the OME-XML."""
     from .export.ome_tiff import write_ome_tiff
 
-    stores = [f / "evidence.ome.zarr" for f in folders if (f / "evidence.ome.zarr").is_dir()]
-    stores += [s for f in folders if not (f / "evidence.ome.zarr").is_dir() for s in sorted(f.glob("*/evidence.ome.zarr"))]
+    stores: list[Path] = []
+    for folder in folders:  # a slide's folder, or a run's OUT holding them
+        own = folder / "evidence.ome.zarr"
+        stores += [own] if own.is_dir() else sorted(folder.glob("*/evidence.ome.zarr"))
     if not stores:
         raise _fail("no evidence.ome.zarr in " + " ".join(map(str, folders)) + " (classify-only runs have none)")
     jobs = [(s, s.parent / "evidence.ome.tif") for s in stores]

@@ -24,6 +24,7 @@ from .errors import ConfigError, MissingMetadataError, ResolutionError, SlideOpe
 from .tiff_tiles import TiffTiles
 
 Backend = Literal["openslide", "tiffslide"]
+BACKENDS = ("auto", "openslide", "tiffslide")  # what open_slide accepts: auto tries OpenSlide, then tiffslide
 MPP_RANGE = (0.05, 5.0)
 """Plausible scan resolutions, µm/px; anything outside is a metadata error, not a scanner."""
 
@@ -388,8 +389,8 @@ def open_slide(
         raise SlideOpenError(f"{path}: no such file")
     if path.is_file() and path.stat().st_size == 0:
         raise SlideOpenError(f"{path.name}: empty file")
-    if backend not in ("auto", "openslide", "tiffslide"):
-        raise ConfigError(f"backend '{backend}' is not auto, openslide or tiffslide")
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend '{backend}' is not {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
     order: list[Backend] = ["openslide", "tiffslide"] if backend == "auto" else [backend]
     errors: list[str] = []
     for name in order:

@@ -321,6 +321,11 @@ class _Piece:
     score: int  # 1 + round(confidence · 65534)
     tile_x0: int  # canvas column of the tile it is cut from
 
+    @classmethod
+    def of_tile(cls, x0: int, y0: int, soft: np.ndarray, class_index: int, confidence: float) -> "_Piece":
+        """A whole tile at canvas (``x0``, ``y0``), its class and confidence in the stitcher's terms."""
+        return cls(x0, y0, soft, class_index + 1, 1 + round(confidence * 65534), x0)
+
     def cut(self, x: int) -> "_Piece":
         """The part right of canvas column ``x`` (a copy: the batch it came with is not kept)."""
         cut = max(0, x - self.x0)
@@ -433,7 +438,7 @@ class EvidenceStitcher:
         self._last_row = y0
         while self._carried and self._carried[0][0][0] <= y0:  # row-major: the carried part came first
             self._place(heapq.heappop(self._carried)[1])
-        self._place(_Piece(x0, y0, soft, class_index + 1, 1 + round(confidence * 65534), x0))
+        self._place(_Piece.of_tile(x0, y0, soft, class_index, confidence))
 
     def add_batch(self, indices: np.ndarray, soft: np.ndarray, classes: np.ndarray, confidences: np.ndarray) -> None:
         """:meth:`add` for each tile of a batch: ``soft`` (B, tile_size, tile_size), ``classes`` and
@@ -447,8 +452,7 @@ class EvidenceStitcher:
         x0, y0 = self.grid.xy_canvas(i)
         if not self._home(x0) < target < len(self._strips) or target < self._strip or target % self.shard[1] != self.shard[0]:
             raise ValueError(f"tile {i} came out of order: tiles must come in EvidenceStitcher.order()")
-        piece = _Piece(x0, y0, soft, class_index + 1, 1 + round(confidence * 65534), x0).cut(self._strips[target].start)
-        self._carry(target, piece)
+        self._carry(target, _Piece.of_tile(x0, y0, soft, class_index, confidence).cut(self._strips[target].start))
 
     def _carry(self, strip: int, piece: _Piece) -> None:
         """Keep ``piece`` for ``strip`` (the current one or a later one), in :meth:`_Piece.key` order:
