@@ -1,27 +1,31 @@
 #!/usr/bin/env bash
 # The GPU figures of issue #4, on a machine with python3 + torch + CUDA and no network. The wheels it
-# lacks and the source H&E slide come from benchmarks/gpu_wheels.sh, carried in .whl/. From the
-# repository root:   bash benchmarks/gpu_throughput.sh [OUTDIR]   (about 10 minutes on one H100)
-# 1. a 32k² slide at 0.25 µm/px (~2.7k tissue tiles at 0.5 µm/px), a resnet18 classifier and a
-#    briefly trained Med-CAM U-Net/resnet18 (so masks have Med-CAM's structure, not speckle);
-# 2. benchmarks/throughput.py on it: batch 256 with the default readers and stitching processes (+
-#    the models-stubbed ceiling), then the ceiling once more with stitching in the model process;
-#    benchmarks/stitching.py: stitching alone, in the model process against 4 and 8 processes (2048-px
-#    strips, 8 on this slide: the processes are at most one per strip, 4 with the default 4096);
-#    with BATCH512=yes also batch 512 with 12 readers (one more minute);
-# 3. a BIG² slide at 0.5 µm/px through the whole pipeline: tiles/s, stages, RSS. BIG=100000 gives
-#    ~100k tissue tiles, but making it took over 120 s on the H100 machine's 16 cores (the pyramid
-#    levels are read from level-0 pixels); the default 72000 (~50k tiles) fits a 15-minute lease.
-# train-cam runs on the device (STEPS=150 by default; its first GPU run, so should it fail, 30 CPU
-# steps follow and the rest goes on): train-cam.txt has its seconds per step.
-# Each step's JSON and log land in OUTDIR as soon as it ends; a failed step does not stop the rest.
-# A dry run on a CPU machine: DEVICE=cpu SMALL=4096 BIG=8192 STEPS=2 WHEELS=no bash benchmarks/gpu_throughput.sh /tmp/o
+# lacks, py-spy and the source H&E slide come from benchmarks/gpu_wheels.sh, carried in .whl/. From
+# the repository root:   bash benchmarks/gpu_throughput.sh [OUTDIR]
+# Every step fits in LIMIT seconds (default 540, for a 10-minute command on a 15-minute lease): each
+# gets at most what is left, and the ones that matter most come first. Each step's figures land in
+# OUTDIR as soon as it ends (at most 8 files, what the device tool returns); a failed step does not
+# stop the rest.
+# 0. tests/test_inference.py: model streams on CUDA give the results of one batch at a time;
+# 1. a MID² slide at 0.5 µm/px (default 32768: ~10k tissue tiles at 224 px), a resnet18 classifier
+#    and a Med-CAM U-Net/resnet18 trained STEPS steps on the device (masks with Med-CAM's structure,
+#    not speckle; train-cam.txt: seconds per step), while a BIG² slide (default 100000: ~100k tiles)
+#    is written in the background;
+# 2. benchmarks/throughput.py on the MID slide at batch 256 with one model stream, then with two
+#    (each with its own CUDA stream, so the next batch is queued while this process handles the last);
+# 3. throughput.py on the BIG slide with the defaults and the models-stubbed ceiling, py-spy sampling
+#    every process (raw stacks, 30 s from DELAY s after its start) and nvidia-smi dmon throughout;
+# 4. what time is left: the BIG slide with two streams.
+# A dry run on a CPU machine: DEVICE=cpu MID=4096 BIG=8192 STEPS=2 WHEELS=no bash benchmarks/gpu_throughput.sh /tmp/o
 set -uo pipefail
 out=${1:-${OUT:-gpu-bench}}
 mkdir -p "$out"
 log="$out/log.txt"
-device=${DEVICE:-cuda} small=${SMALL:-32768} big=${BIG:-72000} steps=${STEPS:-150}
-site=/tmp/site
+device=${DEVICE:-cuda} mid=${MID:-32768} big=${BIG:-100000} steps=${STEPS:-150} delay=${DELAY:-40}
+deadline=$((SECONDS + ${LIMIT:-540}))
+site=/tmp/site work=/tmp/wsi-medcam-gpu
+rm -f "$work/big.tif"
+mkdir -p "$site" "$work"
 if [ "${WHEELS:-yes}" = yes ]; then
   python3 - "$site" .whl/*.whl .whl/*.zip <<'PY'  # wheels are zip files: unpacking them in parallel takes seconds, pip a minute
 import sys, zipfile
@@ -31,23 +35,43 @@ with ThreadPoolExecutor(8) as pool:
 PY
   export PYTHONPATH="$site:$PWD"
 fi
+pyspy=$(command -v py-spy || true)
+if [ -f .whl/py-spy.gz ]; then gunzip -c .whl/py-spy.gz >"$site/py-spy" && chmod +x "$site/py-spy" && pyspy=$site/py-spy; fi
 export PYTHONUNBUFFERED=1
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; echo "cpu cores: $(nproc)"; } | tee "$out/gpu.txt"
-work=/tmp/wsi-medcam-gpu
-mkdir -p "$work"
-source=.whl/CMU-1-Small-Region.svs
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1; echo "cpu cores: $(nproc)"
+  python3 -c 'import sys, numpy, torch, timm, tifffile, PIL; print("python", sys.version.split()[0], "numpy", numpy.__version__,
+"torch", torch.__version__, "timm", timm.__version__, "tifffile", tifffile.__version__, "pillow", PIL.__version__)
+import segmentation_models_pytorch, zarr, openslide, rasterio, shapely, wsi_medcam.pipeline, wsi_medcam.cli; print("imports ok")'
+} >>"$log" 2>&1
+if command -v nvidia-smi >/dev/null; then nvidia-smi dmon -s um -o T -d 1 >"$out/dmon.txt" 2>&1 & dmon=$!; fi
+
+left() { echo $((deadline - SECONDS)); }
+step() {  # step CAP CMD...: run CMD for at most CAP s (less if less is left), stderr into the log; say how long it took
+  local cap=$1; shift
+  local t; t=$(left); ((t > cap)) && t=$cap
+  if ((t < 15)); then echo "== skipped (time): $*" | tee -a "$log" >&2; return 1; fi
+  echo "== $* (at most $t s)" >>"$log"; local start=$SECONDS rc=0
+  timeout "$t" "$@" 2>>"$log" || rc=$?
+  echo "   $((SECONDS - start)) s, exit $rc" | tee -a "$log" >&2
+  return $rc
+}
 summary='import json,sys; d=json.load(open(sys.argv[1])); c=d.get("ceiling_tiles_per_s") or {}
-print(sys.argv[1], d["gpu"], d["precision"], "batch", d["batch_size"], "readers", d["workers"],
+print(sys.argv[1], d["gpu"], d["precision"], "batch", d["batch_size"], "streams", d["streams"], "readers", d["workers"],
       "stitching processes", d["stitching_processes"], "tiles", d["tiles"],
       "bare", {k: round(v) for k, v in d["bare_tiles_per_s"].items()}, "pipeline", round(d["pipeline_tiles_per_s"]),
       "ratio", round(d["ratio_pipeline_to_bare"], 3), "stage ratio", round(d["ratio_inference_stage_to_bare"], 3),
       "ceiling", round(c.get("whole_run", 0)), "stages", d["stage_seconds"], "peak RSS MiB", d["peak_rss_mib"])'
-step() {  # run "$@" with stderr into the log, then say how long it took and whether it failed
-  echo "== $*" >>"$log"; local start=$SECONDS rc=0
-  "$@" 2>>"$log" || rc=$?
-  echo "   $((SECONDS - start)) s, exit $rc" | tee -a "$log" >&2
+throughput() {  # throughput CAP NAME SLIDE ARGS...: benchmarks/throughput.py into OUTDIR/NAME.json, summarised in the log
+  local cap=$1 name=$2 slide=$3; shift 3
+  step "$cap" python3 benchmarks/throughput.py "$slide" "${models[@]}" --out "$out/$name.json" "$@" >>"$log" \
+    && python3 -c "$summary" "$out/$name.json" >>"$log" 2>&1
 }
-step python3 benchmarks/make_slide.py --source "$source" --width "$small" --height "$small" --mpp 0.25 -o "$work/slide.tif" >>"$log"
+step 90 python3 -m pytest -q -p no:cacheprovider tests/test_inference.py >>"$log"  # model streams on CUDA
+source=.whl/CMU-1-Small-Region.svs
+step 60 python3 benchmarks/make_slide.py --source "$source" --width "$mid" --height "$mid" --mpp 0.5 -o "$work/mid.tif" >>"$log"
+{ step 200 python3 benchmarks/make_slide.py --source "$source" --width "$big" --height "$big" --mpp 0.5 -o "$work/big-part.tif" \
+    >>"$log" && mv "$work/big-part.tif" "$work/big.tif"; } &
+maker=$!
 python3 - "$work" <<'PY' >>"$log" 2>&1
 import sys
 from pathlib import Path
@@ -57,29 +81,30 @@ torch.manual_seed(0)
 import_classifier(ClassifierConfig(arch="resnet18", class_names=["tumor", "stroma", "other"], mpp=0.5, tile_size=224),
                   Path(sys.argv[1]) / "clf")
 PY
-step python3 -m wsi_medcam.cli train-cam --classifier "$work/clf" --slides "$work/slide.tif" --steps "$steps" --batch-size 32 \
-  --device "$device" -o "$work/cam"
-if [ ! -f "$work/cam/segmenter/config.json" ]; then
+rm -rf "$work/cam"
+step 150 python3 -m wsi_medcam.cli train-cam --classifier "$work/clf" --slides "$work/mid.tif" --steps "$steps" --batch-size 32 \
+  --device "$device" -o "$work/cam" >>"$log"
+if [ ! -f "$work/cam/segmenter/config.json" ]; then  # the device failed: a few CPU steps, so the rest can go on
   rm -rf "$work/cam"
-  step python3 -m wsi_medcam.cli train-cam --classifier "$work/clf" --slides "$work/slide.tif" --steps 30 --batch-size 32 \
-    --device cpu -o "$work/cam"
+  step 120 python3 -m wsi_medcam.cli train-cam --classifier "$work/clf" --slides "$work/mid.tif" --steps 20 --batch-size 16 \
+    --device cpu -o "$work/cam" >>"$log"
 fi
-python3 - "$work/cam/train_log.jsonl" <<'PY' | tee "$out/train-cam.txt" >>"$log"
+python3 - "$work/cam/train_log.jsonl" <<'PY' >>"$log" 2>&1
 import json, statistics, sys
 steps = [r for r in map(json.loads, open(sys.argv[1])) if "seconds" in r]
 print(f"train-cam: {len(steps)} steps, median {statistics.median(r['seconds'] for r in steps[1:] or steps):.3f} s per step of 32 tiles")
 PY
 models=(--classifier "$work/clf" --segmenter "$work/cam/segmenter" --device "$device")
-step python3 benchmarks/throughput.py "$work/slide.tif" "${models[@]}" --batch-size 256 --repeats 2 --bare-seconds 8 --ceiling --json \
-  > "$out/throughput-b256.json" && python3 -c "$summary" "$out/throughput-b256.json" | tee -a "$log"
-step python3 benchmarks/throughput.py "$work/slide.tif" "${models[@]}" --batch-size 256 --repeats 1 --bare-seconds 4 --ceiling \
-  --stitchers 0 --json > "$out/throughput-b256-stitch0.json" && python3 -c "$summary" "$out/throughput-b256-stitch0.json" | tee -a "$log"
-step python3 benchmarks/stitching.py "$work/slide.tif" "${models[@]}" --stitchers 0 4 8 --repeats 1 --batch-size 256 --strip-px 2048 \
-  | tee -a "$out/stitching.txt" "$log"
-if [ "${BATCH512:-no}" = yes ]; then
-  step python3 benchmarks/throughput.py "$work/slide.tif" "${models[@]}" --batch-size 512 --workers 12 --repeats 1 --bare-seconds 6 --json \
-    > "$out/throughput-b512-r12.json" && python3 -c "$summary" "$out/throughput-b512-r12.json" | tee -a "$log"
+wait "$maker"  # the mid-slide measurements run alone, not beside the big slide's writing
+throughput 120 throughput-mid-s1 "$work/mid.tif" --batch-size 256 --streams 1 --repeats 2 --bare-seconds 4
+throughput 120 throughput-mid-s2 "$work/mid.tif" --batch-size 256 --streams 2 --repeats 2 --bare-seconds 4
+if [ -f "$work/big.tif" ]; then
+  if [ -n "$pyspy" ]; then  # sample every process of the big run for 30 s, from DELAY s in (during inference)
+    (sleep "$delay"; pid=$(pgrep -f -o "^python3 benchmarks/throughput.py $work/big.tif") &&
+       "$pyspy" record -p "$pid" --subprocesses --nonblocking -r 50 -d 30 -f raw -o "$out/pyspy-big.txt" >>"$log" 2>&1) &
+  fi
+  throughput 300 throughput-big "$work/big.tif" --repeats 1 --bare-seconds 4 --ceiling
+  throughput 300 throughput-big-s2 "$work/big.tif" --streams 2 --repeats 1 --bare-seconds 4
 fi
-step timeout 300 python3 benchmarks/make_slide.py --source "$source" --width "$big" --height "$big" --mpp 0.5 -o "$work/big.tif" >>"$log"
-step timeout 240 python3 benchmarks/throughput.py "$work/big.tif" "${models[@]}" --batch-size 256 --repeats 1 --bare-seconds 2 --json \
-  > "$out/throughput-big.json" && python3 -c "$summary" "$out/throughput-big.json" | tee -a "$log"
+[ -n "${dmon:-}" ] && kill "$dmon" 2>/dev/null
+grep -E "^(==|   [0-9]+ s|train-cam:|$out|imports|python|NVIDIA|name|cpu cores)" "$log"

@@ -4,7 +4,7 @@
 # scipy, safetensors, pyyaml, typer, rich, psutil, fsspec, toolz, cloudpickle, msgpack, click and
 # jinja2; tiffslide (the fallback reader) is left out, and imagecodecs goes as a slim zip of its JPEG,
 # LZW and deflate decoders (the direct tile reads of wsi_medcam/tiff_tiles.py: 2.5 of its 26 MB), to
-# stay under the 64 MiB a call may carry. The shared CMU-1-Small-Region.svs goes along (../shared does not travel) as make_slide.py's
+# stay under the 64 MiB a call may carry; py-spy's static binary goes gzipped. The shared CMU-1-Small-Region.svs goes along (../shared does not travel) as make_slide.py's
 # source. Then: echo /.whl/ >> .git/info/exclude, and carry .whl to benchmarks/gpu_throughput.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +33,9 @@ with zipfile.ZipFile(sys.argv[1]) as whl, zipfile.ZipFile(sys.argv[2], "w", zipf
         if keep.search(item.filename):
             slim.writestr(item, whl.read(item.filename))
 PY
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 -d "$tmp" py-spy==0.4.3
+unzip -p "$tmp"/py_spy-*.whl '*/scripts/py-spy' | gzip -9 >.whl/py-spy.gz  # a static binary: 8 MB, 2.8 gzipped
 rm -rf "$tmp"
 cp "$(dirname "$0")/../../shared/data/slides/CMU-1-Small-Region.svs" .whl/  # the H&E source of make_slide.py
 du -sh .whl

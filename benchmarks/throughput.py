@@ -123,17 +123,20 @@ def main() -> None:
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--streams", type=int, help="batches in the models at once (default: the pipeline's, see inference.streams)")
     ap.add_argument("--stitchers", type=int, help="stitching processes (default: the pipeline's, see output.stitchers)")
     ap.add_argument("--bare-seconds", type=float, default=16.0, help="per bare measurement")
     ap.add_argument("--repeats", type=int, default=3, help="bare-model / pipeline pairs; medians are reported")
     ap.add_argument("--ceiling", action="store_true", help="also run the pipeline with the models stubbed out")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--out", type=Path, help="also write the figures as JSON here: once before the ceiling run, "
+                    "again with it (so a run cut short during the ceiling keeps the rest)")
     args = ap.parse_args()
 
     cfg = RunConfig.from_dict({
         "classifier": str(args.classifier), "segmenter": str(args.segmenter) if args.segmenter else None,
         "inference": {"batch_size": args.batch_size, "workers": args.workers, "precision": args.precision,
-                      "device": args.device, "threads": args.threads},
+                      "device": args.device, "threads": args.threads, "streams": args.streams},
         "output": {"overwrite": True, "stitchers": args.stitchers},
     })
     models = load_models(cfg)
@@ -173,7 +176,6 @@ def main() -> None:
                      "ratio": n / wall / reference, "ratio_inference_stage": n / timings["inference+stitching"] / reference,
                      "bare_cpu_s_per_tile": reference_cpu, "pipeline_cpu_s_per_tile": cpu / n,
                      "cpu_ratio": reference_cpu / (cpu / n), "stage_seconds": timings})
-    ceiling = measure_ceiling(args.slide, cfg, models, first["outputs"]) if args.ceiling else None
     if args.segmenter:
         bare["classifier+segmenter"] = statistics.median(r["bare_tiles_per_s"] for r in runs)
     median = {k: statistics.median(r[k] for r in runs)
@@ -195,11 +197,17 @@ def main() -> None:
         "ratio_pipeline_to_bare": median["ratio"],
         "ratio_inference_stage_to_bare": median["ratio_inference_stage"],
         "cpu_ratio_bare_to_pipeline": median["cpu_ratio"],
-        "ceiling_tiles_per_s": ceiling,
+        "ceiling_tiles_per_s": None,
         "runs": runs,
         "stage_seconds": runs[-1]["stage_seconds"],
         "peak_rss_mib": peak_rss_mib(),
     }
+    if args.out:
+        args.out.write_text(json.dumps(figures, indent=2))
+    if args.ceiling:
+        figures["ceiling_tiles_per_s"] = ceiling = measure_ceiling(args.slide, cfg, models, first["outputs"])
+        if args.out:
+            args.out.write_text(json.dumps(figures, indent=2))
     if args.json:
         print(json.dumps(figures, indent=2))
         return
@@ -215,7 +223,7 @@ def main() -> None:
           + ", ".join(f"{r['ratio']:.2f}" for r in runs))
     print(f"CPU s per tile, bare ÷ pipeline: {figures['cpu_ratio_bare_to_pipeline']:.3f} "
           "(the share of the pipeline's CPU work that is the models'; load-independent)")
-    if ceiling:
+    if args.ceiling:
         print(f"pipeline, models stubbed     : {ceiling['whole_run']:8.1f} tiles/s whole run, "
               f"{ceiling['inference_stage']:.1f} inference stage (the ceiling the other stages allow)")
     print("stages of the last run (s): " + ", ".join(f"{k} {v:.2f}" for k, v in figures["stage_seconds"].items()))

@@ -1,4 +1,5 @@
-"""Model streams on a CPU: several batches in the models at once give what one at a time gives."""
+"""Model streams (on a CPU, and on CUDA where there is one): several batches in the models at once give
+what one at a time gives."""
 
 from __future__ import annotations
 
@@ -67,6 +68,30 @@ def test_default_streams():
     assert default_streams(cuda, None) == 1
 
 
-def test_gradcam_and_cuda_run_one_batch_at_a_time(models):
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_streams_give_the_same_results_each_batch_on_its_own_stream(models):
+    clf, seg = models
+    batches = [(tiles.pin_memory(), indices) for tiles, indices in _batches(6, size=8)]
+    one = list(Predictor(clf, seg, InferenceConfig(device="cuda", precision="fp32", streams=1)).run(batches))
+    streamed = Predictor(clf, seg, InferenceConfig(device="cuda", precision="fp32", streams=3))
+    assert streamed.streams == 3
+    real, used = streamed.predict, []
+
+    def predict(tiles):
+        used.append(torch.cuda.current_stream().cuda_stream)
+        return real(tiles)
+
+    streamed.predict = predict
+    many = list(streamed.run(iter(batches)))
+    assert [r.indices.tolist() for r in many] == [b[1].tolist() for b in batches]
+    for a, b in zip(one, many):
+        np.testing.assert_allclose(a.probs, b.probs, atol=1e-3)  # TF32 convolutions
+        np.testing.assert_allclose(a.soft, b.soft, atol=1e-3)
+        assert {f: v.tolist() for f, v in a.kept.items()} == {f: v.tolist() for f, v in b.kept.items()}
+    default = torch.cuda.default_stream().cuda_stream
+    assert len(set(used)) == 3 and default not in used, "batches did not run on their own CUDA streams"
+
+
+def test_gradcam_runs_one_batch_at_a_time(models):
     clf, _ = models
     assert Predictor(clf, None, InferenceConfig(device="cpu", explainer="gradcam", streams=4)).streams == 1

@@ -85,7 +85,7 @@ def default_workers(device: torch.device) -> int:
 
 def default_streams(device: torch.device, threads: int | None) -> int:
     """Batches the models run at once: on a CPU one per ``threads`` cores (default one per core),
-    on CUDA one.
+    on other devices one (``inference.streams`` may ask for more: on CUDA each has its own CUDA stream).
 
     Spreading one batch over cores makes every layer wait at a barrier for its slowest core, and
     any other work on a core (reading, stitching, another tenant) stalls them all. Measured on 2
@@ -127,9 +127,15 @@ class Predictor:
         self.explainer = cfg.explainer
         self.cam_area = cfg.cam_area
         self.certify_fills = tuple(cfg.certify_fills)
-        # streams are for CPUs; Grad-CAM hooks the classifier's modules, so its batches run one at a time
-        medcam_on_cpu = self.device.type == "cpu" and cfg.explainer == "medcam"
-        self.streams = (cfg.streams or default_streams(self.device, cfg.threads)) if medcam_on_cpu else 1
+        # Grad-CAM hooks the classifier's modules, so its batches run one at a time
+        self.streams = (cfg.streams or default_streams(self.device, cfg.threads)) if cfg.explainer == "medcam" else 1
+        self._cuda_streams: list[torch.cuda.Stream] = []
+        if self.device.type == "cuda":
+            # one CUDA stream per model thread: a batch's copy in and kernels queue while the batch before
+            # it still computes or comes back, instead of the GPU waiting on this process between batches
+            if self.streams > 1:
+                self._cuda_streams = [torch.cuda.Stream(self.device) for _ in range(self.streams)]
+            torch.backends.cudnn.benchmark = True  # tiles are one size: pick the fastest convolutions once
         self.threads_per_stream = cfg.threads or 1
         self.arch = classifier.config.arch
         self.classifier = classifier.model.to(self.device, memory_format=self.memory_format).eval()
@@ -183,18 +189,26 @@ class Predictor:
                     kept[fill] = (self.classifier(compose(x_cls, hard, b)).argmax(1) == pred).cpu().numpy()
         return probs.cpu().numpy(), None if soft is None else soft.float().cpu().numpy(), kept
 
+    def _predict_on(self, stream: int, tiles_uint8: torch.Tensor) -> Outputs:
+        """:meth:`predict` on the ``stream``-th CUDA stream (on other devices, plain :meth:`predict`)."""
+        if not self._cuda_streams:
+            return self.predict(tiles_uint8)
+        with torch.cuda.stream(self._cuda_streams[stream]):
+            return self.predict(tiles_uint8)
+
     def run(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[BatchResult]:
         """Results batch by batch, in the loader's order; with several :attr:`streams`, that many
-        batches are in the models at once, each on its own thread with ``threads_per_stream``
-        torch threads (ops release the GIL, so they run in parallel)."""
+        batches are in the models at once, each on its own thread (ops release the GIL, so they run
+        in parallel): on a CPU with ``threads_per_stream`` torch threads, on CUDA on its own CUDA
+        stream, so the GPU has the next batch queued while this process handles the last one's outputs."""
         if self.streams == 1:
             for tiles, indices in batches:
                 yield BatchResult(indices.numpy(), *self.predict(tiles))
             return
         threads = torch.get_num_threads()  # torch's setting is also a process-wide default for new threads
+        per_thread = dict(initializer=torch.set_num_threads, initargs=(self.threads_per_stream,)) if self.device.type == "cpu" else {}
         try:
-            with ThreadPoolExecutor(self.streams, thread_name_prefix="wsi-medcam-model", initializer=torch.set_num_threads,
-                                    initargs=(self.threads_per_stream,)) as pool:
+            with ThreadPoolExecutor(self.streams, thread_name_prefix="wsi-medcam-model", **per_thread) as pool:
                 yield from self._in_streams(pool, batches)
         finally:
             torch.set_num_threads(threads)
@@ -203,8 +217,9 @@ class Predictor:
         """:meth:`run` with ``streams`` batches on ``pool`` at once, waiting for the oldest."""
         pending: deque[tuple[torch.Tensor, Future[Outputs]]] = deque()
         try:
-            for tiles, indices in batches:
-                pending.append((indices, pool.submit(self.predict, tiles)))
+            for k, (tiles, indices) in enumerate(batches):
+                # at most `streams` batches are pending, so batch k's CUDA stream (k mod streams) is free again
+                pending.append((indices, pool.submit(self._predict_on, k % self.streams, tiles)))
                 if len(pending) >= self.streams:
                     indices, result = pending.popleft()
                     yield BatchResult(indices.numpy(), *result.result())
