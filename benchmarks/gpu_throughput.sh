@@ -6,22 +6,23 @@
 # gets at most what is left, and the ones that matter most come first. Each step's figures land in
 # OUTDIR as soon as it ends (at most 8 files, what the device tool returns); a failed step does not
 # stop the rest.
-# 0. tests/test_inference.py: model streams on CUDA give the results of one batch at a time;
-# 1. a MID² slide at 0.5 µm/px (default 32768: ~10k tissue tiles at 224 px), a resnet18 classifier
-#    and a Med-CAM U-Net/resnet18 trained STEPS steps on the device (masks with Med-CAM's structure,
-#    not speckle; train-cam.txt: seconds per step), while a BIG² slide (default 100000: ~100k tiles)
-#    is written in the background;
-# 2. benchmarks/throughput.py on the MID slide at batch 256 with one model stream, then with two
-#    (each with its own CUDA stream, so the next batch is queued while this process handles the last);
-# 3. throughput.py on the BIG slide with the defaults and the models-stubbed ceiling, py-spy sampling
-#    every process (raw stacks, 30 s from DELAY s after its start) and nvidia-smi dmon throughout;
-# 4. what time is left: the BIG slide with two streams.
+# 0. tests/test_inference.py (model streams on CUDA give the results of one batch at a time), beside
+# 1. a MID² slide at 0.5 µm/px (default 32768: ~10k tissue tiles at 224 px); then a resnet18
+#    classifier and a Med-CAM U-Net/resnet18 trained STEPS steps on the device (masks with Med-CAM's
+#    structure, not speckle; the log has its seconds per step), while a BIG² slide (default 100000:
+#    ~100k tiles; BIG=0: none) is written in the background;
+# 2. benchmarks/throughput.py on the MID slide at batch 256 with one model stream (and the models-
+#    stubbed ceiling with CEILING=yes), py-spy sampling all its processes for 45 s from DELAY s in
+#    (start-up and inference), then with two streams (each with its own CUDA stream, so the next
+#    batch is queued while this process handles the last); REPEATS pipeline runs each;
+# 3. throughput.py on the BIG slide with the defaults and the ceiling, then with two streams.
+# nvidia-smi dmon samples the GPU throughout.
 # A dry run on a CPU machine: DEVICE=cpu MID=4096 BIG=8192 STEPS=2 WHEELS=no bash benchmarks/gpu_throughput.sh /tmp/o
 set -uo pipefail
 out=${1:-${OUT:-gpu-bench}}
 mkdir -p "$out"
 log="$out/log.txt"
-device=${DEVICE:-cuda} mid=${MID:-32768} big=${BIG:-100000} steps=${STEPS:-150} delay=${DELAY:-40}
+device=${DEVICE:-cuda} mid=${MID:-32768} big=${BIG:-100000} steps=${STEPS:-150} delay=${DELAY:-14} repeats=${REPEATS:-2}
 deadline=$((SECONDS + ${LIMIT:-540}))
 site=/tmp/site work=/tmp/wsi-medcam-gpu
 rm -f "$work/big.tif"
@@ -66,12 +67,17 @@ throughput() {  # throughput CAP NAME SLIDE ARGS...: benchmarks/throughput.py in
   step "$cap" python3 benchmarks/throughput.py "$slide" "${models[@]}" --out "$out/$name.json" "$@" >>"$log" \
     && python3 -c "$summary" "$out/$name.json" >>"$log" 2>&1
 }
-step 90 python3 -m pytest -q -p no:cacheprovider tests/test_inference.py >>"$log"  # model streams on CUDA
+python3 -m pytest -q -p no:cacheprovider tests/test_inference.py >"$out/pytest.txt" 2>&1 &  # model streams on CUDA
+tests=$!
 source=.whl/CMU-1-Small-Region.svs
 step 60 python3 benchmarks/make_slide.py --source "$source" --width "$mid" --height "$mid" --mpp 0.5 -o "$work/mid.tif" >>"$log"
-{ step 200 python3 benchmarks/make_slide.py --source "$source" --width "$big" --height "$big" --mpp 0.5 -o "$work/big-part.tif" \
-    >>"$log" && mv "$work/big-part.tif" "$work/big.tif"; } &
-maker=$!
+wait "$tests"; echo "tests/test_inference.py: $(tail -1 "$out/pytest.txt")" >>"$log"
+maker=
+if ((big > 0)); then
+  { step 200 python3 benchmarks/make_slide.py --source "$source" --width "$big" --height "$big" --mpp 0.5 -o "$work/big-part.tif" \
+      >>"$log" && mv "$work/big-part.tif" "$work/big.tif"; } &
+  maker=$!
+fi
 python3 - "$work" <<'PY' >>"$log" 2>&1
 import sys
 from pathlib import Path
@@ -95,14 +101,15 @@ steps = [r for r in map(json.loads, open(sys.argv[1])) if "seconds" in r]
 print(f"train-cam: {len(steps)} steps, median {statistics.median(r['seconds'] for r in steps[1:] or steps):.3f} s per step of 32 tiles")
 PY
 models=(--classifier "$work/clf" --segmenter "$work/cam/segmenter" --device "$device")
-wait "$maker"  # the mid-slide measurements run alone, not beside the big slide's writing
-throughput 120 throughput-mid-s1 "$work/mid.tif" --batch-size 256 --streams 1 --repeats 2 --bare-seconds 4
-throughput 120 throughput-mid-s2 "$work/mid.tif" --batch-size 256 --streams 2 --repeats 2 --bare-seconds 4
+[ -n "$maker" ] && wait "$maker"  # the mid-slide measurements run alone, not beside the big slide's writing
+if [ -n "$pyspy" ]; then  # sample every process of the first mid run for 45 s from DELAY s in: its start-up and inference
+  (sleep "$delay"; pid=$(pgrep -f -o "^python3 benchmarks/throughput.py $work/mid.tif") &&
+     "$pyspy" record -p "$pid" --subprocesses --nonblocking -r 50 -d 45 -f raw -o "$out/pyspy-mid.txt" >>"$log" 2>&1) &
+fi
+ceiling=(); [ "${CEILING:-no}" = yes ] && ceiling=(--ceiling)
+throughput 120 throughput-mid-s1 "$work/mid.tif" --batch-size 256 --streams 1 --repeats "$repeats" --bare-seconds 4 "${ceiling[@]}"
+throughput 120 throughput-mid-s2 "$work/mid.tif" --batch-size 256 --streams 2 --repeats "$repeats" --bare-seconds 4
 if [ -f "$work/big.tif" ]; then
-  if [ -n "$pyspy" ]; then  # sample every process of the big run for 30 s, from DELAY s in (during inference)
-    (sleep "$delay"; pid=$(pgrep -f -o "^python3 benchmarks/throughput.py $work/big.tif") &&
-       "$pyspy" record -p "$pid" --subprocesses --nonblocking -r 50 -d 30 -f raw -o "$out/pyspy-big.txt" >>"$log" 2>&1) &
-  fi
   throughput 300 throughput-big "$work/big.tif" --repeats 1 --bare-seconds 4 --ceiling
   throughput 300 throughput-big-s2 "$work/big.tif" --streams 2 --repeats 1 --bare-seconds 4
 fi

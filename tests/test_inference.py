@@ -69,11 +69,15 @@ def test_default_streams():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_streams_give_the_same_results_each_batch_on_its_own_stream(models):
+@pytest.mark.parametrize("precision, atol", [("fp32", 1e-4), ("bf16", 1e-2)])
+def test_cuda_streams_give_the_same_results_each_batch_on_its_own_stream(models, monkeypatch, precision, atol):
+    """On an H200, bf16 with streams gave NaN masks while autocast shared its weight casts across them."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 means fp32, whichever kernels run
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     clf, seg = models
-    batches = [(tiles.pin_memory(), indices) for tiles, indices in _batches(6, size=8)]
-    one = list(Predictor(clf, seg, InferenceConfig(device="cuda", precision="fp32", streams=1)).run(batches))
-    streamed = Predictor(clf, seg, InferenceConfig(device="cuda", precision="fp32", streams=3))
+    batches = [(tiles.pin_memory(), indices) for tiles, indices in _batches(12, size=16)]
+    one = list(Predictor(clf, seg, InferenceConfig(device="cuda", precision=precision, streams=1)).run(batches))
+    streamed = Predictor(clf, seg, InferenceConfig(device="cuda", precision=precision, streams=3))
     assert streamed.streams == 3
     real, used = streamed.predict, []
 
@@ -85,9 +89,9 @@ def test_cuda_streams_give_the_same_results_each_batch_on_its_own_stream(models)
     many = list(streamed.run(iter(batches)))
     assert [r.indices.tolist() for r in many] == [b[1].tolist() for b in batches]
     for a, b in zip(one, many):
-        np.testing.assert_allclose(a.probs, b.probs, atol=1e-3)  # TF32 convolutions
-        np.testing.assert_allclose(a.soft, b.soft, atol=1e-3)
-        assert {f: v.tolist() for f, v in a.kept.items()} == {f: v.tolist() for f, v in b.kept.items()}
+        assert np.isfinite(b.probs).all() and np.isfinite(b.soft).all()
+        np.testing.assert_allclose(a.probs, b.probs, atol=atol)
+        np.testing.assert_allclose(a.soft, b.soft, atol=atol)
     default = torch.cuda.default_stream().cuda_stream
     assert len(set(used)) == 3 and default not in used, "batches did not run on their own CUDA streams"
 

@@ -129,13 +129,10 @@ class Predictor:
         self.certify_fills = tuple(cfg.certify_fills)
         # Grad-CAM hooks the classifier's modules, so its batches run one at a time
         self.streams = (cfg.streams or default_streams(self.device, cfg.threads)) if cfg.explainer == "medcam" else 1
-        self._cuda_streams: list[torch.cuda.Stream] = []
-        if self.device.type == "cuda":
-            # one CUDA stream per model thread: a batch's copy in and kernels queue while the batch before
-            # it still computes or comes back, instead of the GPU waiting on this process between batches
-            if self.streams > 1:
-                self._cuda_streams = [torch.cuda.Stream(self.device) for _ in range(self.streams)]
-            torch.backends.cudnn.benchmark = True  # tiles are one size: pick the fastest convolutions once
+        # on CUDA one CUDA stream per model thread: a batch's copy in and kernels queue while the batch
+        # before it still computes or comes back, instead of the GPU waiting on this process between batches
+        self._cuda_streams = ([torch.cuda.Stream(self.device) for _ in range(self.streams)]
+                              if self.device.type == "cuda" and self.streams > 1 else [])
         self.threads_per_stream = cfg.threads or 1
         self.arch = classifier.config.arch
         self.classifier = classifier.model.to(self.device, memory_format=self.memory_format).eval()
@@ -160,7 +157,10 @@ class Predictor:
     def _autocast(self):  # noqa: ANN202 - context manager
         if self.dtype is None:
             return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        # autocast keeps its bf16 copies of the weights in ONE cache for all threads: a copy made on one
+        # CUDA stream would be read on another before it is written (NaN masks, seen on an H200), so
+        # with CUDA streams each forward casts the weights on its own stream (~50 MB, microseconds)
+        return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=not self._cuda_streams)
 
     def predict(self, tiles_uint8: torch.Tensor) -> Outputs:
         """(probabilities (B, C), evidence (B, H, W) or None, kept per fill) for uint8 tiles (B, 3, H, W)."""

@@ -179,50 +179,52 @@ def process_slide(
         description = slide.describe()
         ref = SlideRef.of(slide)
         dimensions = slide.dimensions
-    Image.fromarray(tissue.thumbnail).save(work_dir / "thumbnail.png")
-    Image.fromarray(tissue.mask.astype(np.uint8) * 255).save(work_dir / "tissue.png")
+    with timer.stage("thumbnails"):
+        Image.fromarray(tissue.thumbnail).save(work_dir / "thumbnail.png")
+        Image.fromarray(tissue.mask.astype(np.uint8) * 255).save(work_dir / "tissue.png")
     with timer.stage("tiling"):
         grid = plan_tiles(dimensions, downsample, tissue.mask, cfg.tiling, mpp=mpp, tile_size=tile_size)
     tissue_stats = {"mpp": tissue.mpp, "fraction": float(tissue.mask.mean()) if tissue.mask.size else 0.0}
     overview_thumb, overview_tissue = shrink_for_overview(tissue.thumbnail, tissue.mask)
     del tissue  # full-size thumbnail and mask grow with the slide's area; the overview needs only these
-    release_freed_memory()  # the thumbnail's read blocks and the mask's temporaries, before readers fork
+    with timer.stage("setup"):  # memory released, the evidence store created, stitching processes started
+        release_freed_memory()  # the thumbnail's read blocks and the mask's temporaries, before readers fork
 
-    slide_key = f"{path.name}:{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
-    out_mpp = cfg.output.mask_mpp or slide.mpp.mean
-    if out_mpp < slide.mpp.mean * (1 - 1e-6):
-        raise WsiMedcamError(f"{path.name}: --mask-mpp {out_mpp} is finer than the slide's {slide.mpp.mean:.4g} µm/px")
-    width0, height0 = grid.slide_dimensions
-    out_shape = (max(1, round(height0 * slide.mpp.mean / out_mpp)), max(1, round(width0 * slide.mpp.mean / out_mpp)))
-    processes_ok = may_start_processes()
-    if not processes_ok:
-        log.warning("%s: this is a daemonic process (a dask worker without distributed.worker.daemon: False), "
-                    "so tiles are read and stitched in it, without reader or stitching processes", path.name)
-    store = stitcher = None
-    if models.predictor.explains:
-        store = EvidenceStore(work_dir / "evidence.ome.zarr", shape=out_shape, mpp=out_mpp,
-                              chunk=cfg.output.chunk_size, min_size=cfg.output.min_pyramid_size,
-                              class_names=class_names, colors=colors, name=path.name)
-        stitchers = cfg.output.stitchers
-        stitchers = default_stitchers(models.predictor.device.type) if stitchers is None else stitchers
-        stitchers = stitchers if processes_ok else 0
-        stitcher = (StitchingProcesses(grid, store, processes=stitchers, spool_dir=work_dir, strip_px=cfg.output.strip_px)
-                    if stitchers else EvidenceStitcher(grid, store, spool_dir=work_dir, strip_px=cfg.output.strip_px))
+        slide_key = f"{path.name}:{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
+        out_mpp = cfg.output.mask_mpp or slide.mpp.mean
+        if out_mpp < slide.mpp.mean * (1 - 1e-6):
+            raise WsiMedcamError(f"{path.name}: --mask-mpp {out_mpp} is finer than the slide's {slide.mpp.mean:.4g} µm/px")
+        width0, height0 = grid.slide_dimensions
+        out_shape = (max(1, round(height0 * slide.mpp.mean / out_mpp)), max(1, round(width0 * slide.mpp.mean / out_mpp)))
+        processes_ok = may_start_processes()
+        if not processes_ok:
+            log.warning("%s: this is a daemonic process (a dask worker without distributed.worker.daemon: False), "
+                        "so tiles are read and stitched in it, without reader or stitching processes", path.name)
+        store = stitcher = None
+        if models.predictor.explains:
+            store = EvidenceStore(work_dir / "evidence.ome.zarr", shape=out_shape, mpp=out_mpp,
+                                  chunk=cfg.output.chunk_size, min_size=cfg.output.min_pyramid_size,
+                                  class_names=class_names, colors=colors, name=path.name)
+            stitchers = cfg.output.stitchers
+            stitchers = default_stitchers(models.predictor.device.type) if stitchers is None else stitchers
+            stitchers = stitchers if processes_ok else 0
+            stitcher = (StitchingProcesses(grid, store, processes=stitchers, spool_dir=work_dir, strip_px=cfg.output.strip_px)
+                        if stitchers else EvidenceStitcher(grid, store, spool_dir=work_dir, strip_px=cfg.output.strip_px))
 
-    grid_probs = np.zeros((len(class_names), *grid.grid_shape), np.float32)
-    counts = np.zeros(len(class_names), np.int64)
-    evidence_fractions: list[float] = []
-    kept_counts = {f: 0 for f in cfg.inference.certify_fills}
-    refine = cfg.inference.refine if stitcher is not None and models.segmenter is not None else 0
-    top: list[list[tuple[float, int]]] = [[] for _ in class_names]  # per class: K (confidence, tile) heaps
-    batch_size = cfg.inference.batch_size or default_batch_size(models.predictor.device)
-    workers = default_workers(models.predictor.device) if cfg.inference.workers is None else cfg.inference.workers
-    workers = min(workers, max(0, len(grid) // batch_size))  # no idle readers on a small slide
-    workers = workers if processes_ok else 0
-    order = stitcher.order() if stitcher is not None else None
-    loader = make_loader(TileDataset(ref, grid, tolerance=cfg.slide.level_tolerance, order=order), batch_size=batch_size,
-                         workers=workers,
-                         pin_memory=models.predictor.device.type == "cuda")
+        grid_probs = np.zeros((len(class_names), *grid.grid_shape), np.float32)
+        counts = np.zeros(len(class_names), np.int64)
+        evidence_fractions: list[float] = []
+        kept_counts = {f: 0 for f in cfg.inference.certify_fills}
+        refine = cfg.inference.refine if stitcher is not None and models.segmenter is not None else 0
+        top: list[list[tuple[float, int]]] = [[] for _ in class_names]  # per class: K (confidence, tile) heaps
+        batch_size = cfg.inference.batch_size or default_batch_size(models.predictor.device)
+        workers = default_workers(models.predictor.device) if cfg.inference.workers is None else cfg.inference.workers
+        workers = min(workers, max(0, len(grid) // batch_size))  # no idle readers on a small slide
+        workers = workers if processes_ok else 0
+        order = stitcher.order() if stitcher is not None else None
+        loader = make_loader(TileDataset(ref, grid, tolerance=cfg.slide.level_tolerance, order=order), batch_size=batch_size,
+                             workers=workers,
+                             pin_memory=models.predictor.device.type == "cuda")
     done = 0
     with timer.stage("inference+stitching"), TileWriter(
         work_dir / "tiles.csv", work_dir / "tiles.geojson", slide_key=slide_key, class_names=class_names, colors=colors,
@@ -232,8 +234,11 @@ def process_slide(
         def consume(result: BatchResult) -> None:
             nonlocal done
             preds = result.probs.argmax(1)
+            fractions = None
             if result.soft is not None and stitcher is not None:
                 stitcher.add_batch(result.indices, result.soft, preds, result.probs[np.arange(len(preds)), preds])
+                # the hard evidence's share of each tile (count_nonzero: 8 ms a batch of 256, mean: 19)
+                fractions = [np.count_nonzero(mask > 0.5) / mask.size for mask in result.soft]
             for k, i in enumerate(result.indices):
                 probs = result.probs[k]
                 pred = int(preds[k])
@@ -243,8 +248,8 @@ def process_slide(
                 kept = {f: bool(v[k]) for f, v in result.kept.items()}
                 for f, v in kept.items():
                     kept_counts[f] += v
-                if result.soft is not None and stitcher is not None:
-                    fraction = float((result.soft[k] > 0.5).mean())
+                if fractions is not None:
+                    fraction = fractions[k]
                     evidence_fractions.append(fraction)
                     if refine:
                         (heapq.heappush if len(top[pred]) < refine else heapq.heappushpop)(top[pred], (float(probs[pred]), int(i)))

@@ -23,8 +23,12 @@ import pickle
 import queue
 import socket
 import struct
+import sys
 import threading
 import time
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +51,26 @@ def default_stitchers(device_type: str) -> int:
     return max(1, usable_cores() // 2) if device_type == "cuda" else 0
 
 
+@contextmanager
+def _main_script_hidden() -> Iterator[None]:
+    """While open, processes started by forkserver or spawn do not import the main script.
+
+    Such a child runs the main script (``benchmarks/throughput.py``, the ``wsi-medcam`` entry point:
+    torch, the models' code...) before it reads its arguments, and ``Process.start`` waits until it has
+    read them (they outgrow the pipe's 64 KiB with the tile grid): 8 stitching processes took 34 s to
+    start on a 16-core GPU machine, 15 s on a 2-core VM, for a 10k-tile slide. A stitching process
+    needs nothing of the main script (its target lives in this module, which the forkserver has
+    imported), so the children are shown a bare ``__main__``. (Preloading ``"__main__"`` in the
+    forkserver would do this, but Python 3.11 and 3.12 do not pass it the script's path.)
+    """
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
 class StitchingProcesses(EvidenceStitcher):
     """:class:`EvidenceStitcher`'s interface (:meth:`order`, :meth:`add_batch`, :meth:`finish`,
     :meth:`replace`, :attr:`polygons`) with the strips stitched in ``processes`` processes
@@ -63,20 +87,21 @@ class StitchingProcesses(EvidenceStitcher):
         self._top = self.strip_chunks.bit_length() - 1  # the highest level whose chunks lie within a strip
         start = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
         ctx = multiprocessing.get_context(start)
-        if start == "forkserver":  # the server, if not running yet, imports our dependencies (1.8 s) once, so
-            ctx.set_forkserver_preload([__name__])  # a process starts in the time its __main__ takes to import
+        if start == "forkserver":  # the server, when it starts, imports our dependencies once (1.8 s)
+            ctx.set_forkserver_preload([__name__])
         self._outbox: Any = ctx.Queue()
         self._spools = [Path(spool_dir) / f".evidence-polygons-{p}.bin" for p in range(count)]
         options = {"block": block, "trace_blocks": trace_blocks, "strip_px": strip_px, "top": self._top}
         self._procs, self._inboxes = [], []
-        for p in range(count):
-            ours, theirs = socket.socketpair()
-            self._procs.append(ctx.Process(target=_stitch_part, name=f"wsi-medcam-stitch-{p}", daemon=True,
-                                           args=(store.spec, grid, (p, count), options, self._spools[p], theirs,
-                                                 self._outbox)))
-            self._procs[-1].start()
-            theirs.close()  # the process holds it now; when we are gone, it reads the end of the stream
-            self._inboxes.append(_Inbox(ours, depth, name=f"wsi-medcam-stitch-send-{p}"))
+        with _main_script_hidden():
+            for p in range(count):
+                ours, theirs = socket.socketpair()
+                self._procs.append(ctx.Process(target=_stitch_part, name=f"wsi-medcam-stitch-{p}", daemon=True,
+                                               args=(store.spec, grid, (p, count), options, self._spools[p], theirs,
+                                                     self._outbox)))
+                self._procs[-1].start()
+                theirs.close()  # the process holds it now; when we are gone, it reads the end of the stream
+                self._inboxes.append(_Inbox(ours, depth, name=f"wsi-medcam-stitch-send-{p}"))
         self._done: dict[int, tuple[int, set[tuple[int, int]], np.ndarray, np.ndarray, float]] = {}
         self.processes_cpu_s = 0.0  # CPU time the stitching processes used, s (known after finish)
 
