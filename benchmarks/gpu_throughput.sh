@@ -9,20 +9,20 @@
 # 0. tests/test_inference.py (model streams on CUDA give the results of one batch at a time), beside
 # 1. a MID² slide at 0.5 µm/px (default 32768: ~10k tissue tiles at 224 px); then a resnet18
 #    classifier and a Med-CAM U-Net/resnet18 trained STEPS steps on the device (masks with Med-CAM's
-#    structure, not speckle; the log has its seconds per step), while a BIG² slide (default 100000:
-#    ~100k tiles; BIG=0: none) is written in the background;
+#    structure, not speckle; the log has its seconds per step), while a BIG² slide (BIG=100000:
+#    ~100k tiles, over 200 s to write on a 16-core H200 machine; default 0: none) is written beside;
 # 2. benchmarks/throughput.py on the MID slide at batch 256 with one model stream (and the models-
 #    stubbed ceiling with CEILING=yes), py-spy sampling all its processes for 45 s from DELAY s in
 #    (start-up and inference), then with two streams (each with its own CUDA stream, so the next
 #    batch is queued while this process handles the last); REPEATS pipeline runs each;
-# 3. throughput.py on the BIG slide with the defaults and the ceiling, then with two streams.
+# 3. throughput.py on the BIG slide with the defaults (two streams on CUDA) and the ceiling, then with one.
 # nvidia-smi dmon samples the GPU throughout.
-# A dry run on a CPU machine: DEVICE=cpu MID=4096 BIG=8192 STEPS=2 WHEELS=no bash benchmarks/gpu_throughput.sh /tmp/o
+# A dry run on a CPU machine: DEVICE=cpu MID=4096 STEPS=2 WHEELS=no bash benchmarks/gpu_throughput.sh /tmp/o
 set -uo pipefail
 out=${1:-${OUT:-gpu-bench}}
 mkdir -p "$out"
 log="$out/log.txt"
-device=${DEVICE:-cuda} mid=${MID:-32768} big=${BIG:-100000} steps=${STEPS:-150} delay=${DELAY:-14} repeats=${REPEATS:-2}
+device=${DEVICE:-cuda} mid=${MID:-32768} big=${BIG:-0} steps=${STEPS:-150} delay=${DELAY:-14} repeats=${REPEATS:-2}
 deadline=$((SECONDS + ${LIMIT:-540}))
 site=/tmp/site work=/tmp/wsi-medcam-gpu
 rm -f "$work/big.tif"
@@ -111,7 +111,7 @@ throughput 120 throughput-mid-s1 "$work/mid.tif" --batch-size 256 --streams 1 --
 throughput 120 throughput-mid-s2 "$work/mid.tif" --batch-size 256 --streams 2 --repeats "$repeats" --bare-seconds 4
 if [ -f "$work/big.tif" ]; then
   throughput 300 throughput-big "$work/big.tif" --repeats 1 --bare-seconds 4 --ceiling
-  throughput 300 throughput-big-s2 "$work/big.tif" --streams 2 --repeats 1 --bare-seconds 4
+  throughput 300 throughput-big-s1 "$work/big.tif" --streams 1 --repeats 1 --bare-seconds 4
 fi
 [ -n "${dmon:-}" ] && kill "$dmon" 2>/dev/null
 grep -E "^(==|   [0-9]+ s|train-cam:|$out|imports|python|NVIDIA|name|cpu cores)" "$log"

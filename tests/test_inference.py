@@ -65,7 +65,8 @@ def test_default_streams():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert default_streams(cpu, None) == usable_cores()
     assert default_streams(cpu, 2) == max(1, usable_cores() // 2)
-    assert default_streams(cuda, None) == 1
+    assert default_streams(cuda, None) == 2
+    assert default_streams(torch.device("mps"), None) == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

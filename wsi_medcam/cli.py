@@ -133,7 +133,7 @@ def run(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (per model stream)")] = None,
-    streams: Annotated[Optional[int], typer.Option(help="batches in the models at once (default: on a CPU one per core, on CUDA 1; each more on CUDA has its own CUDA stream)")] = None,
+    streams: Annotated[Optional[int], typer.Option(help="batches in the models at once (default: on a CPU one per core, on CUDA 2, each on its own CUDA stream)")] = None,
     mask_mpp: Annotated[Optional[float], typer.Option(help="µm/px of the evidence store's level 0 (default: the slide's)")] = None,
     stitchers: Annotated[Optional[int], typer.Option(help="stitching processes (default: half the cores on CUDA; 0 on CPU: stitch in the model process)")] = None,
     explainer: Annotated[Optional[str], typer.Option(help="medcam (needs --segmenter), gradcam, gradcam++, hirescam, layercam, scorecam")] = None,

@@ -79,7 +79,7 @@ class InferenceConfig(_Frozen):
     threads: int | None = Field(None, ge=1, description="torch CPU threads (per stream when streams > 1); None: torch's "
                                 "default, or 1 per stream")
     streams: int | None = Field(None, ge=1, le=256, description="batches in the models at once; None: on a CPU one per "
-                                "`threads` cores (one per core by default), on CUDA 1 (each more has its own CUDA stream); "
+                                "`threads` cores (one per core by default), on CUDA 2 (each on its own CUDA stream); "
                                 "always 1 with Grad-CAM explainers")
     explainer: Literal["medcam", "gradcam", "gradcam++", "hirescam", "layercam", "scorecam"] = "medcam"
     cam_area: float = Field(0.1, gt=0, le=1, description="Grad-CAM explainers: fraction of each tile kept as hard "
