@@ -725,7 +725,10 @@ def _repeats(index: np.ndarray) -> int:
 
 
 def _nearest(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """``image[rows][:, cols]`` for a uint8 ``image``: a nearest-neighbour resampling."""
+    """``image[rows][:, cols]`` for a uint8 ``image``: a nearest-neighbour resampling (a view where
+    both are plain ranges, as for tiles at the slide's own µm/px: the gather was ~9 % of stitching)."""
+    if _is_range(rows) and _is_range(cols):
+        return image[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     out = image.take(rows, 0)  # whole rows: cheap
     k = _repeats(cols)
     if k in _SPREAD and len(cols) == k * image.shape[1]:
@@ -735,6 +738,11 @@ def _nearest(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarra
         dtype, spread = _SPREAD[k]
         return (out.astype(dtype) * spread).view(np.uint8)
     return out.take(cols, 1)
+
+
+def _is_range(index: np.ndarray) -> bool:
+    """Whether ``index`` is ``arange(a, a + n)``."""
+    return int(index[-1]) - int(index[0]) == len(index) - 1 and np.array_equal(index, np.arange(index[0], index[0] + len(index)))
 
 
 _SPREAD = {k: (np.dtype(f"u{k}"), np.array(int("01" * k, 16), f"u{k}")) for k in (2, 4, 8)}
