@@ -9,8 +9,9 @@
 # 0. tests/test_inference.py (model streams on CUDA give the results of one batch at a time), beside
 # 1. a MID² slide at 0.5 µm/px (default 32768: ~10k tissue tiles at 224 px); then a resnet18
 #    classifier and a Med-CAM U-Net/resnet18 trained STEPS steps on the device (masks with Med-CAM's
-#    structure, not speckle; the log has its seconds per step), while a BIG² slide (BIG=100000:
-#    ~100k tiles, over 200 s to write on a 16-core H200 machine; default 0: none) is written beside;
+#    structure, not speckle; the log has its seconds per step), while a BIG² slide (default 100000:
+#    ~100k tiles; BIG=0: none) is written beside (make_slide.py: 32768² took 33 s on the H200
+#    machine before each distinct tile was encoded once, 10.7 s after on a 2-core VM);
 # 2. benchmarks/throughput.py on the MID slide at batch 256 with one model stream (and the models-
 #    stubbed ceiling with CEILING=yes), py-spy sampling all its processes for 45 s from DELAY s in
 #    (start-up and inference), then with two streams (each with its own CUDA stream, so the next
@@ -22,7 +23,7 @@ set -uo pipefail
 out=${1:-${OUT:-gpu-bench}}
 mkdir -p "$out"
 log="$out/log.txt"
-device=${DEVICE:-cuda} mid=${MID:-32768} big=${BIG:-0} steps=${STEPS:-150} delay=${DELAY:-14} repeats=${REPEATS:-2}
+device=${DEVICE:-cuda} mid=${MID:-32768} big=${BIG:-100000} steps=${STEPS:-150} delay=${DELAY:-14} repeats=${REPEATS:-2}
 deadline=$((SECONDS + ${LIMIT:-540}))
 site=/tmp/site work=/tmp/wsi-medcam-gpu
 rm -f "$work/big.tif"

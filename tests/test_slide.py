@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tifffile
 
 from conftest import CMU, SLIDES, needs_data, write_pyramid
 from wsi_medcam.errors import MissingMetadataError, ResolutionError, SlideOpenError
@@ -151,3 +152,28 @@ def test_thumbnail_is_read_in_blocks_and_matches_a_plain_resize(cmu_pixels):
     assert abs(thumb.shape[1] - w * 0.499 / 8) <= 1
     plain = np.asarray(Image.fromarray(cmu_pixels).resize((thumb.shape[1], thumb.shape[0]), Image.Resampling.BOX))
     assert np.abs(thumb.astype(int) - plain.astype(int)).mean() < 4
+
+
+def test_pyramid_writer_shortcuts_write_the_same_slide(tmp_path, cmu_pixels):
+    """make_slide.py's shortcuts (each distinct tile encoded once; upper levels from a reader of its
+    own instead of level 0 BOX-reduced again) change no byte of the slide, for the same pixels."""
+    from wsi_medcam import slide_writer
+
+    level0 = np.tile(cmu_pixels[:512, :512], (3, 2, 1))  # 1536 × 1024, every 256² tile repeated
+    read = slide_writer.array_reader(level0)
+    levels = {f: slide_writer.box_reduced(read, f)(0, 0, 1024 // f, 1536 // f) for f in (2, 4)}
+    calls = []
+
+    def reduced(f):
+        calls.append(f)
+        return slide_writer.array_reader(levels[f])
+
+    plain = slide_writer.write_pyramid(tmp_path / "plain.svs", read, 1024, 1536, mpp=0.25, levels=3)
+    fast = slide_writer.write_pyramid(tmp_path / "fast.svs", read, 1024, 1536, mpp=0.25, levels=3, reduced=reduced, repeats=True)
+    assert sorted(set(calls)) == [2, 4]
+    with tifffile.TiffFile(plain) as a, tifffile.TiffFile(fast) as b:
+        assert len(a.pages) == len(b.pages) == 4
+        for pa, pb in zip(a.pages, b.pages):
+            assert pa.shape == pb.shape and np.array_equal(pa.asarray(), pb.asarray())
+    with open_slide(fast) as slide:
+        assert len(slide.level_dimensions) == 3 and "thumbnail" in slide.associated_images
