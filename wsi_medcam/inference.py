@@ -3,7 +3,8 @@
 One process owns the models. Tiles arrive as uint8 and are normalised on the device (less to copy
 than float32), in channels-last layout, under bf16 autocast where the hardware supports it. On a
 CPU, several batches run at once (*streams*), each on one core, rather than one batch spread over
-all cores (see :func:`default_streams`).
+all cores; on CUDA two, each on its own CUDA stream, so the GPU is not left waiting between batches
+(see :func:`default_streams`).
 """
 
 from __future__ import annotations
