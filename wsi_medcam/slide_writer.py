@@ -133,19 +133,22 @@ def write_pyramid(
     extra = dict(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER") if mpp else {}
     common = dict(photometric="rgb", compression="jpeg", dtype=np.uint8, metadata=None, **extra)
     _accept_encoded_jpeg()
-    level_read = reduced or (lambda factor: box_reduced(read, factor))
+
+    def level_read(factor: int) -> TileFn:  # the reader of the level ``factor``× smaller, in its own px
+        return read if factor == 1 else reduced(factor) if reduced else box_reduced(read, factor)
+
     seen: dict[bytes, bytes] | None = {} if repeats else None
     threads = min(16, usable_cores())
     with tifffile.TiffWriter(path, bigtiff=width * height > 2**31) as tif, ThreadPoolExecutor(threads) as pool:
         for level in range(levels):
             factor = 2**level
             lw, lh = max(1, width // factor), max(1, height // factor)
-            tif.write(_encoded_level(pool, 4 * threads, read if level == 0 else level_read(factor), lw, lh, tile, quality, seen),
+            tif.write(_encoded_level(pool, 4 * threads, level_read(factor), lw, lh, tile, quality, seen),
                       shape=(lh, lw, 3), tile=(tile, tile), description=desc if aperio or level == 0 else None,
                       subfiletype=0 if level == 0 else 1, **common)
             if level == 0 and aperio:
                 top = 2 ** (levels - 1)  # from the smallest level: a few more of its pixels, not all of level 0's
-                thumb = _thumbnail(read if top == 1 else level_read(top), max(1, width // top), max(1, height // top),
+                thumb = _thumbnail(level_read(top), max(1, width // top), max(1, height // top),
                                    max(1, max(width, height) // 512 // top))
                 tif.write(iter([_jpeg(thumb, quality)]), shape=thumb.shape, rowsperstrip=thumb.shape[0],
                           description=desc, **common)
