@@ -29,8 +29,8 @@ from wsi_medcam.stitching import EvidenceStitcher
 
 def stitch_once(grid, store_args: dict, outputs: tuple[np.ndarray, np.ndarray], batch: int, stitchers: int,
                 strip_px: int) -> dict[str, float]:  # noqa: ANN001
-    """Replay ``outputs`` (probabilities, masks) for every tile into a new store; the figures."""
-    probs, soft = outputs
+    """Replay ``outputs`` (probabilities, evidence levels) for every tile into a new store; the figures."""
+    probs, evidence = outputs
     with tempfile.TemporaryDirectory() as tmp:
         start, cpu = time.perf_counter(), time.process_time()
         store = EvidenceStore(Path(tmp) / "evidence.ome.zarr", **store_args)
@@ -42,7 +42,7 @@ def stitch_once(grid, store_args: dict, outputs: tuple[np.ndarray, np.ndarray], 
                 indices = order[first : first + batch]
                 k = np.arange(len(indices)) % len(probs)
                 preds = probs[k].argmax(1)
-                stitcher.add_batch(indices, soft[k], preds, probs[k, preds])
+                stitcher.add_batch(indices, evidence[k], preds, probs[k, preds])
             stitcher.finish()
         finally:
             stitcher.close()
@@ -95,7 +95,7 @@ def main() -> None:
         ref, slide_mpp, (width, height) = SlideRef.of(slide), slide.mpp.mean, slide.dimensions
     dataset = TileDataset(ref, grid)
     sample = torch.stack([dataset[k][0] for k in range(min(len(grid), 64))])
-    probs, soft, _ = models.predictor.predict(sample)
+    probs, evidence, _ = models.predictor.predict(sample)
     ccfg = models.classifier.config
     store_args = {"shape": (height, width), "mpp": slide_mpp, "chunk": cfg.output.chunk_size,
                   "min_size": cfg.output.min_pyramid_size, "class_names": list(ccfg.class_names),
@@ -103,7 +103,7 @@ def main() -> None:
     runs: dict[int, list[dict[str, float]]] = {s: [] for s in args.stitchers}
     for _ in range(args.repeats):  # alternating, so a drifting machine load hits every setting
         for s in args.stitchers:
-            runs[s].append(stitch_once(grid, store_args, (probs, soft), batch, s, args.strip_px))
+            runs[s].append(stitch_once(grid, store_args, (probs, evidence), batch, s, args.strip_px))
     figures = {s: {k: float(np.median([r[k] for r in rs])) for k in rs[0]} for s, rs in runs.items()}
     base = figures.get(0)
     if args.json:

@@ -89,13 +89,13 @@ def first_batch_outputs(predictor: Predictor) -> Iterator[dict[str, Outputs]]:
 def measure_ceiling(slide: Path, cfg: RunConfig, models, outputs: Outputs) -> dict[str, float]:  # noqa: ANN001
     """Tiles/s of the pipeline when each batch costs nothing on the models: the predictor replays
     ``outputs`` (real ones, so masks and polygons are realistic), tiled to each batch's length."""
-    probs, soft, kept = outputs
+    probs, evidence, kept = outputs
     real_predict = models.predictor.predict
 
     def stub(batch: torch.Tensor):  # noqa: ANN202
         n = len(batch)
         reps = -(-n // len(probs))
-        return (np.tile(probs, (reps, 1))[:n], None if soft is None else np.tile(soft, (reps, 1, 1))[:n],
+        return (np.tile(probs, (reps, 1))[:n], None if evidence is None else np.tile(evidence, (reps, 1, 1))[:n],
                 {f: np.tile(v, reps)[:n] for f, v in kept.items()})
 
     models.predictor.predict = stub

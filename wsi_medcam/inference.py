@@ -22,6 +22,7 @@ from .bundles import Bundle
 from .config import InferenceConfig
 from .cpus import usable_cores
 from .errors import ConfigError
+from .levels import quantise
 from .medcam.fills import compose, make_fill
 
 
@@ -104,7 +105,7 @@ def default_streams(device: torch.device, threads: int | None) -> int:
 
 
 Outputs = tuple[np.ndarray, "np.ndarray | None", dict[str, np.ndarray]]
-"""A batch's (probabilities, evidence or None, kept per fill), as :meth:`Predictor.predict` returns them."""
+"""A batch's (probabilities, evidence levels or None, kept per fill), as :meth:`Predictor.predict` returns them."""
 
 
 @dataclass(frozen=True)
@@ -113,13 +114,14 @@ class BatchResult:
 
     indices : tile indices into the grid.
     probs : (B, classes) softmax probabilities.
-    soft : (B, H, W) evidence in [0, 1] at tile resolution (segmenter or CAM heatmap), or None.
+    evidence : (B, H, W) uint8 soft evidence at tile resolution (segmenter or CAM heatmap) as levels
+        ``round(255 · soft)`` (:mod:`wsi_medcam.levels`), or None.
     kept : per certification fill, (B,) bool: does the hard evidence alone keep the prediction.
     """
 
     indices: np.ndarray
     probs: np.ndarray
-    soft: np.ndarray | None
+    evidence: np.ndarray | None
     kept: dict[str, np.ndarray]
 
 
@@ -169,7 +171,9 @@ class Predictor:
         return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=not self._cuda_streams)
 
     def predict(self, tiles_uint8: torch.Tensor) -> Outputs:
-        """(probabilities (B, C), evidence (B, H, W) or None, kept per fill) for uint8 tiles (B, 3, H, W)."""
+        """(probabilities (B, C), evidence levels (B, H, W) uint8 or None, kept per fill) for uint8
+        tiles (B, 3, H, W). The evidence is rounded to its levels here, on the device: a quarter of
+        float32's bytes to copy back and to hand to the stitchers."""
         with torch.no_grad():
             x = tiles_uint8.to(self.device, non_blocking=True).float()
             x_cls = ((x - self._mean) / self._std).contiguous(memory_format=self.memory_format)
@@ -193,7 +197,7 @@ class Predictor:
                 for fill in self.certify_fills:
                     b = make_fill(fill, x_cls.float(), mean=self.mean, std=self.std, generator=gen)
                     kept[fill] = (self.classifier(compose(x_cls, hard, b)).argmax(1) == pred).cpu().numpy()
-        return probs.cpu().numpy(), None if soft is None else soft.float().cpu().numpy(), kept
+        return probs.cpu().numpy(), None if soft is None else quantise(soft).cpu().numpy(), kept
 
     def _predict_on(self, stream: int, tiles_uint8: torch.Tensor) -> Outputs:
         """:meth:`predict` on the ``stream``-th CUDA stream (on other devices, plain :meth:`predict`)."""

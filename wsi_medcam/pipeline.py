@@ -38,6 +38,7 @@ from .export.overview import class_heatmap, shrink_for_overview, write_overview
 from .export.tiles import TileRecord, TileWriter
 from .heap import release_freed_memory
 from .inference import BatchResult, Predictor, default_batch_size, default_workers
+from .levels import HARD
 from .slide import MppOverrides, SlideRef, open_slide, read_mpp_csvs
 from .stitch_processes import StitchingProcesses, default_stitchers, start_server
 from .stitching import EvidenceStitcher
@@ -237,10 +238,10 @@ def process_slide(
             nonlocal done
             preds = result.probs.argmax(1)
             fractions = None
-            if result.soft is not None and stitcher is not None:
-                stitcher.add_batch(result.indices, result.soft, preds, result.probs[np.arange(len(preds)), preds])
+            if result.evidence is not None and stitcher is not None:
+                stitcher.add_batch(result.indices, result.evidence, preds, result.probs[np.arange(len(preds)), preds])
                 # the hard evidence's share of each tile (count_nonzero: 8 ms a batch of 256, mean: 19)
-                fractions = [np.count_nonzero(mask > 0.5) / mask.size for mask in result.soft]
+                fractions = [np.count_nonzero(mask >= HARD) / mask.size for mask in result.evidence]
             for k, i in enumerate(result.indices):
                 probs = result.probs[k]
                 pred = int(preds[k])

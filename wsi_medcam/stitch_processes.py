@@ -6,7 +6,7 @@ which caps a GPU run at a few hundred tiles/s whatever the GPU does. Here ``coun
 stitch every ``count``-th strip
 (:class:`~wsi_medcam.stitching.EvidenceStitcher` with ``shard``): tiles come ``count`` strips at a
 time, row-major across them (:meth:`EvidenceStitcher.order`), so every process has work at once,
-and the model process only sends each batch's masks, raw over a socket, to the processes whose
+and the model process only sends each batch's masks (uint8 levels), raw over a socket, to the processes whose
 strips they reach: 0.2-0.3 CPU ms per tile left in it (``benchmarks/stitching.py``, 2-core VM).
 
 Each process writes its strips' level-0 chunks into the shared store and builds the pyramid levels
@@ -38,6 +38,7 @@ import shapely
 from .cpus import usable_cores
 from .errors import OutputError
 from .export.ome_zarr import EvidenceStore
+from .levels import quantise
 from .stitching import EvidenceStitcher
 from .tiling import TileGrid
 
@@ -123,10 +124,10 @@ class StitchingProcesses(EvidenceStitcher):
         self._done: dict[int, tuple[int, set[tuple[int, int]], np.ndarray, np.ndarray, float]] = {}
         self.processes_cpu_s = 0.0  # CPU time the stitching processes used, s (known after finish)
 
-    def add(self, i: int, soft: np.ndarray, class_index: int, confidence: float) -> None:
-        self.add_batch(np.array([i]), soft[None], np.array([class_index]), np.array([confidence]))
+    def add(self, i: int, mask: np.ndarray, class_index: int, confidence: float) -> None:
+        self.add_batch(np.array([i]), mask[None], np.array([class_index]), np.array([confidence]))
 
-    def add_batch(self, indices: np.ndarray, soft: np.ndarray, classes: np.ndarray, confidences: np.ndarray) -> None:
+    def add_batch(self, indices: np.ndarray, masks: np.ndarray, classes: np.ndarray, confidences: np.ndarray) -> None:
         """Send each tile (in :meth:`order`) to the process of its strip, and to those of the strips
         it reaches into; one message per process."""
         count = self.shard[1]
@@ -137,10 +138,10 @@ class StitchingProcesses(EvidenceStitcher):
             for t in strips if count > 1 else strips[:1]:  # one process carries into its own next strip
                 picks[t % count].append(k)
                 targets[t % count].append(-1 if t == strips[0] else t)
-        soft = np.ascontiguousarray(soft, np.float32)
+        levels = np.ascontiguousarray(masks if masks.dtype == np.uint8 else quantise(masks))
         for p, ks in enumerate(picks):
             if ks:
-                self._send(p, (indices[ks], [soft[k] for k in ks], classes[ks], confidences[ks], np.array(targets[p])))
+                self._send(p, (indices[ks], [levels[k] for k in ks], classes[ks], confidences[ks], np.array(targets[p])))
 
     def _send(self, p: int, message: Any) -> None:
         while True:
@@ -204,8 +205,9 @@ _HEAD = struct.Struct("<Q")  # bytes of a message's pickled part; 0 ends the str
 class _Inbox:
     """Messages to one stitching process over a socket, written by a thread of ours, so the models
     do not wait on one busy process while the others idle; at most ``depth`` wait. Masks go as raw
-    float32 straight from the batch's array (no pickling, no copy in this process: 0.4 CPU ms per
-    tile less here than through a multiprocessing.Queue, and 0.3 less in the stitching process)."""
+    uint8 straight from the batch's array (no pickling, no copy in this process: as float32, 0.4
+    CPU ms per tile less here than through a multiprocessing.Queue, and 0.3 less in the stitching
+    process)."""
 
     def __init__(self, sock: socket.socket, depth: int, name: str):
         self._sock = sock
@@ -224,7 +226,7 @@ class _Inbox:
                 indices, masks, classes, confidences, targets = message
                 head = pickle.dumps((indices, classes, confidences, targets, masks[0].shape), protocol=5)
                 self._sock.sendall(_HEAD.pack(len(head)) + head)
-                for mask in masks:  # contiguous float32 views of the batch
+                for mask in masks:  # contiguous uint8 views of the batch
                     self._sock.sendall(mask)
             self._sock.sendall(_HEAD.pack(0))
         except OSError:  # the process is gone; _check() says why
@@ -246,7 +248,7 @@ def _receive(sock: socket.socket) -> tuple[Any, ...] | None:
     if not size:
         return None
     indices, classes, confidences, targets, shape = pickle.loads(_read(sock, size))
-    masks = np.empty((len(indices), *shape), np.float32)
+    masks = np.empty((len(indices), *shape), np.uint8)
     _read(sock, size=masks.nbytes, into=memoryview(masks).cast("B"))
     return indices, masks, classes, confidences, targets
 
@@ -273,8 +275,8 @@ def _stitch_part(spec: dict[str, Any], grid: TileGrid, shard: tuple[int, int], o
                                     strip_px=options["strip_px"], threads=1, tracers=0, shard=shard, spool_path=spool)
         try:
             while (message := _receive(inbox)) is not None:
-                indices, soft, classes, confidences, targets = message
-                for i, mask, c, conf, t in zip(indices.tolist(), soft, classes.tolist(), confidences.tolist(),
+                indices, masks, classes, confidences, targets = message
+                for i, mask, c, conf, t in zip(indices.tolist(), masks, classes.tolist(), confidences.tolist(),
                                                targets.tolist()):
                     if t < 0:
                         stitcher.add(i, mask, c, conf)

@@ -1,12 +1,13 @@
 """Streaming per-tile evidence into slide-level masks, chunk by chunk, in bounded memory.
 
 The output is cut into vertical *strips* a few chunks wide, and tiles arrive strip by strip, top to
-bottom within a strip (:meth:`EvidenceStitcher.order`). Their soft masks are accumulated on the
-*tile canvas* (px at the tile resolution) in sparse square blocks; where tiles overlap, evidence is
-averaged and the label comes from the most confident tile. As soon as no later tile can touch a
+bottom within a strip (:meth:`EvidenceStitcher.order`). Their soft masks, as uint8 levels
+(:mod:`wsi_medcam.levels`), are accumulated on the *tile canvas* (px at the tile resolution) in
+sparse square blocks; where tiles overlap, evidence is averaged and the label comes from the most
+confident tile (without overlap, the default, a block is just the tiles' levels and labels). As soon as no later tile can touch a
 band of the strip's rows, the output chunks covering it are resampled (nearest) to the output
 resolution and handed to the writer, the band is traced into evidence polygons, and its blocks are
-freed. The part of a tile reaching into the next strip is kept (float32) until that strip. Memory
+freed. The part of a tile reaching into the next strip is kept (uint8) until that strip. Memory
 therefore depends on the strip's width (and, for those carried parts, on the slide's height in
 tiles), never on the slide's width or area, and no level-0 canvas exists.
 
@@ -46,6 +47,7 @@ from shapely.ops import unary_union
 
 from .cpus import may_start_processes, usable_cores
 from .heap import release_freed_memory
+from .levels import HARD, quantise
 from .tiling import TileGrid
 
 
@@ -69,19 +71,33 @@ class ChunkWriter(Protocol):
 
 @dataclass
 class _Block:
-    total: np.ndarray  # summed soft evidence
-    weight: np.ndarray  # number of tiles that covered each pixel
+    """A square of the canvas. Without overlap every px has at most one tile: ``total`` is its
+    evidence levels (uint8), ``label`` its class, and there is no ``weight`` or ``score``."""
+
+    total: np.ndarray  # summed evidence levels (uint8 without overlap, else wide enough for the sum)
     label: np.ndarray  # class index + 1 of the most confident covering tile
-    score: np.ndarray  # that tile's confidence as 1 + round(confidence · 65534); 0: no tile yet
+    weight: np.ndarray | None  # number of tiles that covered each pixel
+    score: np.ndarray | None  # that tile's confidence as 1 + round(confidence · 65534); 0: no tile yet
 
     @classmethod
-    def empty(cls, size: int) -> "_Block":
+    def empty(cls, size: int, total: np.dtype | None) -> "_Block":
+        """``total``: the dtype of summed levels where tiles overlap; None without overlap."""
+        if total is None:
+            return cls(np.zeros((size, size), np.uint8), np.zeros((size, size), np.uint8), None, None)
         return cls(
-            np.zeros((size, size), np.float32),
-            np.zeros((size, size), np.uint16),
+            np.zeros((size, size), total),
             np.zeros((size, size), np.uint8),
+            np.zeros((size, size), np.uint16),
             np.zeros((size, size), np.uint16),  # integer compares: float16 ones are emulated, 3× slower
         )
+
+    def evidence(self, src: tuple[slice, slice]) -> np.ndarray:
+        """Evidence levels over ``src``: the mean of the covering tiles' levels, rounded half up (0
+        where no tile is); a view without overlap."""
+        if self.weight is None:
+            return self.total[src]
+        weight = self.weight[src].astype(np.uint32)
+        return ((2 * self.total[src].astype(np.uint32) + weight) // np.maximum(2 * weight, 1)).astype(np.uint8)
 
 
 def _polygon_parts(geom: BaseGeometry) -> list[Polygon]:
@@ -312,24 +328,26 @@ class _Strip:
 
 @dataclass
 class _Piece:
-    """A tile's soft mask, or the part of it that reaches into a later strip, on the canvas."""
+    """A tile's evidence levels, or the part of them that reaches into a later strip, on the canvas."""
 
     x0: int
     y0: int
-    soft: np.ndarray
+    evidence: np.ndarray  # uint8
     label: int  # class index + 1
     score: int  # 1 + round(confidence · 65534)
     tile_x0: int  # canvas column of the tile it is cut from
 
     @classmethod
-    def of_tile(cls, x0: int, y0: int, soft: np.ndarray, class_index: int, confidence: float) -> "_Piece":
-        """A whole tile at canvas (``x0``, ``y0``), its class and confidence in the stitcher's terms."""
-        return cls(x0, y0, soft, class_index + 1, 1 + round(confidence * 65534), x0)
+    def of_tile(cls, x0: int, y0: int, mask: np.ndarray, class_index: int, confidence: float) -> "_Piece":
+        """A whole tile at canvas (``x0``, ``y0``), its class and confidence in the stitcher's terms;
+        ``mask``: uint8 evidence levels, or soft evidence in [0, 1] (rounded to levels here)."""
+        evidence = mask if mask.dtype == np.uint8 else quantise(mask)
+        return cls(x0, y0, evidence, class_index + 1, 1 + round(confidence * 65534), x0)
 
     def cut(self, x: int) -> "_Piece":
         """The part right of canvas column ``x`` (a copy: the batch it came with is not kept)."""
         cut = max(0, x - self.x0)
-        return _Piece(self.x0 + cut, self.y0, self.soft[:, cut:].copy(), self.label, self.score, self.tile_x0)
+        return _Piece(self.x0 + cut, self.y0, self.evidence[:, cut:].copy(), self.label, self.score, self.tile_x0)
 
     def key(self) -> tuple[int, int]:
         """The order in which one stitcher adds the pieces of a strip: row-major by tile."""
@@ -353,7 +371,8 @@ class EvidenceStitcher:
         pieces to merge across block borders; the width bounds the tracing memory).
     strip_px : strip width, canvas px, rounded down to a power-of-two number of output chunks (at
         least one), so the first pyramid levels complete within a strip. The accumulator holds
-        about 9 bytes per canvas px of one strip's width × (a chunk row + a tile) rows.
+        2 bytes (without overlap; else about 7) per canvas px of one strip's width × (a chunk row +
+        a tile) rows.
     shard : (index, count): stitch only strips ``index, index + count, …`` (one of ``count``
         stitching processes, :mod:`wsi_medcam.stitch_processes`); polygons touching the other
         strips are held for merging, and parts of tiles reaching into them are left to their owner.
@@ -367,6 +386,9 @@ class EvidenceStitcher:
         self.writer = writer
         self.block = block
         self.trace_blocks = trace_blocks
+        # summed levels: none without overlap (a px has one tile), else wide enough for every tile over a px
+        cover = math.ceil(grid.tile_size / grid.stride) ** 2
+        self._total = None if grid.stride >= grid.tile_size else np.dtype(np.uint16 if 255 * cover <= 0xFFFF else np.uint32)
         cores = usable_cores()
         self._pool = ThreadPoolExecutor(threads or max(1, cores // 4), thread_name_prefix="wsi-medcam-chunks")
         self._pyramid = ThreadPoolExecutor(1, thread_name_prefix="wsi-medcam-pyramid")  # rows in order
@@ -426,8 +448,9 @@ class EvidenceStitcher:
         return np.searchsorted(self._acc_ends, x0, side="right")
 
     # -- accumulation ---------------------------------------------------------------------------
-    def add(self, i: int, soft: np.ndarray, class_index: int, confidence: float) -> None:
-        """Add tile ``i``'s soft mask (tile_size² in [0, 1]); tiles must come in :meth:`order`."""
+    def add(self, i: int, mask: np.ndarray, class_index: int, confidence: float) -> None:
+        """Add tile ``i``'s evidence (tile_size², uint8 levels, or floats in [0, 1]); tiles must
+        come in :meth:`order`."""
         x0, y0 = self.grid.xy_canvas(i)
         home = int(self._home(x0))
         if home < self._strip or (home == self._strip and y0 < self._last_row) or home % self.shard[1] != self.shard[0]:
@@ -438,21 +461,21 @@ class EvidenceStitcher:
         self._last_row = y0
         while self._carried and self._carried[0][0][0] <= y0:  # row-major: the carried part came first
             self._place(heapq.heappop(self._carried)[1])
-        self._place(_Piece.of_tile(x0, y0, soft, class_index, confidence))
+        self._place(_Piece.of_tile(x0, y0, mask, class_index, confidence))
 
-    def add_batch(self, indices: np.ndarray, soft: np.ndarray, classes: np.ndarray, confidences: np.ndarray) -> None:
-        """:meth:`add` for each tile of a batch: ``soft`` (B, tile_size, tile_size), ``classes`` and
+    def add_batch(self, indices: np.ndarray, masks: np.ndarray, classes: np.ndarray, confidences: np.ndarray) -> None:
+        """:meth:`add` for each tile of a batch: ``masks`` (B, tile_size, tile_size), ``classes`` and
         ``confidences`` (B,)."""
-        for i, mask, c, conf in zip(indices.tolist(), soft, classes.tolist(), confidences.tolist()):
+        for i, mask, c, conf in zip(indices.tolist(), masks, classes.tolist(), confidences.tolist()):
             self.add(i, mask, c, conf)
 
-    def add_carried(self, i: int, soft: np.ndarray, class_index: int, confidence: float, target: int) -> None:
+    def add_carried(self, i: int, mask: np.ndarray, class_index: int, confidence: float, target: int) -> None:
         """Take the part of tile ``i`` reaching into strip ``target`` (ours), after the strip another
         stitcher adds the tile to (one of ``count``); in :meth:`order`, like :meth:`add`."""
         x0, y0 = self.grid.xy_canvas(i)
         if not self._home(x0) < target < len(self._strips) or target < self._strip or target % self.shard[1] != self.shard[0]:
             raise ValueError(f"tile {i} came out of order: tiles must come in EvidenceStitcher.order()")
-        self._carry(target, _Piece.of_tile(x0, y0, soft, class_index, confidence).cut(self._strips[target].start))
+        self._carry(target, _Piece.of_tile(x0, y0, mask, class_index, confidence).cut(self._strips[target].start))
 
     def _carry(self, strip: int, piece: _Piece) -> None:
         """Keep ``piece`` for ``strip`` (the current one or a later one), in :meth:`_Piece.key` order:
@@ -463,8 +486,8 @@ class EvidenceStitcher:
         """Accumulate ``piece`` within the current strip; keep what reaches into the next one."""
         self._flush(before_canvas_row=piece.y0)
         strip = self._strips[self._strip]
-        x0, y0, soft = piece.x0, piece.y0, piece.soft
-        h, w = soft.shape
+        x0, y0, evidence = piece.x0, piece.y0, piece.evidence
+        h, w = evidence.shape
         nxt = self._strip + 1
         if nxt < len(self._strips) and nxt % self.shard[1] == self.shard[0] and x0 + w > self._strips[nxt].start:
             self._carry(nxt, piece.cut(self._strips[nxt].start))  # the part reaching into the next strip, if ours
@@ -474,11 +497,15 @@ class EvidenceStitcher:
             for bx in range(xs // b, (xe - 1) // b + 1) if xs < xe else ():
                 blk = self._blocks.get((by, bx))
                 if blk is None:
-                    blk = self._blocks[(by, bx)] = _Block.empty(b)
+                    blk = self._blocks[(by, bx)] = _Block.empty(b, self._total)
                 ys, ye = max(y0, by * b), min(y0 + h, (by + 1) * b)
                 cs, ce = max(xs, bx * b), min(xe, (bx + 1) * b)
                 dst = (slice(ys - by * b, ye - by * b), slice(cs - bx * b, ce - bx * b))
-                src = soft[ys - y0 : ye - y0, cs - x0 : ce - x0]
+                src = evidence[ys - y0 : ye - y0, cs - x0 : ce - x0]
+                if blk.weight is None:  # no overlap: these px have no other tile
+                    blk.total[dst] = src
+                    blk.label[dst] = piece.label
+                    continue
                 blk.total[dst] += src
                 blk.weight[dst] += 1
                 # label := piece.label where the piece is more confident, as uint8 arithmetic that
@@ -524,11 +551,13 @@ class EvidenceStitcher:
         if self._tracers is not None:
             self._tracers.shutdown(wait=True, cancel_futures=True)
 
-    def replace(self, i: int, soft: np.ndarray, class_index: int) -> None:
-        """After :meth:`finish`: overwrite tile ``i``'s footprint with a new soft mask (e.g. refined
-        per image), in the written level 0 and in the polygons. Overlap averaging is not redone."""
+    def replace(self, i: int, mask: np.ndarray, class_index: int) -> None:
+        """After :meth:`finish`: overwrite tile ``i``'s footprint with new evidence (e.g. refined
+        per image; as :meth:`add` takes it), in the written level 0 and in the polygons. Overlap
+        averaging is not redone."""
         x0, y0 = self.grid.xy_canvas(i)
-        size = soft.shape[0]
+        evidence = mask if mask.dtype == np.uint8 else quantise(mask)
+        size = evidence.shape[0]
         out_h, out_w = self.writer.shape
 
         def span(start: int, f: float, limit: int) -> np.ndarray:
@@ -540,21 +569,20 @@ class EvidenceStitcher:
         if len(ys) and len(xs):
             rows = np.floor((ys + 0.5) * self._fy).astype(np.int64) - y0
             cols = np.floor((xs + 0.5) * self._fx).astype(np.int64) - x0
-            tile = soft[np.ix_(rows, cols)]
-            self.writer.patch(int(ys[0]), int(xs[0]), np.rint(tile * 255).astype(np.uint8),
-                              np.where(tile >= 0.5, class_index + 1, 0).astype(np.uint8))
+            tile = evidence[np.ix_(rows, cols)]
+            self.writer.patch(int(ys[0]), int(xs[0]), tile, np.where(tile >= HARD, class_index + 1, 0).astype(np.uint8))
         ds = self.grid.downsample
-        polys = [poly for _, poly, _ in _trace((soft >= 0.5).astype(np.uint8), x0, y0, ds)]
+        polys = [poly for _, poly, _ in _trace((evidence >= HARD).astype(np.uint8), x0, y0, ds)]
         self.polygons.replace_region(box(x0 * ds, y0 * ds, (x0 + size) * ds, (y0 + size) * ds), class_index, polys)
 
     # -- reading the accumulator ----------------------------------------------------------------
-    def _canvas(self, y0: int, y1: int, x0: int, x1: int,
-                blocks: dict[tuple[int, int], _Block] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Mean soft evidence and hard labels on canvas rows [y0, y1) × cols [x0, x1), from
-        ``blocks`` (default: the live accumulator)."""
+    def _canvas(self, y0: int, y1: int, x0: int, x1: int, blocks: dict[tuple[int, int], _Block] | None = None, *,
+                evidence: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+        """Evidence levels (None unless ``evidence``) and hard labels on canvas rows [y0, y1) ×
+        cols [x0, x1), from ``blocks`` (default: the live accumulator)."""
         b = self.block
         blocks = self._blocks if blocks is None else blocks
-        soft = np.zeros((y1 - y0, x1 - x0), np.float32)
+        levels = np.zeros((y1 - y0, x1 - x0), np.uint8) if evidence else None
         label = np.zeros((y1 - y0, x1 - x0), np.uint8)
         for by in range(y0 // b, (y1 - 1) // b + 1):
             for bx in range(x0 // b, (x1 - 1) // b + 1):
@@ -565,14 +593,11 @@ class EvidenceStitcher:
                 xs, xe = max(x0, bx * b), min(x1, (bx + 1) * b)
                 src = (slice(ys - by * b, ye - by * b), slice(xs - bx * b, xe - bx * b))
                 dst = (slice(ys - y0, ye - y0), slice(xs - x0, xe - x0))
-                mean = soft[dst]
-                weight = blk.weight[src]
-                if weight.max() > 1:  # a pixel no tile covered has total 0: dividing by 1 leaves it 0
-                    np.divide(blk.total[src], np.maximum(weight, 1), out=mean)
-                else:  # no overlap here (the default grid): the mean is the sum
-                    np.copyto(mean, blk.total[src])
-                np.multiply(blk.label[src], mean >= 0.5, out=label[dst])  # not a masked copy: see _place
-        return soft, label
+                mean = blk.evidence(src)
+                if levels is not None:
+                    levels[dst] = mean
+                np.multiply(blk.label[src], mean >= HARD, out=label[dst])  # not a masked copy: see _place
+        return levels, label
 
     # -- flushing -------------------------------------------------------------------------------
     def _flush(self, before_canvas_row: float) -> None:
@@ -642,9 +667,7 @@ class EvidenceStitcher:
     def _write_chunk(self, blocks: dict[tuple[int, int], _Block], rows: np.ndarray, cols: np.ndarray,
                      y0: int, x0: int) -> bool:
         """Resample one output chunk from the canvas (nearest) and write it; False if it is empty."""
-        soft, label = self._canvas(rows[0], rows[-1] + 1, cols[0], cols[-1] + 1, blocks)
-        soft *= 255  # quantise on the canvas, then resample
-        evidence = np.rint(soft, out=soft).astype(np.uint8)
+        evidence, label = self._canvas(rows[0], rows[-1] + 1, cols[0], cols[-1] + 1, blocks)
         if not evidence.any():
             return False
         r, c = rows - rows[0], cols - cols[0]
@@ -675,7 +698,7 @@ class EvidenceStitcher:
             x0, x1 = max(start * b, strip.start), min(stop * b, strip.trace1)
             if x0 >= x1:
                 continue
-            _, label = self._canvas(block_row * b, (block_row + 1) * b, x0, x1)
+            _, label = self._canvas(block_row * b, (block_row + 1) * b, x0, x1, evidence=False)
             if not label.any():
                 continue
             args = (label, x0, block_row * b, ds, open_left or (x0 == strip.start and not first),

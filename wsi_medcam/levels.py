@@ -1,0 +1,30 @@
+"""Soft evidence as 8-bit levels, the form in which it leaves the models.
+
+The evidence store keeps soft evidence as uint8 (0–255), so the models' float masks are rounded to
+those levels where they are made (on the GPU, beside the models) rather than by the stitchers: a
+tile's mask is then a quarter of the bytes to copy off the device, to send to a stitching process,
+to carry across a strip border and to accumulate, and a chunk needs no float-to-byte conversion.
+A pixel's evidence is *hard* (it is in the traced polygons and the label image) from level
+:data:`HARD`: ``round(255 · soft) >= 128`` exactly when ``soft >= 0.5``.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import numpy as np
+
+HARD = 128
+"""The first level of hard evidence (soft ≥ 0.5)."""
+
+Masks = TypeVar("Masks")  # a numpy array or a torch tensor
+
+
+def quantise(soft: Masks) -> Masks:
+    """``soft`` in [0, 1] (a numpy array or a torch tensor, on any device) as uint8 levels
+    ``round(255 · soft)`` (ties to even, as both libraries round)."""
+    if isinstance(soft, np.ndarray):
+        return np.rint(soft * 255).astype(np.uint8)
+    import torch  # a tensor came, so torch is loaded; modules that only stitch need not load it
+
+    return (soft * 255).round_().to(torch.uint8)
