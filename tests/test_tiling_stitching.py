@@ -142,6 +142,37 @@ def test_stitcher_matches_dense_reference(downsample, out_scale, overlap, tracer
         assert sum(k == c for k, _ in polygons) == regions, f"class {c}"
 
 
+@pytest.mark.parametrize("fill", [0.002, 0.05, 0.6])
+def test_tracing_only_the_lines_with_evidence_gives_the_polygons_of_the_whole_span(fill):
+    """Sparse evidence is traced on its rows and columns with one empty line per gap; the polygons
+    (holes, specks touching diagonally, regions on the span's edges) must be exactly those GDAL
+    traces on the whole span, at the span's offset and scale."""
+    import shapely
+    from rasterio import features
+    from shapely.geometry import shape
+    from shapely.affinity import affine_transform
+
+    rng = np.random.default_rng(7)
+    label = np.zeros((96, 700), np.uint8)
+    for _ in range(40):  # blobs of 3 classes, some with holes, some on the edges
+        y, x, r = rng.integers(0, 96), rng.integers(0, 700), rng.integers(1, 9)
+        yy, xx = np.ogrid[:96, :700]
+        d = (yy - y) ** 2 + (xx - x) ** 2
+        label[(d <= r * r) & (d >= (r // 2) ** 2 * (r > 5))] = rng.integers(1, 4)
+    label *= rng.random(label.shape) < fill / max(1e-9, (label > 0).mean()) if fill < 0.5 else 1
+    label[10, 3] = label[11, 4] = 2  # diagonal specks: two regions under 4-connectivity
+    x0, y0, scale = 1234, 567, 2.0
+    got = list(_trace(label, x0, y0, scale, open_left=False, open_right=True))
+    want = [(int(v), affine_transform(shape(g), [scale, 0, 0, scale, x0 * scale, y0 * scale]))
+            for g, v in features.shapes(label, mask=label > 0, connectivity=4)]
+    assert len(got) == len(want) > 2
+    key = lambda item: (item[0], *shapely.bounds(item[1]), item[1].area)  # noqa: E731
+    for (v, poly, on_border), (wv, wpoly) in zip(sorted(got, key=key), sorted(want, key=key)):
+        assert v == wv and poly.equals(wpoly) and poly.area == wpoly.area
+        bx0, by0, bx1, by1 = (np.array(wpoly.bounds) / scale) - [x0, y0, x0, y0]
+        assert on_border == (by0 <= 0 or by1 >= 96 or bx1 >= 700)
+
+
 def test_simplified_polygons_stay_valid_and_keep_every_speck():
     """Traced speckle (1-px specks and lines, blobs) simplified within 1 px (the pipeline uses half
     a canvas px): plain Douglas-Peucker empties the small ones, which must come back

@@ -123,22 +123,40 @@ def _trace(label: np.ndarray, x0: int, y0: int, scale: float, *, open_left: bool
     px per canvas px. A region may continue where it touches the top or bottom edge, and the left or
     right edge unless ``open_left`` / ``open_right`` says nothing lies beyond it."""
     h, w = label.shape
-    rows, cols = np.flatnonzero(label.any(1)), np.flatnonzero(label.any(0))
+    # polygonize only the lines (rows, columns) with evidence and one empty line per gap between
+    # them: GDAL's cost follows the array's area, evidence usually covers a small part of a span,
+    # and one empty line keeps regions apart as all of the gap did (every adjacency is kept, so
+    # the polygons are those of the whole span, their edges mapped back exactly)
+    rows, cols = _lines_to_trace(label.any(1)), _lines_to_trace(label.any(0))
     if not len(rows):
         return
-    # polygonize only the bounding box of the evidence: GDAL's cost follows the array's area, and
-    # evidence usually covers a small part of a span
-    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    offset = np.array([x0 + c0, y0 + r0], np.float64)
-    box_label = label[r0:r1, c0:c1]
+    sparse = label[np.ix_(rows, cols)] if len(rows) < h // 2 or len(cols) < w // 2 else None
+    if sparse is None:  # little to drop: the bounding box, a view
+        rows, cols = np.arange(rows[0], rows[-1] + 1), np.arange(cols[0], cols[-1] + 1)
+        sparse = label[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    # edge k of the traced array lies on edge edge_x[k] (edge_y[k]) of the span
+    edge_x, edge_y = np.append(cols, cols[-1] + 1), np.append(rows, rows[-1] + 1)
     _enter_gdal_env()
-    for geom, value in features.shapes(box_label, mask=box_label > 0, connectivity=4):
-        shell = np.asarray(geom["coordinates"][0], np.float64)
-        xs, ys = shell[:, 0] + c0, shell[:, 1] + r0
+    for geom, value in features.shapes(sparse, mask=sparse > 0, connectivity=4):
+        rings = []
+        for ring in geom["coordinates"]:
+            k = np.rint(np.asarray(ring, np.float64)).astype(np.int64)
+            rings.append(np.column_stack((edge_x[k[:, 0]], edge_y[k[:, 1]])))
+        xs, ys = rings[0][:, 0], rings[0][:, 1]
         on_border = bool(ys.min() <= 0 or ys.max() >= h or (open_left and xs.min() <= 0)
                          or (open_right and xs.max() >= w))
-        rings = [(np.asarray(r, np.float64) + offset) * scale for r in geom["coordinates"]]
+        rings = [(ring + (x0, y0)) * float(scale) for ring in rings]
         yield int(value), Polygon(rings[0], rings[1:]), on_border
+
+
+def _lines_to_trace(occupied: np.ndarray) -> np.ndarray:
+    """Indices of the ``occupied`` lines from the first to the last, with the first empty line of
+    each gap between them."""
+    lines = np.flatnonzero(occupied)
+    if not len(lines):
+        return lines
+    run = occupied[lines[0] : lines[-1] + 1]
+    return lines[0] + np.flatnonzero(run | np.r_[False, run[:-1]])
 
 
 class EvidencePolygons:
