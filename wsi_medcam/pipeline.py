@@ -42,7 +42,7 @@ from .levels import HARD
 from .slide import MppOverrides, SlideRef, open_slide, read_mpp_csvs
 from .stitch_processes import StitchingProcesses, default_stitchers, start_server
 from .stitching import EvidenceStitcher
-from .tiling import plan_tiles
+from .tiling import TileGrid, plan_tiles
 from .tissue import detect_tissue
 
 log = logging.getLogger("wsi_medcam")
@@ -282,21 +282,15 @@ def process_slide(
     evidence_stats: dict[str, Any] = {}
     evidence_thumb = None
     if store is not None and stitcher is not None:
-        with timer.stage("pyramid"):
-            store.finalize(attrs)
-        with timer.stage("evidence-geojson"):
-            per_class: dict[str, dict[str, float]] = {}
-
-            def counted(items: Iterable[tuple[int, Polygon]]) -> Iterator[tuple[int, Polygon]]:
-                for class_index, poly in items:  # streamed: a slide may have millions of polygons
-                    entry = per_class.setdefault(class_names[class_index], {"polygons": 0, "area_um2": 0.0})
-                    entry["polygons"] += 1
-                    entry["area_um2"] += poly.area * slide.mpp.mean**2
-                    yield class_index, poly
-
-            polygons = stitcher.polygons.merged(simplify_px=grid.downsample * 0.5, clip=box(0, 0, width0, height0))
-            n_polygons = write_evidence(work_dir / "evidence.geojson", counted(polygons), slide_key=slide_key,
-                                        class_names=class_names, colors=colors, mpp=slide.mpp.mean)
+        # the pyramid's top levels (zarr writes and zstd, which release the GIL) are built beside the
+        # GeoJSON (shapely and json); leaving the block waits for them, also when the GeoJSON fails
+        with ThreadPoolExecutor(1, thread_name_prefix="wsi-medcam-pyramid") as beside:
+            pyramid = beside.submit(store.finalize, attrs)
+            with timer.stage("evidence-geojson"):
+                n_polygons, per_class = _write_polygons(work_dir / "evidence.geojson", stitcher, grid, slide.mpp.mean,
+                                                        (width0, height0), slide_key, class_names, colors)
+            with timer.stage("pyramid"):  # what is left of it once the GeoJSON is written
+                pyramid.result()
         evidence_stats = {
             "explainer": cfg.inference.explainer,
             "refined_tiles": refined,
@@ -339,6 +333,26 @@ def process_slide(
     }
     (work_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _write_polygons(path: Path, stitcher: EvidenceStitcher, grid: TileGrid, slide_mpp: float, size0: tuple[int, int],
+                    slide_key: str, class_names: list[str], colors: list[tuple[int, int, int]],
+                    ) -> tuple[int, dict[str, dict[str, float]]]:
+    """The evidence GeoJSON: polygons merged, simplified by half a tile px and clipped to the slide
+    (``size0``: level-0 width, height); (polygons written, their count and area per class)."""
+    per_class: dict[str, dict[str, float]] = {}
+
+    def counted(items: Iterable[tuple[int, Polygon]]) -> Iterator[tuple[int, Polygon]]:
+        for class_index, poly in items:  # streamed: a slide may have millions of polygons
+            entry = per_class.setdefault(class_names[class_index], {"polygons": 0, "area_um2": 0.0})
+            entry["polygons"] += 1
+            entry["area_um2"] += poly.area * slide_mpp**2
+            yield class_index, poly
+
+    polygons = stitcher.polygons.merged(simplify_px=grid.downsample * 0.5, clip=box(0, 0, *size0))
+    count = write_evidence(path, counted(polygons), slide_key=slide_key, class_names=class_names, colors=colors,
+                           mpp=slide_mpp)
+    return count, per_class
 
 
 def refine_tiles(stitcher: EvidenceStitcher, ref: SlideRef, chosen: list[tuple[int, int]], models: Models,
