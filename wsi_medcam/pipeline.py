@@ -5,6 +5,7 @@ skip-if-done, atomic outputs and per-slide failure isolation.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import json
@@ -19,20 +20,22 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
+from itertools import chain
 from pathlib import Path
 from typing import Any, Iterator, TypeVar
 
 import numpy as np
+import shapely
 import torch
 from PIL import Image
-from shapely.geometry import Polygon, box
+from shapely.geometry import box
 
 from .batching import TileDataset, make_loader, shared_with_readers
 from .bundles import Bundle, load_classifier, load_segmenter
 from .config import RunConfig
 from .cpus import may_start_processes
 from .errors import OutputError, WsiMedcamError
-from .export.geojson import write_evidence
+from .export.geojson import encode_evidence, write_evidence
 from .export.ome_zarr import EvidenceStore, write_probabilities
 from .export.overview import class_heatmap, shrink_for_overview, write_overview
 from .export.tiles import TileRecord, TileWriter
@@ -40,7 +43,7 @@ from .heap import release_freed_memory
 from .inference import BatchResult, Predictor, default_batch_size, default_workers
 from .levels import HARD
 from .slide import MppOverrides, SlideRef, open_slide, read_mpp_csvs
-from .stitch_processes import StitchingProcesses, default_stitchers, start_server
+from .stitch_processes import StitchingProcesses, default_stitchers, ordered_map, start_server
 from .stitching import EvidenceStitcher
 from .tiling import TileGrid, plan_tiles
 from .tissue import detect_tissue
@@ -288,7 +291,7 @@ def process_slide(
             pyramid = beside.submit(store.finalize, attrs)
             with timer.stage("evidence-geojson"):
                 n_polygons, per_class = _write_polygons(work_dir / "evidence.geojson", stitcher, grid, slide.mpp.mean,
-                                                        (width0, height0), slide_key, class_names, colors)
+                                                        (width0, height0), slide_key, class_names, colors, stitchers)
             with timer.stage("pyramid"):  # what is left of it once the GeoJSON is written
                 pyramid.result()
         evidence_stats = {
@@ -336,23 +339,20 @@ def process_slide(
 
 
 def _write_polygons(path: Path, stitcher: EvidenceStitcher, grid: TileGrid, slide_mpp: float, size0: tuple[int, int],
-                    slide_key: str, class_names: list[str], colors: list[tuple[int, int, int]],
+                    slide_key: str, class_names: list[str], colors: list[tuple[int, int, int]], processes: int,
                     ) -> tuple[int, dict[str, dict[str, float]]]:
     """The evidence GeoJSON: polygons merged, simplified by half a tile px and clipped to the slide
-    (``size0``: level-0 width, height); (polygons written, their count and area per class)."""
-    per_class: dict[str, dict[str, float]] = {}
-
-    def counted(items: Iterable[tuple[int, Polygon]]) -> Iterator[tuple[int, Polygon]]:
-        for class_index, poly in items:  # streamed: a slide may have millions of polygons
-            entry = per_class.setdefault(class_names[class_index], {"polygons": 0, "area_um2": 0.0})
-            entry["polygons"] += 1
-            entry["area_um2"] += poly.area * slide_mpp**2
-            yield class_index, poly
-
-    polygons = stitcher.polygons.merged(simplify_px=grid.downsample * 0.5, clip=box(0, 0, *size0))
-    count = write_evidence(path, counted(polygons), slide_key=slide_key, class_names=class_names, colors=colors,
-                           mpp=slide_mpp)
-    return count, per_class
+    (``size0``: level-0 width, height), finished and encoded batch by batch in ``processes``
+    processes (0: here); (polygons written, their count and area per class)."""
+    encode = functools.partial(encode_evidence, simplify_px=grid.downsample * 0.5, clip=box(0, 0, *size0),
+                               class_names=class_names, colors=colors, mpp=slide_mpp)
+    batches = stitcher.polygons.final_batches()
+    if processes:  # a slide may hold millions of polygons: ~1 CPU ms per tile of blob-like evidence
+        encoded = chain.from_iterable(ordered_map(encode, ((c, shapely.to_wkb(g)) for c, g in batches), processes))
+    else:
+        encoded = chain.from_iterable(encode(c, g) for c, g in batches)
+    count, per_class = write_evidence(path, encoded, slide_key=slide_key)
+    return count, {class_names[c]: {"polygons": n, "area_um2": a} for c, (n, a) in per_class.items()}
 
 
 def refine_tiles(stitcher: EvidenceStitcher, ref: SlideRef, chosen: list[tuple[int, int]], models: Models,

@@ -27,7 +27,9 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,24 @@ def _main_script_hidden() -> Iterator[None]:
         yield
     finally:
         sys.modules["__main__"] = main
+
+
+def ordered_map(fn: Callable[..., Any], items: Iterable[tuple[Any, ...]], processes: int) -> Iterator[Any]:
+    """``fn(*item)`` for each of ``items`` in ``processes`` processes started like the stitching
+    processes (the main script hidden from them), yielded in order; at most two jobs per process
+    wait, so memory does not grow with ``items``. ``fn`` and the items must pickle."""
+    with _main_script_hidden(), ProcessPoolExecutor(processes, mp_context=_context()) as pool:
+        pending: deque[Future[Any]] = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, *item))
+                if len(pending) > 2 * processes:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:  # stopped early: the jobs not started are dropped
+            for job in pending:
+                job.cancel()
 
 
 class StitchingProcesses(EvidenceStitcher):

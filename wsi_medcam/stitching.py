@@ -244,6 +244,13 @@ class EvidencePolygons:
     def merged(self, simplify_px: float = 0.0, clip: Polygon | None = None) -> Iterator[tuple[int, Polygon]]:
         """All polygons after merging across block and tile borders, simplified by ``simplify_px``
         (level-0 px) and clipped to ``clip``, read back batch by batch."""
+        for classes, geoms in self.final_batches():
+            yield from finish_polygons(classes, geoms, simplify_px, clip)
+
+    def final_batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(class indices, polygons) after merging across block and tile borders, batch by batch,
+        before :func:`finish_polygons` (what :meth:`merged` yields, for callers that finish the
+        batches elsewhere, e.g. in other processes)."""
         self.close_rows(math.inf)
         cut = unary_union(self.cuts) if self.cuts else None
         redo: dict[int, list[Polygon]] = {c: list(p) for c, p in self.patches.items()}
@@ -253,10 +260,10 @@ class EvidencePolygons:
                 for c, g in zip(classes[hit], shapely.difference(geoms[hit], cut)):
                     redo.setdefault(int(c), []).append(g)
                 classes, geoms = classes[~hit], geoms[~hit]
-            yield from _finished(classes, geoms, simplify_px, clip)
+            yield classes, geoms
         for class_index in sorted(redo):
             geoms = np.array(_polygon_parts(unary_union(redo[class_index])), dtype=object)
-            yield from _finished(np.full(len(geoms), class_index), geoms, simplify_px, clip)
+            yield np.full(len(geoms), class_index), geoms
 
     def _finalise(self, items: list[tuple[int, Polygon]]) -> None:
         self._final.extend(items)
@@ -329,8 +336,8 @@ def _simplify(geoms: np.ndarray, tolerance: float) -> np.ndarray:
     return out
 
 
-def _finished(classes: np.ndarray, geoms: np.ndarray, simplify_px: float,
-              clip: Polygon | None) -> Iterator[tuple[int, Polygon]]:
+def finish_polygons(classes: np.ndarray, geoms: np.ndarray, simplify_px: float,
+                    clip: Polygon | None) -> Iterator[tuple[int, Polygon]]:
     """Simplify (level-0 px) and clip a batch of final polygons; one (class, polygon) per part."""
     if simplify_px > 0 and len(geoms):
         geoms = _simplify(geoms, simplify_px)

@@ -5,6 +5,9 @@ inside properties; ``classification`` as ``{"name", "color": [r, g, b]}`` (a nam
 is rejected); ``id`` a UUID or it is dropped; ``measurements`` a flat {name: number}; coordinates in
 level-0 pixels. Features are streamed to disk one at a time. Ids are UUIDv5 of the slide and the
 object, so reruns produce identical files.
+
+Evidence polygons are encoded batch by batch (:func:`encode_evidence`), so a slide's many polygons
+can be simplified and encoded in several processes; :func:`write_evidence` numbers them in order.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+import shapely
 from shapely.geometry import Polygon
+
+from ..stitching import finish_polygons
 
 _NAMESPACE = uuid.UUID("5d6f1f8e-8d3c-4d52-9a55-6f0c1f4b6a01")
 
@@ -30,12 +36,12 @@ def classification(name: str, color: tuple[int, int, int]) -> dict[str, Any]:
     return {"name": name, "color": [int(c) for c in color]}
 
 
-def feature(geometry: dict[str, Any], *, fid: str, object_type: str, name: str, color: tuple[int, int, int],
+def feature(geometry: dict[str, Any], *, fid: str | None, object_type: str, name: str, color: tuple[int, int, int],
             measurements: dict[str, float]) -> dict[str, Any]:
-    """One QuPath object."""
+    """One QuPath object (without an id if ``fid`` is None)."""
     return {
         "type": "Feature",
-        "id": fid,
+        **({} if fid is None else {"id": fid}),
         "geometry": geometry,
         "properties": {
             "objectType": object_type,
@@ -66,8 +72,12 @@ class FeatureWriter:
         return self
 
     def write(self, feat: dict[str, Any]) -> None:
+        self.write_json(encode(feat))
+
+    def write_json(self, text: str) -> None:
+        """Write a feature already encoded (:func:`encode`)."""
         assert self._fh is not None
-        self._fh.write((",\n" if self.count else "") + json.dumps(feat, separators=(",", ":")))
+        self._fh.write((",\n" if self.count else "") + text)
         self.count += 1
 
     def __exit__(self, *exc: object) -> None:
@@ -76,30 +86,47 @@ class FeatureWriter:
         self._fh.close()
 
 
+def encode(feat: dict[str, Any]) -> str:
+    """A feature as compact JSON."""
+    return json.dumps(feat, separators=(",", ":"))
+
+
 def polygon_geometry(poly: Polygon, ndigits: int = 1) -> dict[str, Any]:
     """GeoJSON geometry of a shapely polygon, coordinates rounded to ``ndigits`` (level-0 px)."""
     rings = (poly.exterior, *poly.interiors)
     return {"type": "Polygon", "coordinates": [np.round(np.asarray(r.coords), ndigits).tolist() for r in rings]}
 
 
-def write_evidence(
-    path: Path,
-    polygons: Iterable[tuple[int, Polygon]],
-    *,
-    slide_key: str,
-    class_names: list[str],
-    colors: list[tuple[int, int, int]],
-    mpp: float,
-) -> int:
-    """Evidence polygons as QuPath annotations; returns how many were written."""
+Encoded = tuple[int, float, str]
+"""An evidence polygon: class index, area in µm², its feature as JSON without an id."""
+
+_HEAD = '{"type":"Feature",'  # how an encoded feature starts; its id follows this in the file
+
+
+def encode_evidence(classes: np.ndarray, geoms: np.ndarray, *, simplify_px: float, clip: Polygon | None,
+                    class_names: list[str], colors: list[tuple[int, int, int]], mpp: float) -> list[Encoded]:
+    """A batch of final polygons (shapely, or WKB from another process) finished by
+    :func:`~wsi_medcam.stitching.finish_polygons` (``simplify_px``, ``clip``: level-0 px; one
+    feature per part) and encoded as QuPath annotations; ``mpp``: the slide's µm/px."""
+    if len(geoms) and not isinstance(geoms[0], Polygon):
+        geoms = shapely.from_wkb(geoms)
+    out = []
+    for class_index, poly in finish_polygons(classes, geoms, simplify_px, clip):
+        area = poly.area * mpp * mpp
+        feat = feature(polygon_geometry(poly), fid=None, object_type="annotation", name=class_names[class_index],
+                       color=colors[class_index], measurements={"Area µm^2": area, "Perimeter µm": poly.length * mpp})
+        out.append((class_index, area, encode(feat)))
+    return out
+
+
+def write_evidence(path: Path, encoded: Iterable[Encoded], *, slide_key: str) -> tuple[int, dict[int, tuple[int, float]]]:
+    """Evidence polygons as QuPath annotations, numbered in order; returns how many were written and,
+    per class index, (polygons, area µm²)."""
+    per_class: dict[int, tuple[int, float]] = {}
     with FeatureWriter(path) as out:
-        for i, (class_index, poly) in enumerate(polygons):
-            out.write(feature(
-                polygon_geometry(poly),
-                fid=object_id(slide_key, "evidence", i),
-                object_type="annotation",
-                name=class_names[class_index],
-                color=colors[class_index],
-                measurements={"Area µm^2": poly.area * mpp * mpp, "Perimeter µm": poly.length * mpp},
-            ))
-        return out.count
+        for i, (class_index, area, text) in enumerate(encoded):
+            assert text.startswith(_HEAD)
+            out.write_json(f'{_HEAD}"id":"{object_id(slide_key, "evidence", i)}",{text[len(_HEAD):]}')
+            count, total = per_class.get(class_index, (0, 0.0))
+            per_class[class_index] = (count + 1, total + area)
+        return out.count, per_class
