@@ -12,8 +12,9 @@ strips they reach: 0.2-0.3 CPU ms per tile left in it (``benchmarks/stitching.py
 Each process writes its strips' level-0 chunks into the shared store and builds the pyramid levels
 whose chunks lie within a strip; this process builds the few levels above from those
 (:meth:`EvidenceStore.adopt`). Polygons final within a process are spooled by it; those touching
-another process's strip are merged here (:meth:`EvidencePolygons.adopt`). Outputs are the same as
-with one stitcher: the same sums in the same order per pixel.
+another process's strip are merged here (:meth:`EvidencePolygons.adopt`); the GeoJSON is then
+encoded in as many processes again (:func:`ordered_map`). Outputs are the same as with one
+stitcher: the same sums in the same order per pixel.
 """
 
 from __future__ import annotations
