@@ -28,3 +28,8 @@ def quantise(soft: Masks) -> Masks:
     import torch  # a tensor came, so torch is loaded; modules that only stitch need not load it
 
     return (soft * 255).round_().to(torch.uint8)
+
+
+def as_levels(mask: np.ndarray) -> np.ndarray:
+    """``mask`` as uint8 levels: as given if it already is, else soft evidence in [0, 1] quantised."""
+    return mask if mask.dtype == np.uint8 else quantise(mask)

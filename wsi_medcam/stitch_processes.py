@@ -41,7 +41,7 @@ import shapely
 from .cpus import usable_cores
 from .errors import OutputError
 from .export.ome_zarr import EvidenceStore
-from .levels import quantise
+from .levels import as_levels
 from .stitching import EvidenceStitcher
 from .tiling import TileGrid
 
@@ -159,7 +159,7 @@ class StitchingProcesses(EvidenceStitcher):
             for t in strips if count > 1 else strips[:1]:  # one process carries into its own next strip
                 picks[t % count].append(k)
                 targets[t % count].append(-1 if t == strips[0] else t)
-        levels = np.ascontiguousarray(masks if masks.dtype == np.uint8 else quantise(masks))
+        levels = np.ascontiguousarray(as_levels(masks))
         for p, ks in enumerate(picks):
             if ks:
                 self._send(p, (indices[ks], [levels[k] for k in ks], classes[ks], confidences[ks], np.array(targets[p])))

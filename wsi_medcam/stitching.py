@@ -4,12 +4,13 @@ The output is cut into vertical *strips* a few chunks wide, and tiles arrive str
 bottom within a strip (:meth:`EvidenceStitcher.order`). Their soft masks, as uint8 levels
 (:mod:`wsi_medcam.levels`), are accumulated on the *tile canvas* (px at the tile resolution) in
 sparse square blocks; where tiles overlap, evidence is averaged and the label comes from the most
-confident tile (without overlap, the default, a block is just the tiles' levels and labels). As soon as no later tile can touch a
-band of the strip's rows, the output chunks covering it are resampled (nearest) to the output
-resolution and handed to the writer, the band is traced into evidence polygons, and its blocks are
-freed. The part of a tile reaching into the next strip is kept (uint8) until that strip. Memory
-therefore depends on the strip's width (and, for those carried parts, on the slide's height in
-tiles), never on the slide's width or area, and no level-0 canvas exists.
+confident tile (without overlap, the default, a block is just the tiles' levels and labels). As
+soon as no later tile can touch a band of the strip's rows, the output chunks covering it are
+resampled (nearest) to the output resolution and handed to the writer, the band is traced into
+evidence polygons, and its blocks are freed. The part of a tile reaching into the next strip is
+kept (uint8) until that strip. Memory therefore depends on the strip's width (and, for those
+carried parts, on the slide's height in tiles), never on the slide's width or area, and no level-0
+canvas exists.
 
 Chunk resampling and writing (numpy, Blosc compression and file writes, which release the GIL) run
 on a small thread pool and the pyramid on its own thread, a few chunk rows behind; tracing (GDAL's
@@ -47,7 +48,7 @@ from shapely.ops import unary_union
 
 from .cpus import may_start_processes, usable_cores
 from .heap import release_freed_memory
-from .levels import HARD, quantise
+from .levels import HARD, as_levels
 from .tiling import TileGrid
 
 
@@ -378,8 +379,7 @@ class _Piece:
     def of_tile(cls, x0: int, y0: int, mask: np.ndarray, class_index: int, confidence: float) -> "_Piece":
         """A whole tile at canvas (``x0``, ``y0``), its class and confidence in the stitcher's terms;
         ``mask``: uint8 evidence levels, or soft evidence in [0, 1] (rounded to levels here)."""
-        evidence = mask if mask.dtype == np.uint8 else quantise(mask)
-        return cls(x0, y0, evidence, class_index + 1, 1 + round(confidence * 65534), x0)
+        return cls(x0, y0, as_levels(mask), class_index + 1, 1 + round(confidence * 65534), x0)
 
     def cut(self, x: int) -> "_Piece":
         """The part right of canvas column ``x`` (a copy: the batch it came with is not kept)."""
@@ -593,7 +593,7 @@ class EvidenceStitcher:
         per image; as :meth:`add` takes it), in the written level 0 and in the polygons. Overlap
         averaging is not redone."""
         x0, y0 = self.grid.xy_canvas(i)
-        evidence = mask if mask.dtype == np.uint8 else quantise(mask)
+        evidence = as_levels(mask)
         size = evidence.shape[0]
         out_h, out_w = self.writer.shape
 
