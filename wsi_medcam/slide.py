@@ -12,6 +12,7 @@ import csv
 import math
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+from .cpus import usable_cores
 from .errors import ConfigError, MissingMetadataError, ResolutionError, SlideOpenError, SlideReadError
 from .tiff_tiles import TiffTiles
 
@@ -302,10 +304,12 @@ class Slide:
     def read_thumbnail(self, mpp: float, *, block_level_px: int = 1024) -> tuple[np.ndarray, float]:
         """Whole slide at about ``mpp`` µm/px (never finer than the scan), read block by block.
 
-        Returns the RGB image and its actual µm/px. Memory is bounded by one block plus the output,
-        so a single-level gigapixel slide does not load its level 0 at once. Blocks of 1024² level
-        px: on a 100k² slide whose coarsest level is 12500², 4096² blocks (64 MiB RGBA each, plus
-        their copies) raised the peak by 260 MiB, 1024² blocks by 78 MiB, and read no slower.
+        Returns the RGB image and its actual µm/px. Memory is bounded by the output plus one block
+        per thread, so a single-level gigapixel slide does not load its level 0 at once. Blocks of
+        1024² level px: on a 100k² slide whose coarsest level is 12500², 4096² blocks (64 MiB RGBA
+        each, plus their copies) raised the peak by 260 MiB, 1024² blocks by 78 MiB, and read no
+        slower. Blocks are read on one thread per core (decoding releases the GIL): a 100k² slide's
+        6250² level took 2.2 s on one.
         """
         downsample = max(mpp / self.mpp.mean, 1.0)
         level = self.best_level(downsample, 0.02)
@@ -315,17 +319,23 @@ class Slide:
         level_w, level_h = self.level_dimensions[level]
         sx, sy = out_w / level_w, out_h / level_h
         out = np.full((out_h, out_w, 3), 255, np.uint8)
-        for by in range(0, level_h, block_level_px):
-            for bx in range(0, level_w, block_level_px):
-                bw, bh = min(block_level_px, level_w - bx), min(block_level_px, level_h - by)
-                x0, x1 = round(bx * sx), round((bx + bw) * sx)
-                y0, y1 = round(by * sy), round((by + bh) * sy)
-                if x1 <= x0 or y1 <= y0:
-                    continue
-                block = self.read_level((round(bx * level_ds), round(by * level_ds)), level, (bw, bh))
-                if (x1 - x0, y1 - y0) != (bw, bh):
-                    block = np.asarray(Image.fromarray(block).resize((x1 - x0, y1 - y0), Image.Resampling.BOX))
-                out[y0:y1, x0:x1] = block
+
+        def read(block: tuple[int, int]) -> None:
+            bx, by = block
+            bw, bh = min(block_level_px, level_w - bx), min(block_level_px, level_h - by)
+            x0, x1 = round(bx * sx), round((bx + bw) * sx)
+            y0, y1 = round(by * sy), round((by + bh) * sy)
+            if x1 <= x0 or y1 <= y0:
+                return
+            region = self.read_level((round(bx * level_ds), round(by * level_ds)), level, (bw, bh))
+            if (x1 - x0, y1 - y0) != (bw, bh):
+                region = np.asarray(Image.fromarray(region).resize((x1 - x0, y1 - y0), Image.Resampling.BOX))
+            out[y0:y1, x0:x1] = region
+
+        blocks = [(bx, by) for by in range(0, level_h, block_level_px) for bx in range(0, level_w, block_level_px)]
+        self._tiles  # noqa: B018 - opened here, once, rather than by several threads at once
+        with ThreadPoolExecutor(min(usable_cores(), len(blocks)), thread_name_prefix="wsi-medcam-thumbnail") as pool:
+            list(pool.map(read, blocks))
         return out, self.mpp.mean * width0 / out_w
 
     def describe(self) -> dict[str, Any]:
