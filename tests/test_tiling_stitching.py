@@ -421,3 +421,15 @@ def test_evidence_geojson_encoded_in_processes_is_the_file_written_here(tmp_path
     assert len(features) == here[0] and len({f["id"] for f in features}) == here[0]
     assert sum(v["area_um2"] for v in here[1].values()) == pytest.approx(
         sum(f["properties"]["measurements"]["Area µm^2"] for f in features))
+
+
+@pytest.mark.parametrize("shape", [(1024, 1024), (1023, 1024), (513, 999), (1, 1), (3, 5)])
+def test_halve_mean_is_the_2x2_mean_rounded_half_up(shape):
+    """The pyramid's halving against its definition, written out independently: each 2×2 block's
+    mean rounded half up, with an odd last row/column paired with itself."""
+    rng = np.random.default_rng(sum(shape))
+    block = rng.integers(0, 256, shape, dtype=np.uint8)
+    padded = np.pad(block.astype(np.float64), ((0, shape[0] % 2), (0, shape[1] % 2)), mode="edge")
+    h, w = padded.shape
+    means = padded.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+    np.testing.assert_array_equal(_halve_mean(block), np.floor(means + 0.5).astype(np.uint8))
