@@ -12,6 +12,8 @@ can be simplified and encoded in several processes; :func:`write_evidence` numbe
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import uuid
 from collections.abc import Iterable
@@ -29,7 +31,23 @@ _NAMESPACE = uuid.UUID("5d6f1f8e-8d3c-4d52-9a55-6f0c1f4b6a01")
 
 def object_id(slide_key: str, kind: str, index: int) -> str:
     """A deterministic UUID for object ``index`` of ``kind`` on the slide."""
-    return str(uuid.uuid5(_NAMESPACE, f"{slide_key}/{kind}/{index}"))
+    return object_ids(slide_key, kind, [index])[0]
+
+
+def object_ids(slide_key: str, kind: str, indices: Iterable[int]) -> list[str]:
+    """:func:`object_id` of each index: ``uuid.uuid5(_NAMESPACE, f"{slide_key}/{kind}/{index}")``,
+    hashing the common prefix once (a third of the cost of a tile's record went to uuid5)."""
+    prefix = hashlib.sha1(_NAMESPACE.bytes + f"{slide_key}/{kind}/".encode())
+    out = []
+    for index in indices:
+        h = prefix.copy()
+        h.update(str(index).encode())
+        d = bytearray(h.digest()[:16])
+        d[6] = (d[6] & 0x0F) | 0x50  # version 5
+        d[8] = (d[8] & 0x3F) | 0x80  # RFC 4122 variant
+        x = d.hex()
+        out.append(f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}")
+    return out
 
 
 def classification(name: str, color: tuple[int, int, int]) -> dict[str, Any]:
@@ -52,12 +70,6 @@ def feature(geometry: dict[str, Any], *, fid: str | None, object_type: str, name
     }
 
 
-def rectangle(x: float, y: float, size: float) -> dict[str, Any]:
-    """A square polygon (closed ring) in level-0 px."""
-    x1, y1 = x + size, y + size
-    return {"type": "Polygon", "coordinates": [[[x, y], [x1, y], [x1, y1], [x, y1], [x, y]]]}
-
-
 class FeatureWriter:
     """Writes a FeatureCollection feature by feature; use as a context manager."""
 
@@ -71,14 +83,12 @@ class FeatureWriter:
         self._fh.write('{"type": "FeatureCollection", "features": [\n')
         return self
 
-    def write(self, feat: dict[str, Any]) -> None:
-        self.write_json(encode(feat))
-
-    def write_json(self, text: str) -> None:
-        """Write a feature already encoded (:func:`encode`)."""
+    def write_all(self, texts: list[str]) -> None:
+        """Write features already encoded, in one call."""
         assert self._fh is not None
-        self._fh.write((",\n" if self.count else "") + text)
-        self.count += 1
+        if texts:
+            self._fh.write((",\n" if self.count else "") + ",\n".join(texts))
+            self.count += len(texts)
 
     def __exit__(self, *exc: object) -> None:
         assert self._fh is not None
@@ -86,9 +96,9 @@ class FeatureWriter:
         self._fh.close()
 
 
-def encode(feat: dict[str, Any]) -> str:
-    """A feature as compact JSON."""
-    return json.dumps(feat, separators=(",", ":"))
+def encode(value: Any) -> str:
+    """A feature (or any JSON value) as compact JSON."""
+    return json.dumps(value, separators=(",", ":"))
 
 
 def polygon_geometry(poly: Polygon, ndigits: int = 1) -> dict[str, Any]:
@@ -121,12 +131,17 @@ def encode_evidence(classes: np.ndarray, geoms: np.ndarray, *, simplify_px: floa
 
 def write_evidence(path: Path, encoded: Iterable[Encoded], *, slide_key: str) -> tuple[int, dict[int, tuple[int, float]]]:
     """Evidence polygons as QuPath annotations, numbered in order; returns how many were written and,
-    per class index, (polygons, area µm²)."""
+    per class index, (polygons, area µm²). Written 1024 at a time (ids hashed together)."""
     per_class: dict[int, tuple[int, float]] = {}
     with FeatureWriter(path) as out:
-        for i, (class_index, area, text) in enumerate(encoded):
-            assert text.startswith(_HEAD)
-            out.write_json(f'{_HEAD}"id":"{object_id(slide_key, "evidence", i)}",{text[len(_HEAD):]}')
-            count, total = per_class.get(class_index, (0, 0.0))
-            per_class[class_index] = (count + 1, total + area)
+        items = iter(encoded)
+        while batch := list(itertools.islice(items, 1024)):
+            ids = object_ids(slide_key, "evidence", range(out.count, out.count + len(batch)))
+            texts = []
+            for fid, (class_index, area, text) in zip(ids, batch):
+                assert text.startswith(_HEAD)
+                texts.append(f'{_HEAD}"id":"{fid}",{text[len(_HEAD):]}')
+                count, total = per_class.get(class_index, (0, 0.0))
+                per_class[class_index] = (count + 1, total + area)
+            out.write_all(texts)
         return out.count, per_class

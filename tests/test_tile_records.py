@@ -1,0 +1,73 @@
+"""tiles.csv and tiles.geojson: the batch writer's template against the generic feature encoder."""
+
+from __future__ import annotations
+
+import csv
+import json
+import uuid
+
+import numpy as np
+
+from wsi_medcam.export.geojson import _NAMESPACE, encode, feature, object_id, object_ids
+from wsi_medcam.export.tiles import TileBatch, TileWriter
+
+CLASSES = ["tumour", "stroma µ", 'odd "name"']  # non-ASCII and quotes: JSON escapes them
+COLORS = [(200, 0, 0), (0, 150, 0), (0, 0, 255)]
+
+
+def test_object_ids_are_uuid5_of_slide_kind_and_index():
+    got = object_ids("slide.svs:0123456789ab", "tile", [0, 7, 12345])
+    want = [str(uuid.uuid5(_NAMESPACE, f"slide.svs:0123456789ab/tile/{i}")) for i in (0, 7, 12345)]
+    assert got == want
+    assert object_id("a", "evidence", 3) == str(uuid.uuid5(_NAMESPACE, "a/evidence/3"))
+
+
+def _reference(slide_key, batch, fills):
+    """Rows and features as the writer made them one tile at a time, from dicts."""
+    rows, feats = [], []
+    for k, i in enumerate(batch.indices):
+        probs, pred = batch.probs[k], int(batch.predictions[k])
+        evidence = None if batch.evidence_fraction is None else float(batch.evidence_fraction[k])
+        kept = {f: bool(v[k]) for f, v in batch.kept.items()}
+        rows.append([str(i), str(batch.x[k]), str(batch.y[k]), str(round(batch.size, 2)), f"{batch.tissue_fraction[k]:.4f}",
+                     *[f"{p:.5f}" for p in probs], CLASSES[pred], "" if evidence is None else f"{evidence:.4f}",
+                     *[str(int(kept[f])) if f in kept else "" for f in fills]])
+        measurements = {f"prob {n}": float(p) for n, p in zip(CLASSES, probs)}
+        measurements["tissue fraction"] = float(batch.tissue_fraction[k])
+        if evidence is not None:
+            measurements["evidence fraction"] = evidence
+        for f, v in kept.items():
+            measurements[f"evidence keeps class ({f} fill)"] = float(v)
+        x, y, s = batch.x[k], batch.y[k], batch.size
+        ring = [[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]
+        feats.append(encode(feature({"type": "Polygon", "coordinates": [ring]}, fid=object_id(slide_key, "tile", i),
+                                    object_type="tile", name=CLASSES[pred], color=COLORS[pred], measurements=measurements)))
+    return rows, feats
+
+
+def test_batches_write_the_bytes_of_the_feature_encoder(tmp_path):
+    rng = np.random.default_rng(0)
+    fills = ("mean", "white")
+    batches = []
+    for n, with_evidence in ((5, True), (1, False), (300, True)):
+        probs = rng.dirichlet([1, 1, 1], n).astype(np.float32)
+        batches.append(TileBatch(
+            indices=rng.permutation(10_000)[:n], x=rng.integers(0, 90_000, n).tolist(), y=rng.integers(0, 90_000, n).tolist(),
+            size=224 * 1.9871, tissue_fraction=rng.random(n), probs=probs, predictions=probs.argmax(1),
+            evidence_fraction=rng.random(n) / 7 if with_evidence else None,
+            kept={"mean": rng.random(n) < 0.5} if with_evidence else {}))
+    csv_path, geo_path = tmp_path / "tiles.csv", tmp_path / "tiles.geojson"
+    with TileWriter(csv_path, geo_path, slide_key="s:1", class_names=CLASSES, colors=COLORS, certify_fills=fills) as out:
+        for b in batches:
+            out.write(b)
+    want_rows, want_feats = [], []
+    for b in batches:
+        rows, feats = _reference("s:1", b, fills)
+        want_rows += rows
+        want_feats += feats
+    got_rows = list(csv.reader(open(csv_path, newline="")))
+    assert got_rows[0][:5] == ["tile", "x", "y", "size", "tissue_fraction"]
+    assert got_rows[1:] == want_rows
+    text = geo_path.read_text()
+    assert text == '{"type": "FeatureCollection", "features": [\n' + ",\n".join(want_feats) + "\n]}\n"
+    assert len(json.loads(text)["features"]) == 306
