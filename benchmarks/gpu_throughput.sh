@@ -12,11 +12,11 @@
 #    structure, not speckle; the log has its seconds per step), while a BIG² slide (default 100000:
 #    ~100k tiles; BIG=0: none) is written beside (make_slide.py: 32768² took 33 s on the H200
 #    machine before each distinct tile was encoded once, 10.7 s after on a 2-core VM);
-# 2. benchmarks/throughput.py on the MID slide at batch 256 with one model stream (and the models-
-#    stubbed ceiling with CEILING=yes), py-spy sampling all its processes for 45 s from DELAY s in
-#    (start-up and inference), then with two streams (each with its own CUDA stream, so the next
-#    batch is queued while this process handles the last); REPEATS pipeline runs each;
-# 3. throughput.py on the BIG slide with the defaults (two streams on CUDA) and the ceiling, then with one.
+# 2. benchmarks/throughput.py on the MID slide at batch 256 with the default readers and stitching
+#    processes (and the models-stubbed ceiling with CEILING=yes), py-spy sampling all its processes
+#    for 45 s from DELAY s in (start-up and inference); then with SPLITS (default "8:8 5:11": readers:
+#    stitching processes) instead; REPEATS pipeline runs each;
+# 3. throughput.py on the BIG slide with the split whose inference stage was fastest on MID, and the ceiling.
 # nvidia-smi dmon samples the GPU throughout.
 # A dry run on a CPU machine: DEVICE=cpu MID=4096 STEPS=2 WHEELS=no bash benchmarks/gpu_throughput.sh /tmp/o
 set -uo pipefail
@@ -108,11 +108,23 @@ if [ -n "$pyspy" ]; then  # sample every process of the first mid run for 45 s f
      "$pyspy" record -p "$pid" --subprocesses --nonblocking -r 50 -d 45 -f raw -o "$out/pyspy-mid.txt" >>"$log" 2>&1) &
 fi
 ceiling=(); [ "${CEILING:-no}" = yes ] && ceiling=(--ceiling)
-throughput 120 throughput-mid-s1 "$work/mid.tif" --batch-size 256 --streams 1 --repeats "$repeats" --bare-seconds 4 "${ceiling[@]}"
-throughput 120 throughput-mid-s2 "$work/mid.tif" --batch-size 256 --streams 2 --repeats "$repeats" --bare-seconds 4
+throughput 120 throughput-mid "$work/mid.tif" --batch-size 256 --repeats "$repeats" --bare-seconds 4 "${ceiling[@]}"
+for split in ${SPLITS:-8:8 5:11}; do
+  throughput 90 "throughput-mid-${split/:/x}" "$work/mid.tif" --batch-size 256 --repeats "$repeats" --bare-seconds 4 \
+    --workers "${split%:*}" --stitchers "${split#*:}"
+done
+best=$(python3 - "$out" <<'PY'  # the split whose inference stage ran fastest on MID: "" (the defaults) or "--workers R --stitchers S"
+import json, pathlib, sys
+runs = {p.name: json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1]).glob("throughput-mid*.json")}
+name = max(runs, key=lambda n: runs[n]["pipeline_inference_stage_tiles_per_s"], default="")
+d = runs.get(name)
+print("" if not d or name == "throughput-mid.json" else f"--workers {d['workers']} --stitchers {d['stitching_processes']}")
+PY
+)
+echo "BIG slide with: ${best:-the defaults}" >>"$log"
 if [ -f "$work/big.tif" ]; then
-  throughput 300 throughput-big "$work/big.tif" --repeats 1 --bare-seconds 4 --ceiling
-  throughput 300 throughput-big-s1 "$work/big.tif" --streams 1 --repeats 1 --bare-seconds 4
+  # shellcheck disable=SC2086  # $best is empty or flags
+  throughput 300 throughput-big "$work/big.tif" --repeats 1 --bare-seconds 4 --ceiling $best
 fi
 [ -n "${dmon:-}" ] && kill "$dmon" 2>/dev/null
-grep -E "^(==|   [0-9]+ s|train-cam:|$out|imports|python|NVIDIA|name|cpu cores)" "$log"
+grep -E "^(==|   [0-9]+ s|train-cam:|$out|imports|python|NVIDIA|name|cpu cores|BIG)" "$log"

@@ -135,7 +135,7 @@ def run(
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (per model stream)")] = None,
     streams: Annotated[Optional[int], typer.Option(help="batches in the models at once (default: on a CPU one per core, on CUDA 2, each on its own CUDA stream)")] = None,
     mask_mpp: Annotated[Optional[float], typer.Option(help="µm/px of the evidence store's level 0 (default: the slide's)")] = None,
-    stitchers: Annotated[Optional[int], typer.Option(help="stitching processes (default: half the cores on CUDA; 0 on CPU: stitch in the model process)")] = None,
+    stitchers: Annotated[Optional[int], typer.Option(help="stitching processes (default: 5/8 of the cores on CUDA, the readers having 3/8; 0 on CPU: stitch in the model process)")] = None,
     explainer: Annotated[Optional[str], typer.Option(help="medcam (needs --segmenter), gradcam, gradcam++, hirescam, layercam, scorecam")] = None,
     refine: Annotated[Optional[int], typer.Option(help="refine the K most confident tiles per class with per-image Med-CAM")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="redo slides that are already finished")] = False,

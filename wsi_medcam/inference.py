@@ -80,9 +80,11 @@ def default_workers(device: torch.device) -> int:
     four cores (measured on 2 cores before model streams, one batch over both cores: 1 reader 0.84
     of bare-model speed, 0 readers 0.72, 2 readers 0.44; with streams one reader used ~3 ms per
     tile through OpenSlide, 1.2–2.8 ms with direct tile reads, against the models' ~60 ms per tile
-    per core); a GPU leaves the cores to decoding."""
+    per core). On CUDA the cores are shared with the stitching processes by what each costs per
+    tile (py-spy on an H200 machine's 16 cores: reading ~1.0 CPU ms, stitching ~2.0): 3/8 of them,
+    at most 8 (see :func:`wsi_medcam.stitch_processes.default_stitchers`)."""
     cores = usable_cores()
-    return min(8, max(1, cores - 2)) if device.type == "cuda" else max(1, cores // 4)
+    return min(8, max(1, cores * 3 // 8)) if device.type == "cuda" else max(1, cores // 4)
 
 
 def default_streams(device: torch.device, threads: int | None) -> int:
