@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ import numpy as np
 import zarr
 from ome_zarr.format import FormatV04
 from ome_zarr.writer import add_metadata, write_label_metadata, write_multiscales_metadata
+
+from ..cpus import usable_cores
 
 AXES = [
     {"name": "c", "type": "channel"},
@@ -260,21 +263,28 @@ class EvidenceStore:
 
     def _build_above_adopted(self) -> None:
         """The levels above the parts' chunks, as if this store had written those: chunk row by
-        chunk row, each chunk read back from its file and halved (memory: two chunk rows' halves)."""
+        chunk row, each chunk read back from its file and halved (memory: two chunk rows' halves),
+        a row's chunks on one thread per core (file reads, blosc and the halving release the GIL;
+        it runs after the last tile, beside the GeoJSON)."""
         level, c = self._adopted_level, self.chunk
         by_row: dict[int, list[int]] = {}
         for cy, cx in self._adopted:
             by_row.setdefault(cy, []).append(cx)
         h, w = self.shapes[level]
-        for cy in range(self._rows(level) if self._adopted else 0):
-            for cx in sorted(by_row.get(cy, ())):
-                extent = (slice(0, min(c, h - cy * c)), slice(0, min(c, w - cx * c)))
-                evidence = self._read(self._image[level], cy, cx)
-                labels = self._read(self._labels[level], cy, cx)
-                self._halves[level][(cy, cx)] = (_halve_mean(evidence[extent]),  # type: ignore[index]
-                                                 None if labels is None else _halve_nearest(labels[extent]))
-            self._complete[level][:] = cy + 1
-            self._propagate(level)
+
+        def halve(cy: int, cx: int) -> _Half:
+            extent = (slice(0, min(c, h - cy * c)), slice(0, min(c, w - cx * c)))
+            evidence = self._read(self._image[level], cy, cx)
+            labels = self._read(self._labels[level], cy, cx)
+            return _halve_mean(evidence[extent]), None if labels is None else _halve_nearest(labels[extent])  # type: ignore[index]
+
+        with ThreadPoolExecutor(usable_cores(), thread_name_prefix="wsi-medcam-pyramid") as pool:
+            for cy in range(self._rows(level) if self._adopted else 0):
+                cols = sorted(by_row.get(cy, ()))
+                for cx, half in zip(cols, pool.map(halve, [cy] * len(cols), cols)):
+                    self._halves[level][(cy, cx)] = half
+                self._complete[level][:] = cy + 1
+                self._propagate(level)
 
     def _read(self, array: zarr.Array, cy: int, cx: int) -> np.ndarray | None:
         """Chunk (``cy``, ``cx``) of ``array`` as :meth:`_put` wrote it (whole), or None if absent."""
