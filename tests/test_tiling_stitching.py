@@ -296,6 +296,7 @@ def _stitch_into_store(path, grid, masks, *, processes, strip_px, chunk, out_sha
 
 @pytest.mark.parametrize("downsample,out_scale,overlap,strip_px,processes", [
     (2.0, 1.0, 16, 60, 2), (1.37, 1.0, 40, 40, 3), (2.0, 0.25, 8, 30, 2), (1.002, 1.0, 0, 100, 1),
+    (1.0, 1.0, 0, 200, 2), (1.37, 1.0, 8, 260, 3),  # strips several tiles wide: tiles come in blocks of rows
 ])
 def test_stitching_processes_write_what_one_stitcher_writes(downsample, out_scale, overlap, strip_px, processes,
                                                            tmp_path):
@@ -325,6 +326,12 @@ def test_stitching_processes_write_what_one_stitcher_writes(downsample, out_scal
     many, many_polys, many_chunks = _stitch_into_store(tmp_path / "many", grid, masks, processes=processes, strip_px=strip_px,
                                           chunk=32, out_shape=out_shape)
     assert len(one.shapes) >= 4  # levels above a strip's width: built from the processes' chunks
+    if strip_px >= 200:  # the processes' order: each strip's block of rows in turn, not whole rows across the band
+        probe = EvidenceStitcher(grid, _Collect(out_shape, 32), strip_px=strip_px, shard=(0, processes), tracers=0)
+        order = probe.order()
+        first_band = np.array([probe.strips_of(int(i))[0] < processes for i in order])
+        rows = grid.rows[order][first_band].astype(int)
+        assert (np.diff(rows) < 0).any(), "within a band, a strip's block of rows comes before the next strip's"
     assert many_chunks == one_chunks > 0
     a, b = zarr.open_group(str(tmp_path / "one/e.ome.zarr"), mode="r"), zarr.open_group(str(tmp_path / "many/e.ome.zarr"), mode="r")
     assert b["0"][0].any()
