@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Iterator, TypeVar
 
 import numpy as np
-import shapely
 import torch
 from PIL import Image
 from shapely.geometry import box
@@ -359,11 +358,10 @@ def _write_polygons(path: Path, stitcher: EvidenceStitcher, grid: TileGrid, slid
     processes (0: here); (polygons written, their count and area per class)."""
     encode = functools.partial(encode_evidence, simplify_px=grid.downsample * 0.5, clip=box(0, 0, *size0),
                                class_names=class_names, colors=colors, mpp=slide_mpp)
-    batches = stitcher.polygons.final_batches()
     if processes:  # a slide may hold millions of polygons: ~1 CPU ms per tile of blob-like evidence
-        encoded = chain.from_iterable(ordered_map(encode, ((c, shapely.to_wkb(g)) for c, g in batches), processes))
+        encoded = chain.from_iterable(ordered_map(encode, stitcher.polygons.final_batches(wkb=True), processes))
     else:
-        encoded = chain.from_iterable(encode(c, g) for c, g in batches)
+        encoded = chain.from_iterable(encode(c, g) for c, g in stitcher.polygons.final_batches())
     count, per_class = write_evidence(path, encoded, slide_key=slide_key)
     return count, {class_names[c]: {"polygons": n, "area_um2": a} for c, (n, a) in per_class.items()}
 

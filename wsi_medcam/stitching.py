@@ -248,23 +248,25 @@ class EvidencePolygons:
         for classes, geoms in self.final_batches():
             yield from finish_polygons(classes, geoms, simplify_px, clip)
 
-    def final_batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def final_batches(self, *, wkb: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(class indices, polygons) after merging across block and tile borders, batch by batch,
         before :func:`finish_polygons` (what :meth:`merged` yields, for callers that finish the
-        batches elsewhere, e.g. in other processes)."""
+        batches elsewhere, e.g. in other processes); ``wkb``: as WKB, so that polygons read back
+        from a spool go on as they were stored, never decoded here."""
         self.close_rows(math.inf)
         cut = unary_union(self.cuts) if self.cuts else None
         redo: dict[int, list[Polygon]] = {c: list(p) for c, p in self.patches.items()}
-        for classes, geoms in self._batches():
+        for classes, geoms in self._batches(decode=cut is not None or not wkb):
             if cut is not None:  # what the cut region touches is re-merged with what replaces it
                 hit = shapely.intersects(geoms, cut)
                 for c, g in zip(classes[hit], shapely.difference(geoms[hit], cut)):
                     redo.setdefault(int(c), []).append(g)
                 classes, geoms = classes[~hit], geoms[~hit]
+                geoms = shapely.to_wkb(geoms) if wkb else geoms
             yield classes, geoms
         for class_index in sorted(redo):
             geoms = np.array(_polygon_parts(unary_union(redo[class_index])), dtype=object)
-            yield np.full(len(geoms), class_index), geoms
+            yield np.full(len(geoms), class_index), shapely.to_wkb(geoms) if wkb else geoms
 
     def _finalise(self, items: list[tuple[int, Polygon]]) -> None:
         self._final.extend(items)
@@ -281,21 +283,21 @@ class EvidencePolygons:
         self._spool.write(b"".join(self._RECORD.pack(c, len(w)) + w for (c, _), w in zip(self._final, wkbs)))
         self._final = []
 
-    def _batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(class indices, polygons) read back from the spool and the adopted ones, in batches
-        (everything is flushed first); adopted spools are deleted once read."""
+    def _batches(self, decode: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(class indices, polygons, or their WKB unless ``decode``) read back from the spool and
+        the adopted ones, in batches (everything is flushed first); adopted spools are deleted once read."""
         self._flush()
         if self._spool is not None:
-            yield from self._read_spool(self._spool)
+            yield from self._read_spool(self._spool, decode)
             self._spool.close()
             self._spool = None
         while self._adopted:
             path = self._adopted.pop(0)
             with open(path, "rb") as spool:
-                yield from self._read_spool(spool)
+                yield from self._read_spool(spool, decode)
             path.unlink()
 
-    def _read_spool(self, spool: IO[bytes]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def _read_spool(self, spool: IO[bytes], decode: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         spool.seek(0)
         head = self._RECORD.size
         while True:
@@ -306,7 +308,8 @@ class EvidencePolygons:
                 wkbs.append(spool.read(n))
             if not wkbs:
                 break
-            yield np.array(classes), shapely.from_wkb(np.array(wkbs, dtype=object))
+            wkb = np.array(wkbs, dtype=object)
+            yield np.array(classes), shapely.from_wkb(wkb) if decode else wkb
 
 
 def _merge_touching(pieces: np.ndarray) -> np.ndarray:
