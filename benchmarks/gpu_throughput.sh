@@ -15,7 +15,8 @@
 # 2. benchmarks/throughput.py on the MID slide at batch 256 with the default readers and stitching
 #    processes (and the models-stubbed ceiling with CEILING=yes), py-spy sampling all its processes
 #    for 45 s from DELAY s in (start-up and inference); then with SPLITS (default "8:8 5:11": readers:
-#    stitching processes) instead; REPEATS pipeline runs each;
+#    stitching processes) instead; REPEATS pipeline runs each (the mid slide has 8 strips of 4096 px, so
+#    at most 8 stitching processes start there);
 # 3. throughput.py on the BIG slide with the split whose inference stage was fastest on MID, and the ceiling.
 # nvidia-smi dmon samples the GPU throughout.
 # A dry run on a CPU machine: DEVICE=cpu MID=4096 STEPS=2 WHEELS=no bash benchmarks/gpu_throughput.sh /tmp/o
@@ -116,9 +117,9 @@ done
 best=$(python3 - "$out" <<'PY'  # the split whose inference stage ran fastest on MID: "" (the defaults) or "--workers R --stitchers S"
 import json, pathlib, sys
 runs = {p.name: json.loads(p.read_text()) for p in pathlib.Path(sys.argv[1]).glob("throughput-mid*.json")}
-name = max(runs, key=lambda n: runs[n]["pipeline_inference_stage_tiles_per_s"], default="")
-d = runs.get(name)
-print("" if not d or name == "throughput-mid.json" else f"--workers {d['workers']} --stitchers {d['stitching_processes']}")
+name = max(runs, key=lambda n: runs[n]["pipeline_inference_stage_tiles_per_s"], default="throughput-mid.json")
+# the split asked for, from the name (the JSON has the processes started: at most one per 4096 px strip)
+print("" if name == "throughput-mid.json" else "--workers {} --stitchers {}".format(*name[15:-5].split("x")))
 PY
 )
 echo "BIG slide with: ${best:-the defaults}" >>"$log"
