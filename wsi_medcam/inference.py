@@ -150,8 +150,9 @@ class Predictor:
         self.segmenter = segmenter.model.to(self.device, memory_format=self.memory_format).eval() if use_segmenter else None
         ccfg = classifier.config
         self.mean, self.std = tuple(ccfg.mean), tuple(ccfg.std)
-        self._mean = torch.tensor(ccfg.mean, device=self.device).view(1, 3, 1, 1) * 255
-        self._std = torch.tensor(ccfg.std, device=self.device).view(1, 3, 1, 1) * 255
+        self._fill_stats = (torch.tensor(ccfg.mean, device=self.device), torch.tensor(ccfg.std, device=self.device))  # 0-1
+        self._mean = self._fill_stats[0].view(1, 3, 1, 1) * 255
+        self._std = self._fill_stats[1].view(1, 3, 1, 1) * 255
         scfg = segmenter.config if use_segmenter and segmenter else None
         if scfg is not None and scfg.mean is not None and scfg.std is not None:
             self._seg_mean = torch.tensor(scfg.mean, device=self.device).view(1, 3, 1, 1) * 255
@@ -197,7 +198,7 @@ class Predictor:
                 gen = torch.Generator(device=self.device).manual_seed(0)
                 hard = (soft > 0.5).float()[:, None]
                 for fill in self.certify_fills:
-                    b = make_fill(fill, x_cls.float(), mean=self.mean, std=self.std, generator=gen)
+                    b = make_fill(fill, x_cls.float(), mean=self._fill_stats[0], std=self._fill_stats[1], generator=gen)
                     kept[fill] = (self.classifier(compose(x_cls, hard, b)).argmax(1) == pred).cpu().numpy()
         return probs.cpu().numpy(), None if soft is None else quantise(soft).cpu().numpy(), kept
 

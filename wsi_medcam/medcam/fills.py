@@ -31,22 +31,25 @@ def make_fill(
     kind: str,
     x: torch.Tensor,
     *,
-    mean: tuple[float, float, float],
-    std: tuple[float, float, float],
+    mean: tuple[float, float, float] | torch.Tensor,
+    std: tuple[float, float, float] | torch.Tensor,
     generator: torch.Generator | None = None,
     blur_sigma_px: float = 10.0,
 ) -> torch.Tensor:
     """A fill tensor shaped like ``x`` (B, 3, H, W, normalised with ``mean``/``std`` in 0–1 units).
+    ``mean`` and ``std`` may be tensors on ``x``'s device already: a tensor made from numbers is a
+    copy to the GPU that waits for the work queued before it (on an H200, the model process's
+    busiest line in py-spy).
 
     Raises
     ------
     ValueError
         for an unknown ``kind``.
     """
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     if kind == "mean":
         return torch.zeros_like(x)
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     if kind == "white":
         return ((1 - m) / s).expand_as(x).clone()
     if kind == "blur":
