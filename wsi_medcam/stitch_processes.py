@@ -50,10 +50,10 @@ _POLL_S = 0.5  # how often a blocked send or wait checks that the processes are 
 
 def default_stitchers(device_type: str) -> int:
     """Stitching processes: on a GPU, 5/8 of the CPU cores, the readers having the rest (py-spy on
-    an H200 machine's 16 cores: stitching ~2.0 CPU ms per tile, reading ~1.0; with 8 of each, the
-    pipeline with the models stubbed out stitched 4,189 tiles/s, about what 8 stitchers allow, below
-    the models' 5,580); on a CPU none, since the models there are far slower than one stitcher and
-    need every core."""
+    an H200 machine's 16 cores: stitching ~2.0 CPU ms per tile, reading ~1.0; on a 100k² slide 8
+    readers and 8 stitchers reached 3,328 tiles/s in the inference stage, the models stubbed out
+    4,189: what 8 stitchers allow; 6 and 10 reached 4,374 with the models, which alone ran 5,665);
+    on a CPU none, since the models there are far slower than one stitcher and need every core."""
     return max(1, usable_cores() * 5 // 8) if device_type == "cuda" else 0
 
 
