@@ -29,6 +29,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,17 +60,35 @@ def _usable(page: Any) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class _Level:
+    """What reading one tiled level needs, kept without its TIFF page: tifffile holds a page's tile
+    offsets and byte counts as tuples of Python ints, ~40 B per tile each, 12 MiB for the level 0
+    of a 100k² slide in every reader process, where numpy takes 16 B per tile."""
+
+    shape: tuple[int, int]  # level px (height, width)
+    tile: tuple[int, int]  # tile px (height, width)
+    offsets: np.ndarray  # int64, per tile: where its bytes start in the file
+    counts: np.ndarray  # int64, per tile: how many (0: the file has no such tile)
+    jpeg: bool
+    jpegtables: bytes | None
+    decode: Callable[..., Any]  # tifffile's decoder for the page (a closure, not holding the page)
+
+    @classmethod
+    def of(cls, page: Any) -> "_Level":
+        return cls(page.shape[:2], (page.tilelength, page.tilewidth), np.asarray(page.dataoffsets, np.int64),
+                   np.asarray(page.databytecounts, np.int64), page.compression == 7, page.jpegtables, page.decode)
+
+
 class TiffTiles:
     """Direct region reads on the tiled levels of one TIFF; use :meth:`open`, then :meth:`read`.
 
     cache_bytes : decoded tiles kept, bytes (OpenSlide's own default cache is 32 MiB too).
     """
 
-    def __init__(self, tif: tifffile.TiffFile, pages: dict[int, Any], reference: Reference,
-                 *, cache_bytes: int = 32 << 20):
-        self._tif = tif
-        self._fd = os.open(tif.filehandle.path, os.O_RDONLY)
-        self._pages = pages
+    def __init__(self, path: Path, levels: dict[int, _Level], reference: Reference, *, cache_bytes: int = 32 << 20):
+        self._fd = os.open(path, os.O_RDONLY)
+        self._levels = levels
         self._reference = reference
         self._trusted: set[int] = set()
         self._cache: OrderedDict[tuple[int, int], np.ndarray | None] = OrderedDict()
@@ -85,19 +104,16 @@ class TiffTiles:
         if vendor not in VENDORS or not hasattr(os, "pread"):  # Windows has no pread: OpenSlide reads
             return None
         try:
-            tif = tifffile.TiffFile(path)
+            with tifffile.TiffFile(path) as tif:
+                candidates = [p for p in tif.pages if _usable(p)]
+                levels = {}
+                for level, (w, h) in enumerate(level_dimensions):
+                    page = next((p for p in candidates if p.shape[:2] == (h, w)), None)
+                    if page is not None:
+                        levels[level] = _Level.of(page)
         except Exception:  # noqa: BLE001 - OpenSlide opened it: it stays the reader
             return None
-        candidates = [p for p in tif.pages if _usable(p)]
-        pages = {}
-        for level, (w, h) in enumerate(level_dimensions):
-            page = next((p for p in candidates if p.shape[:2] == (h, w)), None)
-            if page is not None:
-                pages[level] = page
-        if not pages:
-            tif.close()
-            return None
-        return cls(tif, pages, reference)
+        return cls(path, levels, reference) if levels else None
 
     @property
     def trusted_levels(self) -> frozenset[int]:
@@ -106,37 +122,36 @@ class TiffTiles:
 
     def close(self) -> None:
         os.close(self._fd)
-        self._tif.close()
 
     def read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray | None:
         """RGB uint8 (height, width, 3) at ``level`` from level px (``x``, ``y``), or None where
         OpenSlide must read it (see the module docstring)."""
-        page = self._pages.get(level)  # one lookup: another thread may hand the level back meanwhile
-        if page is None:
+        lv = self._levels.get(level)  # one lookup: another thread may hand the level back meanwhile
+        if lv is None:
             return None
         try:
-            region = self._assemble(page, level, x, y, width, height)
+            region = self._assemble(lv, level, x, y, width, height)
         except Exception:  # noqa: BLE001 - a tile tifffile cannot decode: OpenSlide reports it properly
-            self._pages.pop(level, None)
+            self._levels.pop(level, None)
             return None
         if level in self._trusted:
             return region
         if not np.array_equal(region, self._reference(level, x, y, width, height)):
-            self._pages.pop(level, None)
+            self._levels.pop(level, None)
             return None
         if region.min() != region.max():
             self._trusted.add(level)
         return region
 
-    def _assemble(self, page: Any, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+    def _assemble(self, lv: _Level, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         out = np.full((height, width, 3), 255, np.uint8)
-        level_h, level_w = page.shape[:2]
-        th, tw = page.tilelength, page.tilewidth
+        level_h, level_w = lv.shape
+        th, tw = lv.tile
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + width, level_w), min(y + height, level_h)
         across = -(-level_w // tw)
         for ty in range(y0 // th, (y1 - 1) // th + 1) if y0 < y1 else ():
             for tx in range(x0 // tw, (x1 - 1) // tw + 1) if x0 < x1 else ():
-                tile = self._tile(page, level, ty * across + tx)
+                tile = self._tile(lv, level, ty * across + tx)
                 if tile is None:
                     continue
                 ys, ye = max(y0, ty * th), min(y1, (ty + 1) * th)
@@ -144,22 +159,22 @@ class TiffTiles:
                 out[ys - y:ye - y, xs - x:xe - x] = tile[ys - ty * th:ye - ty * th, xs - tx * tw:xe - tx * tw]
         return out
 
-    def _tile(self, page: Any, level: int, index: int) -> np.ndarray | None:
-        """Decoded tile ``index`` of ``page`` (th, tw, 3), or None where the file has none."""
+    def _tile(self, lv: _Level, level: int, index: int) -> np.ndarray | None:
+        """Decoded tile ``index`` of level ``lv`` (th, tw, 3), or None where the file has none."""
         key = (level, index)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        size = int(page.databytecounts[index])
+        size = int(lv.counts[index])
         tile = None
         if size:
-            data = os.pread(self._fd, size, int(page.dataoffsets[index]))
+            data = os.pread(self._fd, size, int(lv.offsets[index]))
             # libjpeg only warns about a truncated tile and fills it in, which imagecodecs accepts
             # silently, where OpenSlide raises: refuse what a truncation leaves behind
-            if len(data) < size or (page.compression == 7 and not data.rstrip(b"\0").endswith(b"\xff\xd9")):
+            if len(data) < size or (lv.jpeg and not data.rstrip(b"\0").endswith(b"\xff\xd9")):
                 raise ValueError(f"tile {index} of level {level} is truncated")
-            tile = page.decode(data, index, jpegtables=page.jpegtables)[0][0]
+            tile = lv.decode(data, index, jpegtables=lv.jpegtables)[0][0]
         with self._lock:
             if key not in self._cache:  # another thread may have decoded it meanwhile
                 self._cache[key] = tile
