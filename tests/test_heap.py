@@ -4,6 +4,8 @@ parent's pages."""
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 
 import psutil
 import pytest
@@ -33,3 +35,33 @@ def test_objects_are_kept_from_the_collector_only_while_readers_run():
         del cycle
         assert gc.collect() >= 1
     assert gc.get_freeze_count() == 0
+
+
+_ARENA_PROBE = """
+import sys, threading, psutil
+from wsi_medcam.heap import use_one_arena
+if sys.argv[1] == "one":
+    assert use_one_arena()
+kept, a_done, b_done = [], threading.Event(), threading.Event()
+def a():  # frees ~100 MiB of malloc'd blocks and stays alive, holding the block above them
+    blocks = [bytearray(64 * 1024) for _ in range(1600)]
+    kept.append(bytearray(64 * 1024))
+    del blocks
+    a_done.set()
+    b_done.wait()
+def b():
+    kept.append([bytearray(64 * 1024) for _ in range(1600)])
+ta = threading.Thread(target=a); ta.start(); a_done.wait()
+before = psutil.Process().memory_info().rss
+tb = threading.Thread(target=b); tb.start(); tb.join()
+print((psutil.Process().memory_info().rss - before) / 2**20)
+b_done.set(); ta.join()
+"""
+
+
+@pytest.mark.skipif(not release_freed_memory(), reason="malloc arenas are glibc's")
+def test_threads_reuse_what_other_threads_freed_with_one_arena():
+    grown = {mode: float(subprocess.run([sys.executable, "-c", _ARENA_PROBE, mode], capture_output=True, text=True,
+                                        check=True).stdout) for mode in ("default", "one")}
+    assert grown["default"] > 80  # a thread of its own arena: its 100 MiB come fresh from the system
+    assert grown["one"] < 30  # the same arena: the other thread's freed blocks are reused

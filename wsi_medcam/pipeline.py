@@ -38,8 +38,8 @@ from .export.geojson import encode_evidence, write_evidence
 from .export.ome_zarr import EvidenceStore, write_probabilities
 from .export.overview import class_heatmap, shrink_for_overview, write_overview
 from .export.tiles import TileBatch, TileWriter
-from .heap import release_freed_memory
-from .inference import BatchResult, Predictor, default_batch_size, default_workers
+from .heap import release_freed_memory, use_one_arena
+from .inference import BatchResult, Predictor, default_batch_size, default_workers, resolve_device
 from .levels import HARD
 from .slide import MppOverrides, SlideRef, open_slide, read_mpp_csvs
 from .stitch_processes import StitchingProcesses, default_stitchers, ordered_map, start_server
@@ -66,9 +66,13 @@ class Models:
 
 
 def load_models(cfg: RunConfig) -> Models:
-    """Load the bundles named in ``cfg`` onto the configured device."""
+    """Load the bundles named in ``cfg`` onto the configured device. For a CPU, this process's
+    threads share one malloc arena from now on (:func:`~wsi_medcam.heap.use_one_arena`): the models'
+    activations are then in host memory, and its peak no longer depends on which thread freed what."""
     if cfg.classifier is None:
         raise WsiMedcamError("no classifier bundle given: pass --classifier DIR")
+    if resolve_device(cfg.inference.device).type == "cpu":
+        use_one_arena()
     if cfg.inference.threads:
         torch.set_num_threads(cfg.inference.threads)
     classifier = load_classifier(cfg.classifier)
@@ -169,7 +173,7 @@ def process_slide(
     """Run the whole flow for one slide, writing every output into ``work_dir``; returns the report.
 
     Some writes run beside the slide's main line on a thread of their own (PNG and zarr encoding
-    release the GIL): the thumbnails beside the tiles, the pyramid's top levels beside the GeoJSON.
+    release the GIL): the thumbnails beside tiling and setup, the pyramid's top levels beside the GeoJSON.
     Returning, or failing, waits for them, so nothing is written into ``work_dir`` afterwards."""
     Image.preinit()  # PIL's format plugins imported here, not on that thread while readers fork
     with ThreadPoolExecutor(1, thread_name_prefix="wsi-medcam-beside") as beside:
@@ -200,15 +204,13 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
         description = slide.describe()
         ref = SlideRef.of(slide)
         dimensions = slide.dimensions
-    thumbnails = beside.submit(_write_thumbnails, work_dir, tissue.thumbnail, tissue.mask)
+    thumbnails = beside.submit(_write_thumbnails, work_dir, [tissue.thumbnail, tissue.mask])
     with timer.stage("tiling"):
         grid = plan_tiles(dimensions, downsample, tissue.mask, cfg.tiling, mpp=mpp, tile_size=tile_size)
     tissue_stats = {"mpp": tissue.mpp, "fraction": float(tissue.mask.mean()) if tissue.mask.size else 0.0}
     overview_thumb, overview_tissue = shrink_for_overview(tissue.thumbnail, tissue.mask)
     del tissue  # full-size thumbnail and mask grow with the slide's area; the overview needs only these
-    with timer.stage("setup"):  # memory released, the evidence store created, stitching processes started
-        release_freed_memory()  # the thumbnail's read blocks and the mask's temporaries, before readers fork
-
+    with timer.stage("setup"):  # the evidence store created, stitching processes started
         slide_key = f"{path.name}:{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
         out_mpp = cfg.output.mask_mpp or slide.mpp.mean
         if out_mpp < slide.mpp.mean * (1 - 1e-6):
@@ -240,6 +242,12 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
         loader = make_loader(TileDataset(ref, grid, tolerance=cfg.slide.level_tolerance, order=order), batch_size=batch_size,
                              workers=workers,
                              pin_memory=models.predictor.device.type == "cuda")
+    # Reader processes fork from this one when the tiles start, and whatever it holds then stays
+    # theirs too once it frees it: the thumbnails are written (beside tiling and setup) and the
+    # heap trimmed first. A 100k² slide's 3125² thumbnail and mask are ~40 MiB.
+    with timer.stage("thumbnails"):
+        thumbnails.result()
+        release_freed_memory()  # with the thumbnail's read blocks and the mask's temporaries
     done = 0
     with timer.stage("inference+stitching"), TileWriter(
         work_dir / "tiles.csv", work_dir / "tiles.geojson", slide_key=slide_key, class_names=class_names, colors=colors,
@@ -320,8 +328,6 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
         cols = min(grid.grid_shape[1], max(1, round(width0 / grid.downsample / grid.stride)))
         write_overview(work_dir / "overview.png", overview_thumb, overview_tissue,
                        class_heatmap(grid_probs[:, :rows, :cols], colors), evidence_thumb)
-    with timer.stage("thumbnails"):  # what is left of them (written beside the tiles)
-        thumbnails.result()
     report = {
         "slide": description,
         "parameters": {"tile_mpp": mpp, "tile_size": tile_size, "stride": grid.stride, "downsample": downsample,
@@ -343,9 +349,13 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
     return report
 
 
-def _write_thumbnails(work_dir: Path, thumbnail: np.ndarray, mask: np.ndarray) -> None:
+def _write_thumbnails(work_dir: Path, images: list[np.ndarray]) -> None:
     """``thumbnail.png`` and ``tissue.png`` at zlib level 1 (a 2048² thumbnail and mask: 0.40 s,
-    level 6 0.71 s for 8 % fewer bytes)."""
+    level 6 0.71 s for 8 % fewer bytes), from ``images`` (thumbnail, mask), which are taken out of
+    the list: a thread pool keeps a task's arguments a moment after its result is ready, and the
+    caller waits for this to free them."""
+    thumbnail, mask = images
+    images.clear()
     Image.fromarray(thumbnail).save(work_dir / "thumbnail.png", compress_level=1)
     Image.fromarray(mask.astype(np.uint8) * 255).save(work_dir / "tissue.png", compress_level=1)
 
