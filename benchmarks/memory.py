@@ -43,7 +43,7 @@ def measure(slide: Path, args: argparse.Namespace, extra: list[str]) -> dict[str
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "wsi_medcam.cli", "run", str(slide), "--classifier", str(args.classifier),
                "-o", tmp, *(["--segmenter", str(args.segmenter)] if args.segmenter else []), *extra]
-        start = time.perf_counter()
+        start, wall_start = time.perf_counter(), time.time()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         ps = psutil.Process(proc.pid)
         samples: list[tuple[float, int, int]] = []  # (s since start, PSS, RSS)
@@ -53,20 +53,23 @@ def measure(slide: Path, args: argparse.Namespace, extra: list[str]) -> dict[str
         seconds = time.perf_counter() - start
         if proc.returncode != 0:
             sys.exit(f"run failed on {slide}: {proc.stderr.read()[-2000:]}")
-        report = json.loads(next(Path(tmp).glob("*/report.json")).read_text())
+        report_path = next(Path(tmp).glob("*/report.json"))
+        report = json.loads(report_path.read_text())
+        written = report_path.stat().st_mtime - wall_start  # the slide's end, s after start
     timings = report["timings_s"]
     return {"slide": str(slide), "dimensions": report["slide"]["dimensions"], "tiles": report["tiles"]["count"],
             "seconds": seconds, "peak_pss_mib": max(p for _, p, _ in samples) / 2**20,
             "peak_rss_mib": max(r for _, _, r in samples) / 2**20,
-            "peak_pss_by_stage_mib": peaks_by_stage(samples, timings, seconds),
+            "peak_pss_by_stage_mib": peaks_by_stage(samples, timings, written),
             "tissue_and_tiling_s": timings["tissue"] + timings["tiling"]}
 
 
-def peaks_by_stage(samples: list[tuple[float, int, int]], timings: dict[str, float], seconds: float) -> dict[str, float]:
+def peaks_by_stage(samples: list[tuple[float, int, int]], timings: dict[str, float], written: float) -> dict[str, float]:
     """Peak PSS (MiB) within each stage of the report's ``timings_s`` (in the order they ran,
-    ending ``total`` s after the slide's start, which is taken as the process's end less ``total``:
-    the report is the last thing written); ``start`` is the interpreter and model loading before it."""
-    t = seconds - timings["total"]
+    ending ``total`` s after the slide's start), the report being written ``written`` s after the
+    process started (the slide's end; exiting takes seconds more: interpreter, torch, threads);
+    ``start`` is the interpreter and model loading before the slide, ``end`` the exit after it."""
+    t = written - timings["total"]
     bounds = [("start", t)]
     for name, duration in timings.items():
         if name != "total":
