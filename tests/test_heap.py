@@ -1,17 +1,22 @@
-"""Memory hygiene: freed heap goes back to the system (glibc), and forked readers keep sharing the
-parent's pages."""
+"""Memory hygiene: freed heap goes back to the system (glibc), threads share one arena on a CPU,
+and forked readers keep sharing the parent's pages without inheriting what it was about to free."""
 
 from __future__ import annotations
 
 import gc
 import subprocess
 import sys
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import psutil
 import pytest
+from PIL import Image
 
 from wsi_medcam.batching import shared_with_readers
 from wsi_medcam.heap import release_freed_memory
+from wsi_medcam.pipeline import _write_thumbnails
 
 
 @pytest.mark.skipif(not release_freed_memory(), reason="malloc_trim is glibc's")
@@ -65,3 +70,17 @@ def test_threads_reuse_what_other_threads_freed_with_one_arena():
                                         check=True).stdout) for mode in ("default", "one")}
     assert grown["default"] > 80  # a thread of its own arena: its 100 MiB come fresh from the system
     assert grown["one"] < 30  # the same arena: the other thread's freed blocks are reused
+
+
+def test_thumbnails_are_freed_once_written(tmp_path):
+    # the pipeline waits for this write before the readers fork: whatever it still holds then
+    # stays in the readers' pages for the whole slide
+    images = [np.full((300, 400, 3), 200, np.uint8), np.zeros((300, 400), bool)]
+    alive = [weakref.ref(a) for a in images]
+    with ThreadPoolExecutor(1) as pool:
+        written = pool.submit(_write_thumbnails, tmp_path, images)
+        del images
+        written.result()
+        assert [ref() is None for ref in alive] == [True, True]
+    assert Image.open(tmp_path / "thumbnail.png").size == (400, 300)
+    assert Image.open(tmp_path / "tissue.png").getextrema() == (0, 0)
