@@ -38,6 +38,7 @@ from .export.geojson import encode_evidence, write_evidence
 from .export.ome_zarr import EvidenceStore, write_probabilities
 from .export.overview import class_heatmap, shrink_for_overview, write_overview
 from .export.tiles import TileBatch, TileWriter
+from .folding import fold_batchnorms
 from .heap import release_freed_memory, use_one_arena
 from .inference import BatchResult, Predictor, default_batch_size, default_workers, resolve_device
 from .levels import HARD
@@ -68,7 +69,9 @@ class Models:
 def load_models(cfg: RunConfig) -> Models:
     """Load the bundles named in ``cfg`` onto the configured device. For a CPU, this process's
     threads share one malloc arena from now on (:func:`~wsi_medcam.heap.use_one_arena`): the models'
-    activations are then in host memory, and its peak no longer depends on which thread freed what."""
+    activations are then in host memory, and its peak no longer depends on which thread freed what.
+    The models' batch norms are folded into their convolutions (:mod:`wsi_medcam.folding`), except
+    the segmenter's when ``inference.refine`` trains copies of it."""
     if cfg.classifier is None:
         raise WsiMedcamError("no classifier bundle given: pass --classifier DIR")
     if resolve_device(cfg.inference.device).type == "cpu":
@@ -77,6 +80,10 @@ def load_models(cfg: RunConfig) -> Models:
         torch.set_num_threads(cfg.inference.threads)
     classifier = load_classifier(cfg.classifier)
     segmenter = load_segmenter(cfg.segmenter) if cfg.segmenter else None
+    # the classifier is only ever evaluated here; per-image refinement trains copies of the segmenter
+    fold_batchnorms(classifier.model)
+    if segmenter is not None and not cfg.inference.refine:
+        fold_batchnorms(segmenter.model)
     return Models(classifier, segmenter, Predictor(classifier, segmenter, cfg.inference))
 
 
