@@ -128,7 +128,7 @@ def run(
     tile_size: Annotated[Optional[int], typer.Option(help="override the classifier's tile size, px (warns)")] = None,
     overlap: Annotated[Optional[int], typer.Option(help="tile overlap, px at the tile resolution")] = None,
     min_tissue: Annotated[Optional[float], typer.Option(help="minimum tissue fraction of a kept tile, 0–1")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="tiles per batch (default 256 on CUDA, 8 per stream on CPU)")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="tiles per batch (default 256 on CUDA, 4 per stream on CPU)")] = None,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader reader processes")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16")] = None,

@@ -72,7 +72,7 @@ class InferenceConfig(_Frozen):
     """How the models are driven."""
 
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    batch_size: int | None = Field(None, ge=1, description="tiles per batch; None: 256 on CUDA, 8 per stream on CPU")
+    batch_size: int | None = Field(None, ge=1, description="tiles per batch; None: 256 on CUDA, 4 per stream on CPU")
     workers: int | None = Field(None, ge=0, le=64, description="DataLoader reader processes; None: 1 per 4 CPU cores on CPU (at least 1), 3/8 of the cores (at most 8) on CUDA")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True

@@ -68,11 +68,14 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 
 def default_batch_size(device: torch.device) -> int:
-    """Tiles per batch. On CPU 8 per stream: throughput is flat from 8 to 32 tiles (U-Net/resnet18
-    at 224 px, bf16; two streams of 8 ran at least as fast as two of 16) while the activations grow
-    by about 20 MiB per tile in flight (a 16k² slide's peak PSS: 1743 MiB with two streams of 16,
-    1478 MiB with two of 8, as with one batch of 16 before streams)."""
-    return 256 if device.type == "cuda" else 8
+    """Tiles per batch. On CPU 4 per stream: the speed does not depend on it, the memory does. A
+    batch's activations peak at ~17.5 MiB per tile (resnet18 + U-Net/resnet18 at 224 px, fp32,
+    batch norms folded; torch.profiler), and with one batch per core in flight the process's peak
+    is where the streams' peaks meet, which a long run meets sooner or later. Measured on 2 cores,
+    two streams: fp32 (no AMX) 8.93 tiles/s with batches of 4, 9.02 with 8; bf16 (AMX) flat from 8
+    to 32 tiles, while a 16k² slide's peak PSS went from 1743 MiB with two streams of 16 to 1478
+    with two of 8."""
+    return 256 if device.type == "cuda" else 4
 
 
 def default_workers(device: torch.device) -> int:
