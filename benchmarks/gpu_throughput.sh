@@ -44,7 +44,7 @@ export PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1; echo "cpu cores: $(nproc)"
   python3 -c 'import sys, numpy, torch, timm, tifffile, PIL; print("python", sys.version.split()[0], "numpy", numpy.__version__,
 "torch", torch.__version__, "timm", timm.__version__, "tifffile", tifffile.__version__, "pillow", PIL.__version__)
-import segmentation_models_pytorch, zarr, openslide, rasterio, shapely, wsi_medcam.pipeline, wsi_medcam.cli; print("imports ok")'
+import segmentation_models_pytorch, zarr, openslide, cv2, shapely, wsi_medcam.pipeline, wsi_medcam.cli; print("imports ok")'
 } >>"$log" 2>&1
 if command -v nvidia-smi >/dev/null; then nvidia-smi dmon -s um -o T -d 1 >"$out/dmon.txt" 2>&1 & dmon=$!; fi
 

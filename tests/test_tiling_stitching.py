@@ -11,6 +11,8 @@ from wsi_medcam.export.ome_zarr import _halve_mean, _halve_nearest
 from wsi_medcam.stitching import EvidenceStitcher, _simplify, _trace
 from wsi_medcam.tiling import plan_tiles
 
+from conftest import needs_data
+
 
 def test_grid_covers_slide_and_keeps_tissue_tiles():
     tissue = np.zeros((100, 150), bool)  # mask at 20 level-0 px per mask px
@@ -142,16 +144,33 @@ def test_stitcher_matches_dense_reference(downsample, out_scale, overlap, tracer
         assert sum(k == c for k, _ in polygons) == regions, f"class {c}"
 
 
+def _assert_traced_as_gdal(label: np.ndarray, x0: int = 0, y0: int = 0, scale: float = 1.0, *,
+                           open_left: bool = True, open_right: bool = True) -> int:
+    """``_trace`` gives exactly the polygons GDAL's polygonize traces (rasterio, 4-connected: the
+    reference), valid, at the span's offset and scale, with the right border flags; their count."""
+    import shapely
+    from rasterio import features
+    from shapely.affinity import affine_transform
+    from shapely.geometry import shape
+
+    h, w = label.shape
+    got = list(zip(*_trace(label, x0, y0, scale, open_left=open_left, open_right=open_right)))
+    want = [(int(v), affine_transform(shape(g), [scale, 0, 0, scale, x0 * scale, y0 * scale]))
+            for g, v in features.shapes(label, mask=label > 0, connectivity=4)]
+    assert len(got) == len(want)
+    key = lambda item: (item[0], *shapely.bounds(item[1]), item[1].area)  # noqa: E731
+    for (v, poly, on_border), (wv, wpoly) in zip(sorted(got, key=key), sorted(want, key=key)):
+        assert v == wv and poly.is_valid and poly.equals(wpoly) and poly.area == wpoly.area
+        bx0, by0, bx1, by1 = (np.array(wpoly.bounds) / scale) - [x0, y0, x0, y0]
+        assert on_border == (by0 <= 0 or by1 >= h or (open_left and bx0 <= 0) or (open_right and bx1 >= w))
+    return len(want)
+
+
 @pytest.mark.parametrize("fill", [0.002, 0.05, 0.6])
 def test_tracing_only_the_lines_with_evidence_gives_the_polygons_of_the_whole_span(fill):
     """Sparse evidence is traced on its rows and columns with one empty line per gap; the polygons
     (holes, specks touching diagonally, regions on the span's edges) must be exactly those GDAL
     traces on the whole span, at the span's offset and scale."""
-    import shapely
-    from rasterio import features
-    from shapely.geometry import shape
-    from shapely.affinity import affine_transform
-
     rng = np.random.default_rng(7)
     label = np.zeros((96, 700), np.uint8)
     for _ in range(40):  # blobs of 3 classes, some with holes, some on the edges
@@ -161,16 +180,51 @@ def test_tracing_only_the_lines_with_evidence_gives_the_polygons_of_the_whole_sp
         label[(d <= r * r) & (d >= (r // 2) ** 2 * (r > 5))] = rng.integers(1, 4)
     label *= rng.random(label.shape) < fill / max(1e-9, (label > 0).mean()) if fill < 0.5 else 1
     label[10, 3] = label[11, 4] = 2  # diagonal specks: two regions under 4-connectivity
-    x0, y0, scale = 1234, 567, 2.0
-    got = list(_trace(label, x0, y0, scale, open_left=False, open_right=True))
-    want = [(int(v), affine_transform(shape(g), [scale, 0, 0, scale, x0 * scale, y0 * scale]))
-            for g, v in features.shapes(label, mask=label > 0, connectivity=4)]
-    assert len(got) == len(want) > 2
-    key = lambda item: (item[0], *shapely.bounds(item[1]), item[1].area)  # noqa: E731
-    for (v, poly, on_border), (wv, wpoly) in zip(sorted(got, key=key), sorted(want, key=key)):
-        assert v == wv and poly.equals(wpoly) and poly.area == wpoly.area
-        bx0, by0, bx1, by1 = (np.array(wpoly.bounds) / scale) - [x0, y0, x0, y0]
-        assert on_border == (by0 <= 0 or by1 >= 96 or bx1 >= 700)
+    assert _assert_traced_as_gdal(label, 1234, 567, 2.0, open_left=False, open_right=True) > 2
+
+
+def test_regions_touching_at_corners_are_traced_as_gdal_traces_them():
+    """OpenCV traces 8-connected regions; GDAL's are 4-connected. Where regions meet only at a
+    corner they must come out apart (and a region meeting *itself* at a corner must close a hole
+    there), also in a checkerboard, a diagonal line of specks, and rings touching blobs."""
+    checker = (np.indices((9, 12)).sum(0) % 2).astype(np.uint8)
+    assert _assert_traced_as_gdal(checker) == checker.sum()
+    diagonal = np.eye(15, dtype=np.uint8)
+    assert _assert_traced_as_gdal(diagonal) == 15
+    hook = np.array([[1, 1, 1, 1, 0],  # a ring closing on itself at a corner (a pinched hole), and a
+                     [1, 0, 0, 1, 0],  # speck touching it at another corner
+                     [1, 1, 1, 0, 0],
+                     [0, 0, 0, 1, 0]], np.uint8)
+    assert _assert_traced_as_gdal(np.pad(hook, 1)) == _assert_traced_as_gdal(hook) == 2
+    classes = checker * (1 + np.indices(checker.shape)[1] % 3).astype(np.uint8)  # three classes at corners
+    _assert_traced_as_gdal(classes)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_masks_are_traced_as_gdal_traces_them(seed):
+    """Speckle and blobs of one or three classes, any density and shape (one row, one column)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(40):
+        h, w = rng.integers(1, 50, 2)
+        noise = ndimage.gaussian_filter(rng.random((h, w)), rng.choice([0.0, 0.7, 1.5, 3.0]))
+        label = (noise > np.quantile(noise, rng.random())).astype(np.uint8)
+        if rng.random() < 0.5:  # three classes, in patches or per pixel
+            per = rng.integers(1, 4, (h, w)) if rng.random() < 0.5 else 1 + (np.indices((h, w))[1] * 3 // w)
+            label = (label * per).astype(np.uint8)
+        _assert_traced_as_gdal(label, int(rng.integers(-50, 50)), int(rng.integers(0, 50)), float(rng.choice([1.0, 2.0, 4.0])),
+                               open_left=bool(rng.random() < 0.5), open_right=bool(rng.random() < 0.5))
+
+
+@needs_data
+@pytest.mark.parametrize("sigma", [1.0, 4.0])
+def test_evidence_from_a_real_slide_is_traced_as_gdal_traces_it(cmu_pixels, sigma):
+    """Hard masks shaped like Med-CAM's evidence on real H&E (the darkest, haematoxylin-rich 20 %
+    of CMU-1-Small-Region, as blobs of nuclei or of glands), three classes by 224-px tile."""
+    grey = ndimage.gaussian_filter(cmu_pixels[800:1312, 600:2000].mean(2), sigma)  # tissue, little background
+    hard = grey < np.quantile(grey, 0.2)
+    tiles = np.random.default_rng(0).integers(1, 4, (512 // 224 + 1, 1400 // 224 + 1))
+    label = (hard * np.kron(tiles, np.ones((224, 224), int))[:512, :1400]).astype(np.uint8)
+    assert _assert_traced_as_gdal(label, 0, 256, 2.0) > 50
 
 
 def test_simplified_polygons_stay_valid_and_keep_every_speck():
@@ -182,7 +236,7 @@ def test_simplified_polygons_stay_valid_and_keep_every_speck():
 
     rng = np.random.default_rng(3)
     hard = (ndimage.gaussian_filter(rng.random((160, 160)), 1.0) > 0.5).astype(np.uint8)
-    traced = np.array([p for _, p, _ in _trace(hard, 0, 0, 1.0)], dtype=object)
+    traced = _trace(hard, 0, 0, 1.0)[1]
     assert len(traced) > 50
     plain = shapely.simplify(traced, 1.0, preserve_topology=False)
     assert shapely.is_empty(plain).any(), "no speck here that plain Douglas-Peucker would drop"
@@ -409,7 +463,7 @@ def test_evidence_geojson_encoded_in_processes_is_the_file_written_here(tmp_path
     rng = np.random.default_rng(5)
     classes = np.kron(rng.integers(1, 4, (30, 40)), np.ones((10, 10), int))
     label = (ndimage.gaussian_filter(rng.random((300, 400)), 2.0) > 0.52) * classes
-    traced = list(_trace(label.astype(np.uint8), -5, 0, 2.0))
+    traced = list(zip(*_trace(label.astype(np.uint8), -5, 0, 2.0)))
 
     def stitcher():
         polygons = EvidencePolygons(tmp_path, flush_every=64)  # several spooled batches

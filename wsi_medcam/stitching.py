@@ -13,11 +13,11 @@ carried parts, on the slide's height in tiles), never on the slide's width or ar
 canvas exists.
 
 Chunk resampling and writing (numpy, Blosc compression and file writes, which release the GIL) run
-on a small thread pool and the pyramid on its own thread, a few chunk rows behind; tracing (GDAL's
-polygonize holds the GIL) runs in worker processes on many-core machines. Even so, one stitcher
-costs its process ~4.5 CPU ms per tile, ~1.5 of them holding the GIL (2-core VM): to keep pace with
-a GPU, :mod:`wsi_medcam.stitch_processes` runs several stitchers, each on every N-th strip
-(``shard``).
+on a small thread pool and the pyramid on its own thread, a few chunk rows behind; tracing (OpenCV's
+contours, exactly GDAL's polygonize at 3-12× its speed: :func:`_trace`) runs in worker processes on
+many-core machines. Even so, stitching costs ~2.8 CPU ms per tile (2-core VM, Med-CAM-like masks of
+~6 polygons per tile, the GeoJSON's encoding included): to keep pace with a GPU, :mod:`wsi_medcam.stitch_processes` runs several
+stitchers, each on every N-th strip (``shard``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import math
 import multiprocessing
 import struct
 import tempfile
-import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -36,10 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
 
+import cv2
 import numpy as np
-import rasterio
 import shapely
-from rasterio import features
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from shapely.geometry import Polygon, box
@@ -106,48 +104,134 @@ def _polygon_parts(geom: BaseGeometry) -> list[Polygon]:
     return [g for g in getattr(geom, "geoms", [geom]) if isinstance(g, Polygon) and not g.is_empty]
 
 
-_gdal = threading.local()
-
-
-def _enter_gdal_env() -> None:
-    """Open a GDAL environment for this thread, once, and keep it: without one, rasterio sets one up
-    and tears it down around every ``features.shapes`` call (0.8 of 2.6 ms on a 256 × 300 span)."""
-    if getattr(_gdal, "env", None) is None:
-        _gdal.env = rasterio.Env()
-        _gdal.env.__enter__()
-
-
 def _trace(label: np.ndarray, x0: int, y0: int, scale: float, *, open_left: bool = True,
-           open_right: bool = True) -> Iterator[tuple[int, Polygon, bool]]:
-    """(value, polygon in level-0 px, may continue beyond the array) for each 4-connected region of
-    non-zero ``label``, whose pixel (0, 0) lies at canvas px (``x0``, ``y0``); ``scale`` is level-0
-    px per canvas px. A region may continue where it touches the top or bottom edge, and the left or
-    right edge unless ``open_left`` / ``open_right`` says nothing lies beyond it."""
+           open_right: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(values, polygons in level-0 px, may continue beyond the array) for the 4-connected regions of
+    non-zero ``label`` (uint8), whose pixel (0, 0) lies at canvas px (``x0``, ``y0``); ``scale`` is
+    level-0 px per canvas px. A region may continue where it touches the top or bottom edge, and the
+    left or right edge unless ``open_left`` / ``open_right`` says nothing lies beyond it. The
+    polygons are those GDAL's polygonize traces (4-connected, pixel edges), at a fraction of its cost
+    (:func:`_region_rings`)."""
     h, w = label.shape
-    # polygonize only the lines (rows, columns) with evidence and one empty line per gap between
-    # them: GDAL's cost follows the array's area, evidence usually covers a small part of a span,
-    # and one empty line keeps regions apart as all of the gap did (every adjacency is kept, so
-    # the polygons are those of the whole span, their edges mapped back exactly)
+    # trace only the lines (rows, columns) with evidence and one empty line per gap between them:
+    # the cost follows the array's area, evidence usually covers a small part of a span, and one
+    # empty line keeps regions apart as all of the gap did (every adjacency is kept, so the
+    # polygons are those of the whole span, their edges mapped back exactly)
     rows, cols = _lines_to_trace(label.any(1)), _lines_to_trace(label.any(0))
     if not len(rows):
-        return
+        return np.zeros(0, np.int64), np.zeros(0, object), np.zeros(0, bool)
     sparse = label[np.ix_(rows, cols)] if len(rows) < h // 2 or len(cols) < w // 2 else None
     if sparse is None:  # little to drop: the bounding box, a view
         rows, cols = np.arange(rows[0], rows[-1] + 1), np.arange(cols[0], cols[-1] + 1)
         sparse = label[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    top = int(sparse.max())
+    values, parts = [], []
+    for value in range(1, top + 1):
+        mask = np.ascontiguousarray(sparse if top == 1 else (sparse == value).view(np.uint8))
+        if top > 1 and not mask.any():
+            continue
+        for part in _apart(mask):
+            traced = _region_rings(part)
+            if traced is not None:
+                parts.append(traced)
+                values.append(np.full(np.count_nonzero(traced[2] < 0), value, np.int64))
+    points, lengths, parent = (np.concatenate(a) for a in zip(*_offset_parents(parts)))
     # edge k of the traced array lies on edge edge_x[k] (edge_y[k]) of the span
     edge_x, edge_y = np.append(cols, cols[-1] + 1), np.append(rows, rows[-1] + 1)
-    _enter_gdal_env()
-    for geom, value in features.shapes(sparse, mask=sparse > 0, connectivity=4):
-        rings = []
-        for ring in geom["coordinates"]:
-            k = np.rint(np.asarray(ring, np.float64)).astype(np.int64)
-            rings.append(np.column_stack((edge_x[k[:, 0]], edge_y[k[:, 1]])))
-        xs, ys = rings[0][:, 0], rings[0][:, 1]
-        on_border = bool(ys.min() <= 0 or ys.max() >= h or (open_left and xs.min() <= 0)
-                         or (open_right and xs.max() >= w))
-        rings = [(ring + (x0, y0)) * float(scale) for ring in rings]
-        yield int(value), Polygon(rings[0], rings[1:]), on_border
+    xs, ys = edge_x[points[:, 0]], edge_y[points[:, 1]]
+    shells = np.flatnonzero(parent < 0)
+    firsts = np.cumsum(lengths) - lengths
+    lo_x, hi_x = np.minimum.reduceat(xs, firsts)[shells], np.maximum.reduceat(xs, firsts)[shells]
+    lo_y, hi_y = np.minimum.reduceat(ys, firsts)[shells], np.maximum.reduceat(ys, firsts)[shells]
+    on_border = (lo_y <= 0) | (hi_y >= h) | (open_left & (lo_x <= 0)) | (open_right & (hi_x >= w))
+    coords = (np.column_stack((xs, ys)) + (x0, y0)) * float(scale)
+    return np.concatenate(values), _polygons(coords, lengths, parent), on_border
+
+
+def _region_rings(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(points (n, 2) as pixel-edge x, y; points per ring; each ring's shell, -1 for a shell) of the
+    regions of a 0/1 uint8 ``mask`` in which no two regions touch only at a corner; None if empty.
+
+    OpenCV traces the boundary *pixels* of 8-connected regions (its background 4-connected), not the
+    pixel edges. On the mask doubled (each px a 2×2 block) a boundary pixel at doubled coordinate c
+    is the half of px c // 2 facing the border, so the edge it marks is c / 2 for even c (the px's
+    left or top edge), (c + 1) / 2 for odd c: ⌈c / 2⌉, the rings of the pixel edges, holes
+    included. Without corner-only contacts between regions, 8-connected regions are the
+    4-connected ones GDAL traces (:func:`_apart`)."""
+    h, w = mask.shape
+    dtype, spread = _SPREAD[2]
+    wide = (mask.astype(dtype) * spread).view(np.uint8)  # each px twice across (7× cv2.resize's speed)
+    doubled = np.stack((wide, wide), axis=1).reshape(2 * h, 2 * w)
+    contours, hierarchy = cv2.findContours(doubled, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return None
+    points = np.concatenate(contours)[:, 0, :]
+    return (points + 1) >> 1, np.array([len(c) for c in contours]), hierarchy[0][:, 3]
+
+
+def _apart(mask: np.ndarray) -> list[np.ndarray]:
+    """``mask`` (0/1 uint8) as masks of its 4-connected regions in which no two regions touch only
+    at a corner (one mask, itself, unless some do: then the regions are coloured so that no two of
+    a colour touch, one mask per colour). A region touching *itself* at a corner stays whole: there
+    the corner closes a hole, as under 4-connectivity."""
+    # 2×2 windows set on one diagonal only, by their bottom-right px (hit-or-miss: 10× numpy's
+    # elementwise test); row or column 0 would be windows reaching out of the mask
+    down_right, down_left = (_set_px(cv2.morphologyEx(mask, cv2.MORPH_HITMISS, k)[1:, 1:]) + 1 for k in _DIAGONALS)
+    if not len(down_right) and not len(down_left):
+        return [mask]
+    n, region = cv2.connectedComponents(mask, connectivity=4)
+    (y, x), (y2, x2) = down_right.T, down_left.T
+    first = np.concatenate([region[y - 1, x - 1], region[y2 - 1, x2]])
+    second = np.concatenate([region[y, x], region[y2, x2 - 1]])
+    contact = first != second
+    if not contact.any():
+        return [mask]
+    neighbours: dict[int, set[int]] = {}
+    for p, q in zip(first[contact].tolist(), second[contact].tolist()):
+        neighbours.setdefault(p, set()).add(q)
+        neighbours.setdefault(q, set()).add(p)
+    colour = np.zeros(n, np.uint8)  # greedy colouring, most contacts first: a handful of colours
+    colour[0] = 255  # the background
+    given: dict[int, int] = {}
+    for node in sorted(neighbours, key=lambda k: -len(neighbours[k])):
+        used = {given[q] for q in neighbours[node] if q in given}
+        given[node] = colour[node] = next(k for k in range(len(used) + 1) if k not in used)
+    per_px = colour[region]
+    return [(per_px == k).view(np.uint8) for k in range(max(given.values()) + 1)]
+
+
+_DIAGONALS = (np.array([[1, -1], [-1, 1]], np.int8), np.array([[-1, 1], [1, -1]], np.int8))
+"""Hit-or-miss kernels (1 set, -1 unset) of the two diagonals of a 2×2 window."""
+
+
+def _set_px(image: np.ndarray) -> np.ndarray:
+    """(y, x) of the non-zero px of a uint8 ``image`` (n, 2): OpenCV's search, ~10× numpy's on a
+    mostly empty image."""
+    found = cv2.findNonZero(image) if image.size and cv2.countNonZero(image) else None  # the count: 30× faster
+    return np.zeros((0, 2), np.int64) if found is None else found.reshape(-1, 2)[:, ::-1].astype(np.int64)
+
+
+def _offset_parents(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Iterator[tuple[np.ndarray, ...]]:
+    """:func:`_region_rings` results with each ring's shell index counted across all of them."""
+    offset = 0
+    for points, lengths, parent in parts:
+        yield points, lengths, np.where(parent < 0, -1, parent + offset)
+        offset += len(lengths)
+
+
+def _polygons(coords: np.ndarray, lengths: np.ndarray, parent: np.ndarray) -> np.ndarray:
+    """Polygons from rings (``lengths`` points each, in order, in ``coords``), a shell (``parent`` -1)
+    with the holes naming it, built at once; repeated points (two doubled px on one edge) dropped."""
+    ends = np.cumsum(lengths)
+    previous = np.arange(len(coords)) - 1
+    previous[ends - lengths] = ends - 1  # a ring's first point follows its last
+    keep = (coords != coords[previous]).any(1)
+    ring = np.repeat(np.arange(len(lengths)), lengths)
+    rings = shapely.linearrings(coords[keep], indices=ring[keep])
+    shell = np.where(parent < 0, np.arange(len(lengths)), parent)
+    order = np.lexsort((parent >= 0, shell))  # each shell, then its holes
+    _, polygon = np.unique(shell[order], return_inverse=True)
+    return shapely.polygons(rings[order], indices=polygon)
 
 
 def _lines_to_trace(occupied: np.ndarray) -> np.ndarray:
@@ -619,7 +703,7 @@ class EvidenceStitcher:
             tile = evidence[np.ix_(rows, cols)]
             self.writer.patch(int(ys[0]), int(xs[0]), tile, np.where(tile >= HARD, class_index + 1, 0).astype(np.uint8))
         ds = self.grid.downsample
-        polys = [poly for _, poly, _ in _trace((evidence >= HARD).astype(np.uint8), x0, y0, ds)]
+        polys = list(_trace((evidence >= HARD).astype(np.uint8), x0, y0, ds)[1])
         self.polygons.replace_region(box(x0 * ds, y0 * ds, (x0 + size) * ds, (y0 + size) * ds), class_index, polys)
 
     # -- reading the accumulator ----------------------------------------------------------------
@@ -748,13 +832,14 @@ class EvidenceStitcher:
             _, label = self._canvas(block_row * b, (block_row + 1) * b, x0, x1, evidence=False)
             if not label.any():
                 continue
-            args = (label, x0, block_row * b, ds, open_left or (x0 == strip.start and not first),
-                    open_right or (x1 == strip.trace1 and not last))
+            args = (label, x0, block_row * b, ds)
+            sides = {"open_left": open_left or (x0 == strip.start and not first),
+                     "open_right": open_right or (x1 == strip.trace1 and not last)}
             if self._tracers is not None:
-                jobs.append(self._tracers.submit(_trace_wkb, *args))
+                jobs.append(self._tracers.submit(_trace_wkb, *args, **sides))
             else:
                 jobs.append(Future())
-                jobs[-1].set_result(_trace_wkb(*args))
+                jobs[-1].set_result(_trace(*args, **sides))
         seam = math.inf if last else strip.trace1 * ds
         self._traces_in_flight.append((((block_row + 1) * b * ds, strip.start * ds, seam), jobs))
 
@@ -766,8 +851,10 @@ class EvidenceStitcher:
             if len(self._traces_in_flight) <= wait_until and not all(j.done() for j in jobs):
                 break
             self._traces_in_flight.popleft()
-            for values, wkbs, on_border in (j.result() for j in jobs):
-                for value, poly, open_piece in zip(values, shapely.from_wkb(wkbs), on_border):
+            for values, polygons, on_border in (j.result() for j in jobs):
+                if len(polygons) and isinstance(polygons[0], bytes):  # from a tracing process
+                    polygons = shapely.from_wkb(polygons)
+                for value, poly, open_piece in zip(values, polygons, on_border):
                     self.polygons.add(int(value) - 1, poly, on_border=bool(open_piece))
             self.polygons.close_rows(*closing)
 
@@ -819,15 +906,14 @@ _SPREAD = {k: (np.dtype(f"u{k}"), np.array(int("01" * k, 16), f"u{k}")) for k in
 
 
 _Traced = tuple[np.ndarray, np.ndarray, np.ndarray]
-"""Per traced region: label values, polygons as WKB, may continue beyond the traced span."""
+"""Per traced region: label values, polygons (or their WKB), may continue beyond the traced span."""
 
 
-def _trace_wkb(label: np.ndarray, x0: int, y0: int, scale: float, open_left: bool, open_right: bool) -> _Traced:
-    """:func:`_trace` of one span, as arrays that cross process boundaries cheaply."""
-    traced = list(_trace(label, x0, y0, scale, open_left=open_left, open_right=open_right))
-    return (np.array([v for v, _, _ in traced], np.int64),
-            shapely.to_wkb(np.array([p for _, p, _ in traced], dtype=object)),
-            np.array([o for _, _, o in traced], bool))
+def _trace_wkb(label: np.ndarray, x0: int, y0: int, scale: float, *, open_left: bool, open_right: bool) -> _Traced:
+    """:func:`_trace` of one span in a tracing process, its polygons as WKB, which cross process
+    boundaries cheaply."""
+    values, polygons, on_border = _trace(label, x0, y0, scale, open_left=open_left, open_right=open_right)
+    return values, shapely.to_wkb(polygons), on_border
 
 
 def _spans(columns: list[int], most: int) -> Iterator[tuple[int, int, bool, bool]]:
