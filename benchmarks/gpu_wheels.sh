@@ -13,7 +13,7 @@ wheels=(  # the versions CI installs (pip list of .ci-venv)
   zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0
   ome-zarr==0.18.0 ome-zarr-models==1.7 pydantic-zarr==0.9.2 deprecated==1.3.1 rangehttpserver==1.4.0 dask==2026.8.0 distributed==2026.8.0 partd==1.4.2 locket==1.0.0 tblib==3.2.2
   zict==3.0.0 tornado==6.6.1 importlib-metadata==10.2.0
-  shapely==2.2.0
+  shapely==2.2.0 orjson==3.13.0
   openslide-python==1.4.7 openslide-bin==4.0.1.2
   segmentation-models-pytorch==0.6.0  # grad-cam (sdist only) is imported only by the Grad-CAM explainers
 )

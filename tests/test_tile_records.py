@@ -7,6 +7,7 @@ import json
 import uuid
 
 import numpy as np
+import pytest
 
 from wsi_medcam.export.geojson import _NAMESPACE, encode, feature, object_id, object_ids
 from wsi_medcam.export.tiles import TileBatch, TileWriter
@@ -71,3 +72,39 @@ def test_batches_write_the_bytes_of_the_feature_encoder(tmp_path):
     text = geo_path.read_text()
     assert text == '{"type": "FeatureCollection", "features": [\n' + ",\n".join(want_feats) + "\n]}\n"
     assert len(json.loads(text)["features"]) == 306
+
+
+def test_evidence_features_hold_each_polygon_rounded_with_its_measurements(tmp_path):
+    """Evidence polygons (holes, several parts once clipped, WKB from another process) come back
+    from the written file, parsed as JSON, as the polygons simplified and clipped, coordinates
+    within the 0.05 px of their rounding, area and perimeter in µm; names in UTF-8 as written."""
+    import json
+
+    import shapely
+    from shapely.geometry import Polygon, box, shape
+
+    from wsi_medcam.export.geojson import encode_evidence, write_evidence
+    from wsi_medcam.stitching import finish_polygons
+
+    ring = Polygon([(0, 0), (40.3, 0), (40.3, 30), (0, 30)], [[(10, 10), (20, 10), (20, 20), (10, 20)]])
+    bar = Polygon([(50, 5), (130.25, 5), (130.25, 7.75), (50, 7.75)])  # cut in two by the clip's notch
+    clip = box(0, 0, 120, 100).difference(box(80, 0, 90, 8))
+    geoms = np.array([ring, bar, box(3, 40, 4, 41)], dtype=object)
+    classes = np.array([2, 0, 1])
+    mpp = 0.25
+    encoded = encode_evidence(classes, shapely.to_wkb(geoms), simplify_px=0.5, clip=clip, class_names=CLASSES,
+                              colors=[(1, 2, 3), (4, 5, 6), (7, 8, 9)], mpp=mpp)
+    count, per_class = write_evidence(tmp_path / "e.geojson", encoded, slide_key="s")
+    text = (tmp_path / "e.geojson").read_bytes().decode("utf-8")
+    assert "stroma µ" in text and 'odd \\"name\\"' in text
+    features = json.loads(text)["features"]
+    want = list(finish_polygons(classes, geoms, 0.5, clip))
+    assert count == len(features) == len(want) == 4  # the bar in two parts
+    for feat, (class_index, poly) in zip(features, want):
+        got = shape(feat["geometry"])
+        assert feat["properties"]["classification"]["name"] == CLASSES[class_index]
+        assert len(feat["geometry"]["coordinates"]) == 1 + len(poly.interiors)
+        assert shapely.hausdorff_distance(got, poly) <= 0.05 + 1e-9 and got.symmetric_difference(poly).area < 0.05 * poly.length
+        m = feat["properties"]["measurements"]
+        assert m["Area µm^2"] == pytest.approx(poly.area * mpp**2) and m["Perimeter µm"] == pytest.approx(poly.length * mpp)
+    assert per_class[2] == (1, pytest.approx(want[0][1].area * mpp**2))
