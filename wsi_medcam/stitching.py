@@ -174,15 +174,20 @@ def _apart(mask: np.ndarray) -> list[np.ndarray]:
     at a corner (one mask, itself, unless some do: then the regions are coloured so that no two of
     a colour touch, one mask per colour). A region touching *itself* at a corner stays whole: there
     the corner closes a hole, as under 4-connectivity."""
-    # 2×2 windows set on one diagonal only, by their bottom-right px (hit-or-miss: 10× numpy's
-    # elementwise test); row or column 0 would be windows reaching out of the mask
-    down_right, down_left = (_set_px(cv2.morphologyEx(mask, cv2.MORPH_HITMISS, k)[1:, 1:]) + 1 for k in _DIAGONALS)
-    if not len(down_right) and not len(down_left):
+    if min(mask.shape) < 2:
+        return [mask]
+    # 2×2 windows set on one diagonal only: each px differs from its neighbours across and down
+    # (OpenCV's elementwise operations: 10× numpy's on these views, 3× a hit-or-miss per diagonal)
+    across = cv2.bitwise_xor(mask[:, :-1], mask[:, 1:])
+    down = cv2.bitwise_xor(mask[:-1], mask[1:])
+    corners = _set_px(cv2.bitwise_and(cv2.bitwise_and(across[:-1], across[1:]), cv2.bitwise_and(down[:, :-1], down[:, 1:])))
+    if not len(corners):
         return [mask]
     n, region = cv2.connectedComponents(mask, connectivity=4)
-    (y, x), (y2, x2) = down_right.T, down_left.T
-    first = np.concatenate([region[y - 1, x - 1], region[y2 - 1, x2]])
-    second = np.concatenate([region[y, x], region[y2, x2 - 1]])
+    y, x = corners.T  # each window's top-left px: set, the diagonal down-right is; else down-left
+    falling = mask[y, x] == 1
+    first = np.where(falling, region[y, x], region[y, x + 1])
+    second = np.where(falling, region[y + 1, x + 1], region[y + 1, x])
     contact = first != second
     if not contact.any():
         return [mask]
@@ -198,10 +203,6 @@ def _apart(mask: np.ndarray) -> list[np.ndarray]:
         given[node] = colour[node] = next(k for k in range(len(used) + 1) if k not in used)
     per_px = colour[region]
     return [(per_px == k).view(np.uint8) for k in range(max(given.values()) + 1)]
-
-
-_DIAGONALS = (np.array([[1, -1], [-1, 1]], np.int8), np.array([[-1, 1], [1, -1]], np.int8))
-"""Hit-or-miss kernels (1 set, -1 unset) of the two diagonals of a 2×2 window."""
 
 
 def _set_px(image: np.ndarray) -> np.ndarray:
