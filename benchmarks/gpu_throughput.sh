@@ -13,7 +13,8 @@
 #    ~100k tiles; BIG=0: none) is written beside (make_slide.py: 32768² took 33 s on the H200
 #    machine before each distinct tile was encoded once, 10.7 s after on a 2-core VM);
 # 2. benchmarks/throughput.py on the MID slide at batch 256 with the default readers and stitching
-#    processes (and the models-stubbed ceiling with CEILING=yes), py-spy sampling all its processes
+#    processes (and the models-stubbed ceiling with CEILING=yes; CEILING_MASKS=dark: replaying Med-CAM-like
+#    masks made from the tiles, comparable across machines), py-spy sampling all its processes
 #    for 45 s from DELAY s in (start-up and inference); then with SPLITS (default "8:8 5:11": readers:
 #    stitching processes) instead; REPEATS pipeline runs each (the mid slide has 8 strips of 4096 px, so
 #    at most 8 stitching processes start there);
@@ -63,7 +64,8 @@ print(sys.argv[1], d["gpu"], d["precision"], "batch", d["batch_size"], "streams"
       "stitching processes", d["stitching_processes"], "tiles", d["tiles"],
       "bare", {k: round(v) for k, v in d["bare_tiles_per_s"].items()}, "pipeline", round(d["pipeline_tiles_per_s"]),
       "ratio", round(d["ratio_pipeline_to_bare"], 3), "stage ratio", round(d["ratio_inference_stage_to_bare"], 3),
-      "ceiling", round(c.get("whole_run", 0)), "stages", d["stage_seconds"], "peak RSS MiB", d["peak_rss_mib"])'
+      "ceiling", round(c.get("whole_run", 0)), "ceiling CPU ms per tile", {k: round(v, 2) for k, v in c.get("cpu_ms_per_tile", {}).items()},
+      "stages", d["stage_seconds"], "peak RSS MiB", d["peak_rss_mib"])'
 throughput() {  # throughput CAP NAME SLIDE ARGS...: benchmarks/throughput.py into OUTDIR/NAME.json, summarised in the log
   local cap=$1 name=$2 slide=$3; shift 3
   step "$cap" python3 benchmarks/throughput.py "$slide" "${models[@]}" --out "$out/$name.json" "$@" >>"$log" \
@@ -108,7 +110,7 @@ if [ -n "$pyspy" ]; then  # sample every process of the first mid run for 45 s f
   (sleep "$delay"; pid=$(pgrep -f -o "^python3 benchmarks/throughput.py $work/mid.tif") &&
      "$pyspy" record -p "$pid" --subprocesses --nonblocking -r 50 -d 45 -f raw -o "$out/pyspy-mid.txt" >>"$log" 2>&1) &
 fi
-ceiling=(); [ "${CEILING:-no}" = yes ] && ceiling=(--ceiling)
+ceiling=(); [ "${CEILING:-no}" = yes ] && ceiling=(--ceiling --ceiling-masks "${CEILING_MASKS:-model}")
 throughput 120 throughput-mid "$work/mid.tif" --batch-size 256 --repeats "$repeats" --bare-seconds 4 "${ceiling[@]}"
 for split in ${SPLITS:-8:8 5:11}; do
   throughput 90 "throughput-mid-${split/:/x}" "$work/mid.tif" --batch-size 256 --repeats "$repeats" --bare-seconds 4 \
@@ -125,7 +127,7 @@ PY
 echo "BIG slide with: ${best:-the defaults}" >>"$log"
 if [ -f "$work/big.tif" ]; then
   # shellcheck disable=SC2086  # $best is empty or flags
-  throughput 300 throughput-big "$work/big.tif" --repeats 1 --bare-seconds 4 --ceiling $best
+  throughput 300 throughput-big "$work/big.tif" --repeats 1 --bare-seconds 4 --ceiling --ceiling-masks "${CEILING_MASKS:-model}" $best
 fi
 [ -n "${dmon:-}" ] && kill "$dmon" 2>/dev/null
 grep -E "^(==|   [0-9]+ s|train-cam:|$out|imports|python|NVIDIA|name|cpu cores|BIG)" "$log"

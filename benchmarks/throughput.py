@@ -14,7 +14,11 @@ ratio pipeline ÷ bare models, time per stage and peak RSS (this process and its
 ``--ceiling`` adds (c): the pipeline once more with the models replaced by a stub that replays, at
 no cost, the models' outputs for the slide's first real batch (so masks and polygons are the real
 ones), so the figure is what reading, stitching, tracing and writing alone allow: the pipeline can
-never be faster than that.
+never be faster than that. It also gives the CPU ms per tile of the model process, the readers and
+the other processes (stitching, GeoJSON encoding): the cores a GPU's speed would need.
+``--ceiling-masks dark`` replays instead masks shaped like a trained Med-CAM segmenter's whatever
+the segmenter at hand: the darkest (haematoxylin-rich) 20 % of each of those tiles, smoothed over
+6 px (~6 polygons per tile on H&E), so ceilings of different machines compare.
 """
 
 from __future__ import annotations
@@ -25,12 +29,15 @@ import resource
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import cv2
 import numpy as np
+import psutil
 import torch
 
 from wsi_medcam.config import RunConfig
@@ -77,6 +84,7 @@ def first_batch_outputs(predictor: Predictor) -> Iterator[dict[str, Outputs]]:
     def predict(batch: torch.Tensor) -> Outputs:
         out = real_predict(batch)
         captured.setdefault("outputs", out)
+        captured.setdefault("tiles", batch)
         return out
 
     predictor.predict = predict
@@ -86,9 +94,53 @@ def first_batch_outputs(predictor: Predictor) -> Iterator[dict[str, Outputs]]:
         predictor.predict = real_predict
 
 
+def dark_masks(tiles: torch.Tensor, sigma_px: float = 6.0, area: float = 0.2) -> np.ndarray:
+    """Evidence levels (B, H, W) uint8 shaped like a trained Med-CAM segmenter's on H&E: the darkest
+    ``area`` of each uint8 tile (B, 3, H, W), smoothed over ``sigma_px``, a steep ramp around it."""
+    grey = tiles.float().mean(1).numpy()
+    dark = np.stack([cv2.GaussianBlur(255 - g, (0, 0), sigma_px) for g in grey])
+    cut = np.quantile(dark, 1 - area, axis=(1, 2), keepdims=True)
+    return np.clip(128 + (dark - cut) * 8, 0, 255).astype(np.uint8)
+
+
+class ProcessTreeCPU:
+    """CPU seconds of this process's descendants, sampled every 0.1 s while open (a process's last
+    ≤ 0.1 s may be missed): forked readers, and the rest (stitching and GeoJSON processes, which
+    forkserver starts)."""
+
+    def __init__(self) -> None:
+        self.readers = self.others = 0.0
+        self._seen: dict[int, tuple[float, bool]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            for p in me.children(recursive=True):
+                try:
+                    t = p.cpu_times()
+                    forked = p.ppid() == me.pid and "forkserver" not in " ".join(p.cmdline())
+                    self._seen[p.pid] = (t.user + t.system, forked)
+                except psutil.Error:
+                    pass
+            self._stop.wait(0.1)
+
+    def __enter__(self) -> "ProcessTreeCPU":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.readers = sum(c for c, forked in self._seen.values() if forked)
+        self.others = sum(c for c, forked in self._seen.values() if not forked)
+
+
 def measure_ceiling(slide: Path, cfg: RunConfig, models, outputs: Outputs) -> dict[str, float]:  # noqa: ANN001
     """Tiles/s of the pipeline when each batch costs nothing on the models: the predictor replays
-    ``outputs`` (real ones, so masks and polygons are realistic), tiled to each batch's length."""
+    ``outputs`` (real ones, so masks and polygons are realistic), tiled to each batch's length; and
+    the CPU ms per tile of the model process, the readers and the other processes."""
     probs, evidence, kept = outputs
     real_predict = models.predictor.predict
 
@@ -100,17 +152,20 @@ def measure_ceiling(slide: Path, cfg: RunConfig, models, outputs: Outputs) -> di
 
     models.predictor.predict = stub
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp, ProcessTreeCPU() as tree:
+            start, cpu = time.perf_counter(), time.process_time()
             result = run_slide(slide, Path(tmp) / "out", cfg, models)
-            wall = time.perf_counter() - start
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     finally:
         models.predictor.predict = real_predict
     if result.status != "done":
         sys.exit(f"pipeline failed: {result.reason}")
-    return {"whole_run": result.tiles / wall,
-            "inference_stage": result.tiles / result.report["timings_s"]["inference+stitching"],
-            "stage_seconds": result.report["timings_s"]}
+    n = result.tiles
+    return {"whole_run": n / wall, "inference_stage": n / result.report["timings_s"]["inference+stitching"],
+            "cpu_ms_per_tile": {"model_process": cpu / n * 1e3, "readers": tree.readers / n * 1e3,
+                                "stitching_and_geojson_processes": tree.others / n * 1e3,
+                                "all": (cpu + tree.readers + tree.others) / n * 1e3},
+            "polygons": result.report["evidence"].get("polygons"), "stage_seconds": result.report["timings_s"]}
 
 
 def main() -> None:
@@ -128,6 +183,9 @@ def main() -> None:
     ap.add_argument("--bare-seconds", type=float, default=16.0, help="per bare measurement")
     ap.add_argument("--repeats", type=int, default=3, help="bare-model / pipeline pairs; medians are reported")
     ap.add_argument("--ceiling", action="store_true", help="also run the pipeline with the models stubbed out")
+    ap.add_argument("--ceiling-masks", choices=["model", "dark"], default="model",
+                    help="masks the stub replays: the segmenter's for the first batch, or Med-CAM-like ones made from "
+                    "those tiles (the darkest 20 %%, smoothed over 6 px)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--out", type=Path, help="also write the figures as JSON here: once before the ceiling run, "
                     "again with it (so a run cut short during the ceiling keeps the rest)")
@@ -205,7 +263,10 @@ def main() -> None:
     if args.out:
         args.out.write_text(json.dumps(figures, indent=2))
     if args.ceiling:
-        figures["ceiling_tiles_per_s"] = ceiling = measure_ceiling(args.slide, cfg, models, first["outputs"])
+        outputs = first["outputs"]
+        if args.ceiling_masks == "dark" and outputs[1] is not None:
+            outputs = (outputs[0], dark_masks(first["tiles"]), outputs[2])
+        figures["ceiling_tiles_per_s"] = ceiling = measure_ceiling(args.slide, cfg, models, outputs)
         if args.out:
             args.out.write_text(json.dumps(figures, indent=2))
     if args.json:
@@ -225,7 +286,9 @@ def main() -> None:
           "(the share of the pipeline's CPU work that is the models'; load-independent)")
     if args.ceiling:
         print(f"pipeline, models stubbed     : {ceiling['whole_run']:8.1f} tiles/s whole run, "
-              f"{ceiling['inference_stage']:.1f} inference stage (the ceiling the other stages allow)")
+              f"{ceiling['inference_stage']:.1f} inference stage (the ceiling the other stages allow; "
+              f"{args.ceiling_masks} masks, {ceiling['polygons']} polygons)")
+        print("  CPU ms per tile: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in ceiling["cpu_ms_per_tile"].items()))
     print("stages of the last run (s): " + ", ".join(f"{k} {v:.2f}" for k, v in figures["stage_seconds"].items()))
     print(f"peak RSS: {figures['peak_rss_mib']['self']:.0f} MiB (main), {figures['peak_rss_mib']['children']:.0f} MiB (largest reader)")
 
