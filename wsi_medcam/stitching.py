@@ -113,32 +113,16 @@ def _trace(label: np.ndarray, x0: int, y0: int, scale: float, *, open_left: bool
     polygons are those GDAL's polygonize traces (4-connected, pixel edges), at a fraction of its cost
     (:func:`_region_rings`)."""
     h, w = label.shape
-    # trace only the lines (rows, columns) with evidence and one empty line per gap between them:
-    # the cost follows the array's area, evidence usually covers a small part of a span, and one
-    # empty line keeps regions apart as all of the gap did (every adjacency is kept, so the
-    # polygons are those of the whole span, their edges mapped back exactly)
-    rows, cols = _lines_to_trace(label.any(1)), _lines_to_trace(label.any(0))
-    if not len(rows):
-        return np.zeros(0, np.int64), np.zeros(0, object), np.zeros(0, bool)
-    sparse = label[np.ix_(rows, cols)] if len(rows) < h // 2 or len(cols) < w // 2 else None
-    if sparse is None:  # little to drop: the bounding box, a view
-        rows, cols = np.arange(rows[0], rows[-1] + 1), np.arange(cols[0], cols[-1] + 1)
-        sparse = label[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    top = int(sparse.max())
+    top = int(label.max())
     values, parts = [], []
-    for value in range(1, top + 1):
-        mask = np.ascontiguousarray(sparse if top == 1 else (sparse == value).view(np.uint8))
-        if top > 1 and not mask.any():
-            continue
-        for part in _apart(mask):
-            traced = _region_rings(part)
-            if traced is not None:
-                parts.append(traced)
-                values.append(np.full(np.count_nonzero(traced[2] < 0), value, np.int64))
+    for value in range(1, top + 1):  # each class on its own lines: classes often hold apart
+        traced = _trace_mask(label if top == 1 else (label == value).view(np.uint8))
+        parts.extend(traced)
+        values.extend(np.full(np.count_nonzero(parent < 0), value, np.int64) for _, _, parent in traced)
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, object), np.zeros(0, bool)
     points, lengths, parent = (np.concatenate(a) for a in zip(*_offset_parents(parts)))
-    # edge k of the traced array lies on edge edge_x[k] (edge_y[k]) of the span
-    edge_x, edge_y = np.append(cols, cols[-1] + 1), np.append(rows, rows[-1] + 1)
-    xs, ys = edge_x[points[:, 0]], edge_y[points[:, 1]]
+    xs, ys = points[:, 0], points[:, 1]
     shells = np.flatnonzero(parent < 0)
     firsts = np.cumsum(lengths) - lengths
     lo_x, hi_x = np.minimum.reduceat(xs, firsts)[shells], np.maximum.reduceat(xs, firsts)[shells]
@@ -146,6 +130,32 @@ def _trace(label: np.ndarray, x0: int, y0: int, scale: float, *, open_left: bool
     on_border = (lo_y <= 0) | (hi_y >= h) | (open_left & (lo_x <= 0)) | (open_right & (hi_x >= w))
     coords = (np.column_stack((xs, ys)) + (x0, y0)) * float(scale)
     return np.concatenate(values), _polygons(coords, lengths, parent), on_border
+
+
+def _trace_mask(mask: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """:func:`_region_rings` of the regions of a 0/1 uint8 ``mask``, their points mapped to the
+    mask's pixel edges. Only the lines (rows, columns) with evidence are traced, with one empty line
+    per gap between them: the cost follows the area traced, evidence usually covers a small part of
+    a span, and one empty line keeps regions apart as all of the gap did (every adjacency is kept,
+    so the polygons are those of the whole mask, their edges mapped back exactly)."""
+    h, w = mask.shape
+    rows, cols = _lines_to_trace(mask.any(1)), _lines_to_trace(mask.any(0))
+    if not len(rows):
+        return []
+    if len(rows) < h // 2 or len(cols) < w // 2:
+        sparse = mask[np.ix_(rows, cols)]
+    else:  # little to drop: the bounding box
+        rows, cols = np.arange(rows[0], rows[-1] + 1), np.arange(cols[0], cols[-1] + 1)
+        sparse = np.ascontiguousarray(mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
+    # edge k of the traced array lies on edge edge_x[k] (edge_y[k]) of the mask
+    edge_x, edge_y = np.append(cols, cols[-1] + 1), np.append(rows, rows[-1] + 1)
+    out = []
+    for part in _apart(sparse):
+        traced = _region_rings(part)
+        if traced is not None:
+            points, lengths, parent = traced
+            out.append((np.column_stack((edge_x[points[:, 0]], edge_y[points[:, 1]])), lengths, parent))
+    return out
 
 
 def _region_rings(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
