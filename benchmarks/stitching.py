@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, help="tiles per batch (default: the device's, as in the pipeline)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--strip-px", type=int, default=4096)
+    ap.add_argument("--masks", choices=["model", "dark"], default="model",
+                    help="replay the segmenter's masks, or Med-CAM-like ones made from the tiles (see throughput.py)")
     ap.add_argument("--repeats", type=int, default=2, help="alternating rounds over the settings; medians are reported")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -96,6 +98,10 @@ def main() -> None:
     dataset = TileDataset(ref, grid)
     sample = torch.stack([dataset[k][0] for k in range(min(len(grid), 64))])
     probs, evidence, _ = models.predictor.predict(sample)
+    if args.masks == "dark":
+        from throughput import dark_masks  # this folder's
+
+        evidence = dark_masks(sample)
     ccfg = models.classifier.config
     store_args = {"shape": (height, width), "mpp": slide_mpp, "chunk": cfg.output.chunk_size,
                   "min_size": cfg.output.min_pyramid_size, "class_names": list(ccfg.class_names),
