@@ -1,8 +1,8 @@
 """Stitching in several processes, so it keeps pace with a GPU.
 
-One stitcher in the model process costs it ~4.5 CPU ms per tile, ~1.5 of them holding its GIL
-(accumulating, cutting chunks, tracing; py-spy and ``benchmarks/stitching.py`` on a 2-core VM),
-which caps a GPU run at a few hundred tiles/s whatever the GPU does. Here ``count`` processes each
+One stitcher in the model process costs it ~2.6 CPU ms per tile (4.5 when GDAL traced), much of
+it holding its GIL (accumulating, cutting chunks, tracing; ``benchmarks/stitching.py --masks dark``
+on a 2-core VM), which caps a GPU run at a few hundred tiles/s whatever the GPU does. Here ``count`` processes each
 stitch every ``count``-th strip
 (:class:`~wsi_medcam.stitching.EvidenceStitcher` with ``shard``): tiles come ``count`` strips at a
 time, row-major across them (:meth:`EvidenceStitcher.order`), so every process has work at once,
