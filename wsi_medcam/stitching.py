@@ -15,9 +15,9 @@ canvas exists.
 Chunk resampling and writing (numpy, Blosc compression and file writes, which release the GIL) run
 on a small thread pool and the pyramid on its own thread, a few chunk rows behind; tracing (OpenCV's
 contours, exactly GDAL's polygonize at 3-12× its speed: :func:`_trace`) runs in worker processes on
-many-core machines. Even so, stitching costs ~2.8 CPU ms per tile (2-core VM, Med-CAM-like masks of
-~6 polygons per tile, the GeoJSON's encoding included): to keep pace with a GPU, :mod:`wsi_medcam.stitch_processes` runs several
-stitchers, each on every N-th strip (``shard``).
+many-core machines. Even so, a stitcher costs its process ~2 CPU ms per tile (2-core VM, Med-CAM-like
+masks of ~6-9 polygons per tile; ~4 when GDAL traced): to keep pace with a GPU,
+:mod:`wsi_medcam.stitch_processes` runs several stitchers, each on every N-th strip (``shard``).
 """
 
 from __future__ import annotations
@@ -112,6 +112,7 @@ def _trace(label: np.ndarray, x0: int, y0: int, scale: float, *, open_left: bool
     left or right edge unless ``open_left`` / ``open_right`` says nothing lies beyond it. The
     polygons are those GDAL's polygonize traces (4-connected, pixel edges), at a fraction of its cost
     (:func:`_region_rings`)."""
+    label = np.asarray(label, np.uint8)  # OpenCV's dtype (a no-op for the stitcher's labels)
     h, w = label.shape
     top = int(label.max())
     values, parts = [], []
@@ -190,7 +191,8 @@ def _apart(mask: np.ndarray) -> list[np.ndarray]:
     # (OpenCV's elementwise operations: 10× numpy's on these views, 3× a hit-or-miss per diagonal)
     across = cv2.bitwise_xor(mask[:, :-1], mask[:, 1:])
     down = cv2.bitwise_xor(mask[:-1], mask[1:])
-    corners = _set_px(cv2.bitwise_and(cv2.bitwise_and(across[:-1], across[1:]), cv2.bitwise_and(down[:, :-1], down[:, 1:])))
+    checker = cv2.bitwise_and(cv2.bitwise_and(across[:-1], across[1:]), cv2.bitwise_and(down[:, :-1], down[:, 1:]))
+    corners = _set_px(checker)
     if not len(corners):
         return [mask]
     n, region = cv2.connectedComponents(mask, connectivity=4)
