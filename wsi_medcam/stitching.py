@@ -283,6 +283,7 @@ class EvidencePolygons:
         self.seams = np.sort(np.asarray(seams, np.float64))
         self.spool_path = spool_path
         self.open: dict[int, list[Polygon]] = {}
+        self._merged: dict[int, int] = {}  # per class: how many open pieces (the first) are merged already
         self.held: list[tuple[int, Polygon]] = []
         self.cuts: list[Polygon] = []
         self.patches: dict[int, list[Polygon]] = {}
@@ -300,7 +301,7 @@ class EvidencePolygons:
         """Finalise what cannot grow: from now on, pieces are traced only at ``x >= x_from`` below
         ``y``, or right of ``seam`` (level-0 px; a strip and the strips after it)."""
         for class_index, pieces in list(self.open.items()):
-            merged = _merge_touching(np.array(pieces, dtype=object))
+            merged = _merge_touching(np.array(pieces, dtype=object), self._merged.get(class_index, 0))
             bounds = shapely.bounds(merged) if len(merged) else np.zeros((0, 4))
             reaches = ((bounds[:, 3] >= y - 1e-6) & (bounds[:, 2] >= x_from - 1e-6)) | (bounds[:, 2] >= seam - 1e-6)
             done = merged[~reaches]
@@ -308,6 +309,7 @@ class EvidencePolygons:
             self.held.extend((class_index, g) for g in done[held])
             self._finalise([(class_index, g) for g in done[~held]])
             self.open[class_index] = list(merged[reaches])
+            self._merged[class_index] = len(self.open[class_index])
 
     def _touches_seam(self, bounds: np.ndarray) -> np.ndarray:
         """Per polygon, from its ``bounds`` (n, 4): does it reach one of :attr:`seams`."""
@@ -409,12 +411,16 @@ class EvidencePolygons:
             yield np.array(classes), shapely.from_wkb(wkb) if decode else wkb
 
 
-def _merge_touching(pieces: np.ndarray) -> np.ndarray:
+def _merge_touching(pieces: np.ndarray, merged: int = 0) -> np.ndarray:
     """Polygons of ``pieces`` with every group of touching pieces dissolved into one; only groups
-    are unioned (a union of all pieces at once costs far more when most touch nothing)."""
-    if len(pieces) < 2:
+    are unioned (a union of all pieces at once costs far more when most touch nothing). The first
+    ``merged`` pieces came out of such a merge, so only the others are looked up: pieces that wait
+    at a strip's seam pile up, and looking all of them up again for every band cost a third of
+    what merging did."""
+    if len(pieces) - merged < 1 or len(pieces) < 2:
         return pieces
-    left, right = shapely.STRtree(pieces).query(pieces, predicate="intersects")
+    left, right = shapely.STRtree(pieces).query(pieces[merged:], predicate="intersects")
+    left += merged
     n = len(pieces)
     _, group = connected_components(coo_matrix((np.ones(len(left)), (left, right)), shape=(n, n)), directed=False)
     order = np.argsort(group, kind="stable")
