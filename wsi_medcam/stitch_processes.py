@@ -1,6 +1,6 @@
 """Stitching in several processes, so it keeps pace with a GPU.
 
-One stitcher in the model process costs it ~2.6 CPU ms per tile (4.5 when GDAL traced), much of
+One stitcher in the model process costs it ~2.3 CPU ms per tile (4.5 when GDAL traced), much of
 it holding its GIL (accumulating, cutting chunks, tracing; ``benchmarks/stitching.py --masks dark``
 on a 2-core VM), which caps a GPU run at a few hundred tiles/s whatever the GPU does. Here ``count`` processes each
 stitch every ``count``-th strip
