@@ -83,7 +83,7 @@ def test_evidence_features_hold_each_polygon_rounded_with_its_measurements(tmp_p
     import shapely
     from shapely.geometry import Polygon, box, shape
 
-    from wsi_medcam.export.geojson import encode_evidence, write_evidence
+    from wsi_medcam.export.geojson import EvidenceEncoder, encode_evidence, write_evidence
     from wsi_medcam.stitching import finish_polygons
 
     ring = Polygon([(0, 0), (40.3, 0), (40.3, 30), (0, 30)], [[(10, 10), (20, 10), (20, 20), (10, 20)]])
@@ -92,10 +92,20 @@ def test_evidence_features_hold_each_polygon_rounded_with_its_measurements(tmp_p
     geoms = np.array([ring, bar, box(3, 40, 4, 41)], dtype=object)
     classes = np.array([2, 0, 1])
     mpp = 0.25
-    encoded = encode_evidence(classes, shapely.to_wkb(geoms), simplify_px=0.5, clip=clip, class_names=CLASSES,
-                              colors=[(1, 2, 3), (4, 5, 6), (7, 8, 9)], mpp=mpp)
-    count, per_class = write_evidence(tmp_path / "e.geojson", encoded, slide_key="s")
+    options = {"simplify_px": 0.5, "clip": clip, "class_names": CLASSES, "colors": [(1, 2, 3), (4, 5, 6), (7, 8, 9)],
+               "mpp": mpp, "slide_key": "s"}
+    encoded = encode_evidence(classes, shapely.to_wkb(geoms), **options)
+    count, per_class = write_evidence(tmp_path / "e.geojson", encoded)
     text = (tmp_path / "e.geojson").read_bytes().decode("utf-8")
+    # the same features, the last two polygons encoded into part files (as stitching processes do)
+    encoders = [EvidenceEncoder(**options), EvidenceEncoder(**options)]
+    for k, encoder in enumerate(encoders):
+        with open(tmp_path / f"part{k}", "wb") as part:
+            encoder.write(part, classes[k + 1 : k + 2], geoms[k + 1 : k + 2])
+    parts = [(tmp_path / f"part{k}", e.per_class) for k, e in enumerate(encoders)]
+    assert write_evidence(tmp_path / "p.geojson", encode_evidence(classes[:1], geoms[:1], **options), parts=parts) \
+        == (count, per_class)
+    assert (tmp_path / "p.geojson").read_bytes() == text.encode("utf-8")
     assert "stroma µ" in text and 'odd \\"name\\"' in text
     features = json.loads(text)["features"]
     want = list(finish_polygons(classes, geoms, 0.5, clip))
@@ -108,3 +118,8 @@ def test_evidence_features_hold_each_polygon_rounded_with_its_measurements(tmp_p
         m = feat["properties"]["measurements"]
         assert m["Area µm^2"] == pytest.approx(poly.area * mpp**2) and m["Perimeter µm"] == pytest.approx(poly.length * mpp)
     assert per_class[2] == (1, pytest.approx(want[0][1].area * mpp**2))
+    # a feature's id is the uuid5 of its text without the id (one feature per line)
+    lines = [line.removesuffix(",") for line in text.splitlines()[1:-1]]
+    ids = [feat["id"] for feat in features]
+    assert len(lines) == 4 and len(set(ids)) == 4
+    assert ids == [object_id("s", "evidence", line.replace(f'"id":"{fid}",', "", 1)) for line, fid in zip(lines, ids)]

@@ -452,11 +452,15 @@ def test_a_killed_stitching_process_fails_the_slide_instead_of_hanging(tmp_path)
 
 def test_evidence_geojson_encoded_in_processes_is_the_file_written_here(tmp_path):
     """The GeoJSON of many polygons in several spooled batches (speckle and blobs of 3 classes,
-    some crossing the slide's edge), encoded in 2 processes, is byte for byte the one encoded here:
-    same features in the same order, ids numbered in order, same per-class counts and areas."""
+    some crossing the slide's edge), encoded in 2 processes, or encoded into part files where they
+    were spooled (as stitching processes do while tiles stream), is byte for byte the one encoded
+    here: same features in the same order, same ids, same per-class counts and areas."""
     from types import SimpleNamespace
 
     from qupath_rules import check_qupath_geojson
+    from shapely.geometry import box
+
+    from wsi_medcam.export.geojson import EvidenceEncoder
     from wsi_medcam.pipeline import _write_polygons
     from wsi_medcam.stitching import EvidencePolygons
 
@@ -464,6 +468,9 @@ def test_evidence_geojson_encoded_in_processes_is_the_file_written_here(tmp_path
     classes = np.kron(rng.integers(1, 4, (30, 40)), np.ones((10, 10), int))
     label = (ndimage.gaussian_filter(rng.random((300, 400)), 2.0) > 0.52) * classes
     traced = list(zip(*_trace(label.astype(np.uint8), -5, 0, 2.0)))
+    names = ["a", "b", "c"]
+    options = {"simplify_px": 1.0, "clip": box(0, 0, 800, 600), "class_names": names,
+               "colors": [(255, 0, 0), (0, 255, 0), (0, 0, 255)], "mpp": 0.25, "slide_key": "slide.svs:abc"}
 
     def stitcher():
         polygons = EvidencePolygons(tmp_path, flush_every=64)  # several spooled batches
@@ -471,13 +478,24 @@ def test_evidence_geojson_encoded_in_processes_is_the_file_written_here(tmp_path
             polygons.add(value - 1, poly, on_border=False)
         return SimpleNamespace(polygons=polygons)
 
-    grid = SimpleNamespace(downsample=2.0)
-    args = (grid, 0.25, (800, 600), "slide.svs:abc", ["a", "b", "c"], [(255, 0, 0), (0, 255, 0), (0, 0, 255)])
-    here = _write_polygons(tmp_path / "here.geojson", stitcher(), *args, processes=0)
-    there = _write_polygons(tmp_path / "there.geojson", stitcher(), *args, processes=2)
+    def encoded_in_parts():
+        polygons = EvidencePolygons(tmp_path, flush_every=64)
+        half = len(traced) // 2
+        for k, share in enumerate((traced[:half], traced[half:])):
+            part = EvidencePolygons(flush_every=64, spool_path=tmp_path / f".part-{k}.bin", encoder=EvidenceEncoder(**options))
+            for value, poly, _ in share:
+                part.add(value - 1, poly, on_border=False)
+            part.release()
+            polygons.adopt(part.spool_path, [], part.encoder.per_class)
+        return SimpleNamespace(polygons=polygons)
+
+    here = _write_polygons(tmp_path / "here.geojson", stitcher(), EvidenceEncoder(**options), names, processes=0)
     assert len(traced) > 3 * 64 and abs(here[0] - len(traced)) <= 10  # a few clipped at x < 0 may split or go
-    assert (tmp_path / "here.geojson").read_bytes() == (tmp_path / "there.geojson").read_bytes()
-    assert here == there and set(here[1]) == {"a", "b", "c"}
+    assert set(here[1]) == {"a", "b", "c"}
+    for name, polygons in (("there", stitcher()), ("parts", encoded_in_parts())):
+        assert _write_polygons(tmp_path / f"{name}.geojson", polygons, EvidenceEncoder(**options), names, processes=2) == here
+        assert (tmp_path / "here.geojson").read_bytes() == (tmp_path / f"{name}.geojson").read_bytes(), name
+    assert not list(tmp_path.glob(".part-*")), "part files are removed once copied"
     features = check_qupath_geojson(tmp_path / "there.geojson", width=800, height=600)
     assert len(features) == here[0] and len({f["id"] for f in features}) == here[0]
     assert sum(v["area_um2"] for v in here[1].values()) == pytest.approx(

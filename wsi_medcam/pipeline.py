@@ -5,7 +5,6 @@ skip-if-done, atomic outputs and per-slide failure isolation.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import heapq
 import json
@@ -34,7 +33,7 @@ from .bundles import Bundle, load_classifier, load_segmenter
 from .config import RunConfig
 from .cpus import may_start_processes
 from .errors import OutputError, WsiMedcamError
-from .export.geojson import encode_evidence, write_evidence
+from .export.geojson import EvidenceEncoder, write_evidence
 from .export.ome_zarr import EvidenceStore, write_probabilities
 from .export.overview import class_heatmap, shrink_for_overview, write_overview
 from .export.tiles import TileBatch, TileWriter
@@ -45,7 +44,7 @@ from .levels import HARD
 from .slide import MppOverrides, SlideRef, open_slide, read_mpp_csvs
 from .stitch_processes import StitchingProcesses, default_stitchers, ordered_map, start_server
 from .stitching import EvidenceStitcher
-from .tiling import TileGrid, plan_tiles
+from .tiling import plan_tiles
 from .tissue import detect_tissue
 
 log = logging.getLogger("wsi_medcam")
@@ -228,11 +227,17 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
             log.warning("%s: this is a daemonic process (a dask worker without distributed.worker.daemon: False), "
                         "so tiles are read and stitched in it, without reader or stitching processes", path.name)
         store = stitcher = None
+        # the evidence GeoJSON's polygons: merged, simplified by half a tile px, clipped to the slide
+        encoder = EvidenceEncoder(simplify_px=grid.downsample * 0.5, clip=box(0, 0, width0, height0), class_names=class_names,
+                                  colors=colors, mpp=slide.mpp.mean, slide_key=slide_key)
         if models.predictor.explains:
             store = EvidenceStore(work_dir / "evidence.ome.zarr", shape=out_shape, mpp=out_mpp,
                                   chunk=cfg.output.chunk_size, min_size=cfg.output.min_pyramid_size,
                                   class_names=class_names, colors=colors, name=path.name)
-            stitcher = (StitchingProcesses(grid, store, processes=stitchers, spool_dir=work_dir, strip_px=cfg.output.strip_px)
+            # stitching processes encode their polygons while tiles stream; not where refined tiles
+            # will cut polygons afterwards (shapes are needed for that)
+            stitcher = (StitchingProcesses(grid, store, processes=stitchers, spool_dir=work_dir, strip_px=cfg.output.strip_px,
+                                           encoder=None if cfg.inference.refine else encoder)
                         if stitchers else EvidenceStitcher(grid, store, spool_dir=work_dir, strip_px=cfg.output.strip_px))
 
         grid_probs = np.zeros((len(class_names), *grid.grid_shape), np.float32)
@@ -308,8 +313,8 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
     if store is not None and stitcher is not None:
         pyramid = beside.submit(store.finalize, attrs)  # beside the GeoJSON (shapely and json)
         with timer.stage("evidence-geojson"):
-            n_polygons, per_class = _write_polygons(work_dir / "evidence.geojson", stitcher, grid, slide.mpp.mean,
-                                                    (width0, height0), slide_key, class_names, colors, stitchers)
+            n_polygons, per_class = _write_polygons(work_dir / "evidence.geojson", stitcher, encoder, class_names,
+                                                    stitchers)
         with timer.stage("pyramid"):  # what is left of it once the GeoJSON is written
             pyramid.result()
         evidence_stats = {
@@ -367,19 +372,19 @@ def _write_thumbnails(work_dir: Path, images: list[np.ndarray]) -> None:
     Image.fromarray(mask.astype(np.uint8) * 255).save(work_dir / "tissue.png", compress_level=1)
 
 
-def _write_polygons(path: Path, stitcher: EvidenceStitcher, grid: TileGrid, slide_mpp: float, size0: tuple[int, int],
-                    slide_key: str, class_names: list[str], colors: list[tuple[int, int, int]], processes: int,
-                    ) -> tuple[int, dict[str, dict[str, float]]]:
-    """The evidence GeoJSON: polygons merged, simplified by half a tile px and clipped to the slide
-    (``size0``: level-0 width, height), finished and encoded batch by batch in ``processes``
-    processes (0: here); (polygons written, their count and area per class)."""
-    encode = functools.partial(encode_evidence, simplify_px=grid.downsample * 0.5, clip=box(0, 0, *size0),
-                               class_names=class_names, colors=colors, mpp=slide_mpp)
+def _write_polygons(path: Path, stitcher: EvidenceStitcher, encoder: EvidenceEncoder, class_names: list[str],
+                    processes: int) -> tuple[int, dict[str, dict[str, float]]]:
+    """The evidence GeoJSON: the polygons still to finish and encode, batch by batch in ``processes``
+    processes (0: here), then the parts the stitching processes encoded while tiles streamed;
+    (polygons written, their count and area per class)."""
     if processes:  # a slide may hold millions of polygons: ~1 CPU ms per tile of blob-like evidence
-        encoded = chain.from_iterable(ordered_map(encode, stitcher.polygons.final_batches(wkb=True), processes))
+        encoded = chain.from_iterable(ordered_map(encoder, stitcher.polygons.final_batches(wkb=True), processes))
     else:
-        encoded = chain.from_iterable(encode(c, g) for c, g in stitcher.polygons.final_batches())
-    count, per_class = write_evidence(path, encoded, slide_key=slide_key)
+        encoded = chain.from_iterable(encoder(c, g) for c, g in stitcher.polygons.final_batches())
+    parts = stitcher.polygons.encoded_parts
+    count, per_class = write_evidence(path, encoded, parts=parts)
+    for part, _ in parts:
+        part.unlink()
     return count, {class_names[c]: {"polygons": n, "area_um2": a} for c, (n, a) in per_class.items()}
 
 

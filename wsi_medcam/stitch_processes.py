@@ -11,9 +11,10 @@ strips they reach: 0.2-0.3 CPU ms per tile left in it (``benchmarks/stitching.py
 
 Each process writes its strips' level-0 chunks into the shared store and builds the pyramid levels
 whose chunks lie within a strip; this process builds the few levels above from those
-(:meth:`EvidenceStore.adopt`). Polygons final within a process are spooled by it; those touching
-another process's strip are merged here (:meth:`EvidencePolygons.adopt`); the GeoJSON is then
-encoded in as many processes again (:func:`ordered_map`). Outputs are the same as with one
+(:meth:`EvidenceStore.adopt`). Polygons final within a process are spooled by it, given an
+``encoder`` already finished and encoded as GeoJSON features while tiles stream (else as WKB, which
+the GeoJSON step encodes in as many processes again, :func:`ordered_map`); those touching another
+process's strip are merged here (:meth:`EvidencePolygons.adopt`). Outputs are the same as with one
 stitcher: the same sums in the same order per pixel.
 """
 
@@ -43,7 +44,7 @@ from .cpus import usable_cores
 from .errors import OutputError
 from .export.ome_zarr import EvidenceStore
 from .levels import as_levels
-from .stitching import EvidenceStitcher
+from .stitching import EvidenceStitcher, PolygonEncoder
 from .tiling import TileGrid
 
 _POLL_S = 0.5  # how often a blocked send or wait checks that the processes are alive
@@ -124,7 +125,7 @@ class StitchingProcesses(EvidenceStitcher):
     process."""
 
     def __init__(self, grid: TileGrid, store: EvidenceStore, *, processes: int, spool_dir: Path, strip_px: int = 4096,
-                 block: int = 256, trace_blocks: int = 16, depth: int = 2):
+                 block: int = 256, trace_blocks: int = 16, depth: int = 2, encoder: PolygonEncoder | None = None):
         super().__init__(grid, store, block=block, spool_dir=spool_dir, tracers=0, trace_blocks=trace_blocks,
                          strip_px=strip_px)
         count = max(1, min(processes, len(self._strips)))
@@ -134,7 +135,7 @@ class StitchingProcesses(EvidenceStitcher):
         ctx = _context()
         self._outbox: Any = ctx.Queue()
         self._spools = [Path(spool_dir) / f".evidence-polygons-{p}.bin" for p in range(count)]
-        options = {"block": block, "trace_blocks": trace_blocks, "strip_px": strip_px, "top": self._top}
+        options = {"block": block, "trace_blocks": trace_blocks, "strip_px": strip_px, "top": self._top, "encoder": encoder}
         self._procs, self._inboxes = [], []
         with _main_script_hidden():
             for p in range(count):
@@ -145,7 +146,7 @@ class StitchingProcesses(EvidenceStitcher):
                 self._procs[-1].start()
                 theirs.close()  # the process holds it now; when we are gone, it reads the end of the stream
                 self._inboxes.append(_Inbox(ours, depth, name=f"wsi-medcam-stitch-send-{p}"))
-        self._done: dict[int, tuple[int, set[tuple[int, int]], np.ndarray, np.ndarray, float]] = {}
+        self._done: dict[int, tuple[int, set[tuple[int, int]], np.ndarray, np.ndarray, float, dict | None]] = {}
         self.processes_cpu_s = 0.0  # CPU time the stitching processes used, s (known after finish)
 
     def add(self, i: int, mask: np.ndarray, class_index: int, confidence: float) -> None:
@@ -201,12 +202,12 @@ class StitchingProcesses(EvidenceStitcher):
         for proc in self._procs:
             proc.join()
         tops: set[tuple[int, int]] = set()
-        for p, (chunks, top_chunks, classes, wkbs, cpu_s) in sorted(self._done.items()):
+        for p, (chunks, top_chunks, classes, wkbs, cpu_s, encoded) in sorted(self._done.items()):
             self.chunks_written += chunks
             self.processes_cpu_s += cpu_s
             tops |= top_chunks
             spool = self._spools[p] if self._spools[p].exists() else None
-            self.polygons.adopt(spool, zip(classes.tolist(), shapely.from_wkb(wkbs)))
+            self.polygons.adopt(spool, zip(classes.tolist(), shapely.from_wkb(wkbs)), encoded)
         self.store.adopt(self._top, tops)
         self.close()
 
@@ -299,7 +300,8 @@ def _stitch_part(spec: dict[str, Any], grid: TileGrid, shard: tuple[int, int], o
     try:
         store = EvidenceStore(**spec, part=True, top=options["top"])
         stitcher = EvidenceStitcher(grid, store, block=options["block"], trace_blocks=options["trace_blocks"],
-                                    strip_px=options["strip_px"], threads=1, tracers=0, shard=shard, spool_path=spool)
+                                    strip_px=options["strip_px"], threads=1, tracers=0, shard=shard, spool_path=spool,
+                                    encoder=options["encoder"])
         try:
             while (message := _receive(inbox)) is not None:
                 indices, masks, classes, confidences, targets = message
@@ -315,7 +317,8 @@ def _stitch_part(spec: dict[str, Any], grid: TileGrid, shard: tuple[int, int], o
         held = stitcher.polygons.release()
         classes = np.array([c for c, _ in held], np.int64)
         wkbs = shapely.to_wkb(np.array([g for _, g in held], dtype=object))
-        outbox.put(("done", shard[0], (stitcher.chunks_written, store.top_chunks, classes, wkbs, time.process_time())))
+        encoded = None if options["encoder"] is None else options["encoder"].per_class
+        outbox.put(("done", shard[0], (stitcher.chunks_written, store.top_chunks, classes, wkbs, time.process_time(), encoded)))
     except BaseException as exc:  # noqa: BLE001 - reported to the model process, which raises it
         first = (str(exc).strip().splitlines() or [""])[0]
         outbox.put(("error", shard[0], f"{type(exc).__name__}: {first}"))

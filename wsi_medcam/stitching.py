@@ -257,6 +257,16 @@ def _lines_to_trace(occupied: np.ndarray) -> np.ndarray:
     return lines[0] + np.flatnonzero(run | np.r_[False, run[:-1]])
 
 
+class PolygonEncoder(Protocol):
+    """Finishes and encodes final polygons where they are spooled (e.g.
+    :class:`wsi_medcam.export.geojson.EvidenceEncoder`)."""
+
+    per_class: dict[int, tuple[int, float]]  # per class index: (polygons, area) written so far
+
+    def write(self, out: IO[bytes], classes: np.ndarray, geoms: np.ndarray) -> None:
+        """Append a batch of final polygons (class indices, shapely) to ``out``, encoded."""
+
+
 class EvidencePolygons:
     """Traced hard-mask polygons per class index, in level-0 px, merged and spooled as rows finish.
 
@@ -271,17 +281,24 @@ class EvidencePolygons:
     When other processes trace the strips beside some of ours, a polygon that cannot grow here but
     touches one of their ``seams`` (level-0 x) is *held* instead of final: the process that gathers
     every part merges it with theirs (:meth:`adopt`). ``spool_path`` names the spool file (kept
-    for that process) instead of an anonymous one.
+    for that process) instead of an anonymous one. With an ``encoder`` (and a ``spool_path``), that
+    process spools its final polygons encoded, as a part of the GeoJSON (:class:`PolygonEncoder`),
+    so that they are finished while tiles stream; the gathering process lists such parts in
+    :attr:`encoded_parts` instead of reading them back.
     """
 
     _RECORD = struct.Struct("<HI")  # class index, WKB length
 
     def __init__(self, spool_dir: Path | None = None, *, flush_every: int = 4096, seams: Sequence[float] = (),
-                 spool_path: Path | None = None):
+                 spool_path: Path | None = None, encoder: PolygonEncoder | None = None):
+        if encoder is not None and spool_path is None:
+            raise ValueError("encoded polygons are spooled to a named part file: give spool_path")
         self.spool_dir = spool_dir
         self.flush_every = flush_every
         self.seams = np.sort(np.asarray(seams, np.float64))
         self.spool_path = spool_path
+        self.encoder = encoder
+        self.encoded_parts: list[tuple[Path, dict[int, tuple[int, float]]]] = []  # adopted: (file, per class)
         self.open: dict[int, list[Polygon]] = {}
         self._merged: dict[int, int] = {}  # per class: how many open pieces (the first) are merged already
         self.held: list[tuple[int, Polygon]] = []
@@ -318,10 +335,14 @@ class EvidencePolygons:
         nearest = np.searchsorted(self.seams, bounds[:, 0] - 1e-6)  # first seam right of each left edge
         return (nearest < len(self.seams)) & (self.seams[np.minimum(nearest, len(self.seams) - 1)] <= bounds[:, 2] + 1e-6)
 
-    def adopt(self, spool: Path | None, held: Iterable[tuple[int, Polygon]]) -> None:
+    def adopt(self, spool: Path | None, held: Iterable[tuple[int, Polygon]],
+              encoded: dict[int, tuple[int, float]] | None = None) -> None:
         """Take over another process's final polygons (its ``spool_path``, read and deleted by
-        :meth:`merged`) and its held ones, which are merged with what touches them."""
-        if spool is not None:
+        :meth:`merged`; or listed in :attr:`encoded_parts` if ``encoded`` gives the polygons and area
+        per class its encoder wrote there) and its held ones, which are merged with what touches them."""
+        if spool is not None and encoded is not None:
+            self.encoded_parts.append((spool, encoded))
+        elif spool is not None:
             self._adopted.append(spool)
         for class_index, polygon in held:
             self.add(class_index, polygon)
@@ -378,8 +399,12 @@ class EvidencePolygons:
         if self._spool is None:
             self._spool = (open(self.spool_path, "wb+") if self.spool_path is not None  # noqa: SIM115 - kept open
                            else tempfile.TemporaryFile(dir=self.spool_dir, prefix="evidence-polygons-"))
-        wkbs = shapely.to_wkb(np.array([g for _, g in self._final], dtype=object))
-        self._spool.write(b"".join(self._RECORD.pack(c, len(w)) + w for (c, _), w in zip(self._final, wkbs)))
+        geoms = np.array([g for _, g in self._final], dtype=object)
+        if self.encoder is not None:
+            self.encoder.write(self._spool, np.array([c for c, _ in self._final]), geoms)
+        else:
+            wkbs = shapely.to_wkb(geoms)
+            self._spool.write(b"".join(self._RECORD.pack(c, len(w)) + w for (c, _), w in zip(self._final, wkbs)))
         self._final = []
 
     def _batches(self, decode: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -519,12 +544,13 @@ class EvidenceStitcher:
     shard : (index, count): stitch only strips ``index, index + count, …`` (one of ``count``
         stitching processes, :mod:`wsi_medcam.stitch_processes`); polygons touching the other
         strips are held for merging, and parts of tiles reaching into them are left to their owner.
-    spool_path : passed to :class:`EvidencePolygons`.
+    spool_path, encoder : passed to :class:`EvidencePolygons`.
     """
 
     def __init__(self, grid: TileGrid, writer: ChunkWriter, *, block: int = 256, spool_dir: Path | None = None,
                  threads: int | None = None, tracers: int | None = None, trace_blocks: int = 16,
-                 strip_px: int = 4096, shard: tuple[int, int] = (0, 1), spool_path: Path | None = None):
+                 strip_px: int = 4096, shard: tuple[int, int] = (0, 1), spool_path: Path | None = None,
+                 encoder: PolygonEncoder | None = None):
         self.grid = grid
         self.writer = writer
         self.block = block
@@ -562,7 +588,7 @@ class EvidenceStitcher:
         self._carried: list[tuple[tuple[int, int], _Piece]] = []
         self._carry_in: dict[int, list[tuple[tuple[int, int], _Piece]]] = {}
         seams = [s.start * grid.downsample for s in self._strips[1:]] if shard[1] > 1 else []
-        self.polygons = EvidencePolygons(spool_dir, seams=seams, spool_path=spool_path)
+        self.polygons = EvidencePolygons(spool_dir, seams=seams, spool_path=spool_path, encoder=encoder)
         self.chunks_written = 0
 
     @property

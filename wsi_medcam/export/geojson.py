@@ -4,10 +4,12 @@ QuPath's parser rules (all versions): a FeatureCollection of Features; ``propert
 inside properties; ``classification`` as ``{"name", "color": [r, g, b]}`` (a name without a colour
 is rejected); ``id`` a UUID or it is dropped; ``measurements`` a flat {name: number}; coordinates in
 level-0 pixels. Features are streamed to disk one at a time. Ids are UUIDv5 of the slide and the
-object, so reruns produce identical files.
+object (a tile's index; an evidence polygon's own feature, so that it needs no place in the file's
+order), so reruns produce identical files.
 
-Evidence polygons are encoded batch by batch (:func:`encode_evidence`), so a slide's many polygons
-can be simplified and encoded in several processes; :func:`write_evidence` numbers them in order.
+Evidence polygons are encoded batch by batch, ids included (:func:`encode_evidence`), so a slide's
+many polygons can be simplified and encoded in several processes, the stitching processes among
+them while tiles stream; :func:`write_evidence` only joins them.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import shutil
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any, TextIO
 
 import numpy as np
 import orjson
@@ -30,19 +34,19 @@ from ..stitching import finish_polygons
 _NAMESPACE = uuid.UUID("5d6f1f8e-8d3c-4d52-9a55-6f0c1f4b6a01")
 
 
-def object_id(slide_key: str, kind: str, index: int) -> str:
-    """A deterministic UUID for object ``index`` of ``kind`` on the slide."""
-    return object_ids(slide_key, kind, [index])[0]
+def object_id(slide_key: str, kind: str, key: int | str) -> str:
+    """A deterministic UUID for object ``key`` (an index, or a text) of ``kind`` on the slide."""
+    return object_ids(slide_key, kind, [key])[0]
 
 
-def object_ids(slide_key: str, kind: str, indices: Iterable[int]) -> list[str]:
-    """:func:`object_id` of each index: ``uuid.uuid5(_NAMESPACE, f"{slide_key}/{kind}/{index}")``,
+def object_ids(slide_key: str, kind: str, keys: Iterable[int | str]) -> list[str]:
+    """:func:`object_id` of each key: ``uuid.uuid5(_NAMESPACE, f"{slide_key}/{kind}/{key}")``,
     hashing the common prefix once (a third of the cost of a tile's record went to uuid5)."""
     prefix = hashlib.sha1(_NAMESPACE.bytes + f"{slide_key}/{kind}/".encode())
     out = []
-    for index in indices:
+    for key in keys:
         h = prefix.copy()
-        h.update(str(index).encode())
+        h.update(str(key).encode())
         d = bytearray(h.digest()[:16])
         d[6] = (d[6] & 0x0F) | 0x50  # version 5
         d[8] = (d[8] & 0x3F) | 0x80  # RFC 4122 variant
@@ -91,6 +95,17 @@ class FeatureWriter:
             self._fh.write((",\n" if self.count else "") + ",\n".join(texts))
             self.count += len(texts)
 
+    def copy_features(self, path: Path, count: int) -> None:
+        """Append ``count`` features encoded elsewhere: the UTF-8 file ``path`` holds them joined by
+        ``",\n"`` (:meth:`EvidenceEncoder.write`). Copied as bytes, never decoded."""
+        assert self._fh is not None
+        if count:
+            self._fh.write(",\n" if self.count else "")
+            self._fh.flush()
+            with open(path, "rb") as part:
+                shutil.copyfileobj(part, self._fh.buffer, 1 << 20)
+            self.count += count
+
     def __exit__(self, *exc: object) -> None:
         assert self._fh is not None
         self._fh.write("\n]}\n")
@@ -116,16 +131,20 @@ def polygon_coordinates(polys: np.ndarray, ndigits: int = 1) -> list[list[np.nda
 
 
 Encoded = tuple[int, float, str]
-"""An evidence polygon: class index, area in µm², its feature as JSON without an id."""
+"""An evidence polygon: class index, area in µm², its feature as JSON."""
 
-_HEAD = '{"type":"Feature",'  # how an encoded feature starts; its id follows this in the file
+_HEAD = '{"type":"Feature",'  # how an encoded feature starts; its id goes after this
 
 
 def encode_evidence(classes: np.ndarray, geoms: np.ndarray, *, simplify_px: float, clip: Polygon | None,
-                    class_names: list[str], colors: list[tuple[int, int, int]], mpp: float) -> list[Encoded]:
+                    class_names: list[str], colors: list[tuple[int, int, int]], mpp: float,
+                    slide_key: str) -> list[Encoded]:
     """A batch of final polygons (shapely, or WKB from another process) finished by
     :func:`~wsi_medcam.stitching.finish_polygons` (``simplify_px``, ``clip``: level-0 px; one
-    feature per part) and encoded as QuPath annotations; ``mpp``: the slide's µm/px."""
+    feature per part) and encoded as QuPath annotations; ``mpp``: the slide's µm/px. A feature's id
+    is the :func:`object_id` of its JSON without the id: the same polygon gets the same id whatever
+    process encodes it and wherever it lands in the file (distinct polygons of a class never have
+    the same coordinates)."""
     if len(geoms) and not isinstance(geoms[0], Polygon):
         geoms = shapely.from_wkb(geoms)
     finished = list(finish_polygons(classes, geoms, simplify_px, clip))
@@ -140,22 +159,66 @@ def encode_evidence(classes: np.ndarray, geoms: np.ndarray, *, simplify_px: floa
         # orjson writes the coordinate arrays itself: 6× faster than json with lists (the floats'
         # shortest round-trip form, as json's; UTF-8 where json escapes)
         out.append((class_index, area, orjson.dumps(feat, option=orjson.OPT_SERIALIZE_NUMPY).decode()))
-    return out
+    ids = object_ids(slide_key, "evidence", [text for _, _, text in out])
+    return [(c, area, f'{_HEAD}"id":"{fid}",{text[len(_HEAD):]}') for (c, area, text), fid in zip(out, ids)]
 
 
-def write_evidence(path: Path, encoded: Iterable[Encoded], *, slide_key: str) -> tuple[int, dict[int, tuple[int, float]]]:
-    """Evidence polygons as QuPath annotations, numbered in order; returns how many were written and,
-    per class index, (polygons, area µm²). Written 1024 at a time (ids hashed together)."""
-    per_class: dict[int, tuple[int, float]] = {}
+PerClass = dict[int, tuple[int, float]]
+"""Per class index: (polygons, their area in µm²)."""
+
+
+def _tally(per_class: PerClass, class_index: int, polygons: int, area: float) -> None:
+    count, total = per_class.get(class_index, (0, 0.0))
+    per_class[class_index] = (count + polygons, total + area)
+
+
+def count_encoded(encoded: Iterable[Encoded], per_class: PerClass) -> list[str]:
+    """The features' texts, with each counted into ``per_class`` (updated in place)."""
+    texts = []
+    for class_index, area, text in encoded:
+        _tally(per_class, class_index, 1, area)
+        texts.append(text)
+    return texts
+
+
+@dataclass
+class EvidenceEncoder:
+    """:func:`encode_evidence` with its options bound, picklable for other processes. :meth:`write`
+    appends a batch to a *part file* of features joined by ``",\n"``, which
+    :meth:`FeatureWriter.copy_features` copies into the GeoJSON as it is: the stitching processes
+    encode their final polygons so while tiles stream, and what is left once the last tile is in
+    is to copy bytes."""
+
+    simplify_px: float
+    clip: Polygon | None
+    class_names: list[str]
+    colors: list[tuple[int, int, int]]
+    mpp: float
+    slide_key: str
+    per_class: PerClass = field(default_factory=dict)  # what :meth:`write` wrote
+
+    def __call__(self, classes: np.ndarray, geoms: np.ndarray) -> list[Encoded]:
+        return encode_evidence(classes, geoms, simplify_px=self.simplify_px, clip=self.clip, class_names=self.class_names,
+                               colors=self.colors, mpp=self.mpp, slide_key=self.slide_key)
+
+    def write(self, out: IO[bytes], classes: np.ndarray, geoms: np.ndarray) -> None:
+        """Encode a batch of final polygons and append it to the part file ``out`` (at its end)."""
+        if texts := count_encoded(self(classes, geoms), self.per_class):
+            out.write(((",\n" if out.tell() else "") + ",\n".join(texts)).encode())
+
+
+def write_evidence(path: Path, encoded: Iterable[Encoded], *, parts: Iterable[tuple[Path, PerClass]] = ()
+                   ) -> tuple[int, PerClass]:
+    """Evidence polygons as QuPath annotations: ``encoded``, then the features of each part file
+    (:meth:`EvidenceEncoder.write`; with its polygons and area per class); returns how many were
+    written and, per class index, (polygons, area µm²)."""
+    per_class: PerClass = {}
     with FeatureWriter(path) as out:
         items = iter(encoded)
         while batch := list(itertools.islice(items, 1024)):
-            ids = object_ids(slide_key, "evidence", range(out.count, out.count + len(batch)))
-            texts = []
-            for fid, (class_index, area, text) in zip(ids, batch):
-                assert text.startswith(_HEAD)
-                texts.append(f'{_HEAD}"id":"{fid}",{text[len(_HEAD):]}')
-                count, total = per_class.get(class_index, (0, 0.0))
-                per_class[class_index] = (count + 1, total + area)
-            out.write_all(texts)
+            out.write_all(count_encoded(batch, per_class))
+        for part, counted in parts:
+            out.copy_features(part, sum(n for n, _ in counted.values()))
+            for class_index, (n, area) in counted.items():
+                _tally(per_class, class_index, n, area)
         return out.count, per_class
