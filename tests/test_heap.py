@@ -84,3 +84,20 @@ def test_thumbnails_are_freed_once_written(tmp_path):
         assert [ref() is None for ref in alive] == [True, True]
     assert Image.open(tmp_path / "thumbnail.png").size == (400, 300)
     assert Image.open(tmp_path / "tissue.png").getextrema() == (0, 0)
+
+
+def test_thumbnails_handed_to_their_process_are_not_kept_here(tmp_path):
+    """With stitching processes, the thumbnails are written by a process of their own while tiles
+    stream: once started, it must hold the only copy (the readers fork right after)."""
+    from wsi_medcam.export.overview import write_thumbnails
+    from wsi_medcam.stitch_processes import start_process
+
+    thumbnail, mask = np.full((300, 400, 3), 200, np.uint8), np.ones((300, 400), bool)
+    alive = [weakref.ref(thumbnail), weakref.ref(mask)]
+    proc = start_process(write_thumbnails, (tmp_path, thumbnail, mask), name="thumbnails-test")
+    del thumbnail, mask
+    assert [ref() is None for ref in alive] == [True, True]
+    proc.join(60)
+    assert proc.exitcode == 0
+    assert Image.open(tmp_path / "thumbnail.png").size == (400, 300)
+    assert Image.open(tmp_path / "tissue.png").getextrema() == (255, 255)

@@ -16,9 +16,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
+from multiprocessing.process import BaseProcess
 from itertools import chain
 from pathlib import Path
 from typing import Any, Iterator, TypeVar
@@ -35,14 +36,14 @@ from .cpus import may_start_processes
 from .errors import OutputError, WsiMedcamError
 from .export.geojson import EvidenceEncoder, write_evidence
 from .export.ome_zarr import EvidenceStore, write_probabilities
-from .export.overview import class_heatmap, shrink_for_overview, write_overview
+from .export.overview import class_heatmap, shrink_for_overview, write_overview, write_thumbnails
 from .export.tiles import TileBatch, TileWriter
 from .folding import fold_batchnorms
 from .heap import release_freed_memory, use_one_arena
 from .inference import BatchResult, Predictor, default_batch_size, default_workers, resolve_device
 from .levels import HARD
 from .slide import MppOverrides, SlideRef, open_slide, read_mpp_csvs
-from .stitch_processes import StitchingProcesses, default_stitchers, ordered_map, start_server
+from .stitch_processes import StitchingProcesses, default_stitchers, ordered_map, start_process, start_server
 from .stitching import EvidenceStitcher
 from .tiling import plan_tiles
 from .tissue import detect_tissue
@@ -179,16 +180,18 @@ def process_slide(
     """Run the whole flow for one slide, writing every output into ``work_dir``; returns the report.
 
     Some writes run beside the slide's main line on a thread of their own (PNG and zarr encoding
-    release the GIL): the thumbnails beside tiling and setup, the pyramid's top levels beside the GeoJSON.
-    Returning, or failing, waits for them, so nothing is written into ``work_dir`` afterwards."""
+    release the GIL): the thumbnails beside tiling and setup (with stitching processes, in a process
+    of their own beside the tiles), the pyramid's top levels beside the GeoJSON. Returning waits for
+    them, failing stops them, so nothing is written into ``work_dir`` afterwards."""
     Image.preinit()  # PIL's format plugins imported here, not on that thread while readers fork
-    with ThreadPoolExecutor(1, thread_name_prefix="wsi-medcam-beside") as beside:
-        return _process_slide(path, work_dir, cfg, models, beside, progress)
+    with ThreadPoolExecutor(1, thread_name_prefix="wsi-medcam-beside") as beside, ExitStack() as cleanup:
+        return _process_slide(path, work_dir, cfg, models, beside, cleanup, progress)
 
 
 def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, beside: ThreadPoolExecutor,
-                   progress: ProgressHook | None) -> dict[str, Any]:
-    """:func:`process_slide`, with ``beside`` for the writes that run beside it."""
+                   cleanup: ExitStack, progress: ProgressHook | None) -> dict[str, Any]:
+    """:func:`process_slide`, with ``beside`` for the writes that run beside it and ``cleanup`` for
+    the processes to stop if it fails."""
     timer = _Timer()
     start = time.perf_counter()
     overrides = MppOverrides(cfg.slide.mpp, read_mpp_csvs(cfg.slide.mpp_csv))
@@ -210,7 +213,12 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
         description = slide.describe()
         ref = SlideRef.of(slide)
         dimensions = slide.dimensions
-    thumbnails = beside.submit(_write_thumbnails, work_dir, [tissue.thumbnail, tissue.mask])
+    if stitchers:  # the forkserver is up: PNG encoding (~3 s on a 100k² slide) goes beside the tiles
+        writer = start_process(write_thumbnails, (work_dir, tissue.thumbnail, tissue.mask), name="wsi-medcam-thumbnails")
+        cleanup.callback(_stop, writer)
+        thumbnails = beside.submit(_joined, writer, "writing thumbnail.png and tissue.png")
+    else:
+        thumbnails = beside.submit(_write_thumbnails, work_dir, [tissue.thumbnail, tissue.mask])
     with timer.stage("tiling"):
         grid = plan_tiles(dimensions, downsample, tissue.mask, cfg.tiling, mpp=mpp, tile_size=tile_size)
     tissue_stats = {"mpp": tissue.mpp, "fraction": float(tissue.mask.mean()) if tissue.mask.size else 0.0}
@@ -255,10 +263,12 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
                              workers=workers,
                              pin_memory=models.predictor.device.type == "cuda")
     # Reader processes fork from this one when the tiles start, and whatever it holds then stays
-    # theirs too once it frees it: the thumbnails are written (beside tiling and setup) and the
-    # heap trimmed first. A 100k² slide's 3125² thumbnail and mask are ~40 MiB.
+    # theirs too once it frees it: the thumbnails are written (beside tiling and setup), or handed
+    # to their process, and the heap trimmed first. A 100k² slide's 6250² thumbnail and mask at
+    # 0.5 µm/px are ~150 MiB.
     with timer.stage("thumbnails"):
-        thumbnails.result()
+        if not stitchers:
+            thumbnails.result()
         release_freed_memory()  # with the thumbnail's read blocks and the mask's temporaries
     done = 0
     with timer.stage("inference+stitching"), TileWriter(
@@ -340,6 +350,7 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
         cols = min(grid.grid_shape[1], max(1, round(width0 / grid.downsample / grid.stride)))
         write_overview(work_dir / "overview.png", overview_thumb, overview_tissue,
                        class_heatmap(grid_probs[:, :rows, :cols], colors), evidence_thumb)
+    thumbnails.result()  # written by their process meanwhile
     report = {
         "slide": description,
         "parameters": {"tile_mpp": mpp, "tile_size": tile_size, "stride": grid.stride, "downsample": downsample,
@@ -362,14 +373,26 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
 
 
 def _write_thumbnails(work_dir: Path, images: list[np.ndarray]) -> None:
-    """``thumbnail.png`` and ``tissue.png`` at zlib level 1 (a 2048² thumbnail and mask: 0.40 s,
-    level 6 0.71 s for 8 % fewer bytes), from ``images`` (thumbnail, mask), which are taken out of
-    the list: a thread pool keeps a task's arguments a moment after its result is ready, and the
+    """:func:`write_thumbnails` on a thread, from ``images`` (thumbnail, mask), which are taken out
+    of the list: a thread pool keeps a task's arguments a moment after its result is ready, and the
     caller waits for this to free them."""
     thumbnail, mask = images
     images.clear()
-    Image.fromarray(thumbnail).save(work_dir / "thumbnail.png", compress_level=1)
-    Image.fromarray(mask.astype(np.uint8) * 255).save(work_dir / "tissue.png", compress_level=1)
+    write_thumbnails(work_dir, thumbnail, mask)
+
+
+def _joined(proc: BaseProcess, what: str) -> None:
+    """Wait for ``proc``; OutputError if it failed."""
+    proc.join()
+    if proc.exitcode:
+        raise OutputError(f"{what} failed in process {proc.name} (exit code {proc.exitcode})")
+
+
+def _stop(proc: BaseProcess) -> None:
+    """End ``proc`` now if it still runs (its slide failed)."""
+    if proc.is_alive():
+        proc.terminate()
+    proc.join()
 
 
 def _write_polygons(path: Path, stitcher: EvidenceStitcher, encoder: EvidenceEncoder, class_names: list[str],

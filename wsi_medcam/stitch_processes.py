@@ -80,6 +80,16 @@ def start_server() -> None:
         forkserver.ensure_running()
 
 
+def start_process(target: Callable[..., Any], args: tuple[Any, ...], name: str) -> multiprocessing.process.BaseProcess:
+    """Start ``target(*args)`` in a process of the stitching processes' kind (forkserver: it shares
+    nothing with this process: no CUDA, no threads, no heap). Returns once the process has its
+    arguments, so this process may free them at once (a started process keeps no reference to them)."""
+    with _main_script_hidden():
+        proc = _context().Process(target=target, args=args, name=name, daemon=True)
+        proc.start()
+    return proc
+
+
 @contextmanager
 def _main_script_hidden() -> Iterator[None]:
     """While open, processes started by forkserver or spawn do not import the main script.
