@@ -328,6 +328,20 @@ class EvidencePolygons:
             self.open[class_index] = list(merged[reaches])
             self._merged[class_index] = len(self.open[class_index])
 
+    def _close_all(self) -> None:
+        """Finalise every open piece, as :meth:`close_rows` at the end would, except that a group of
+        touching pieces is finalised as one MultiPolygon of its pieces, which
+        :func:`finish_polygons` dissolves: in the process that gathers the stitching processes'
+        parts, the unions of what waited at their seams were half of the GeoJSON step (2-core VM),
+        and there they are done wherever the batches are finished (in as many processes)."""
+        if len(self.seams):
+            raise RuntimeError("pieces held for another process's seams cannot be closed here")
+        for class_index, open_pieces in self.open.items():
+            pieces = np.array(open_pieces, dtype=object)
+            groups = _touching_groups(pieces, self._merged.get(class_index, 0))
+            self._finalise([(class_index, pieces[g[0]] if len(g) == 1 else shapely.multipolygons(pieces[g])) for g in groups])
+        self.open, self._merged = {}, {}
+
     def _touches_seam(self, bounds: np.ndarray) -> np.ndarray:
         """Per polygon, from its ``bounds`` (n, 4): does it reach one of :attr:`seams`."""
         if not len(self.seams) or not len(bounds):
@@ -372,8 +386,9 @@ class EvidencePolygons:
         """(class indices, polygons) after merging across block and tile borders, batch by batch,
         before :func:`finish_polygons` (what :meth:`merged` yields, for callers that finish the
         batches elsewhere, e.g. in other processes); ``wkb``: as WKB, so that polygons read back
-        from a spool go on as they were stored, never decoded here."""
-        self.close_rows(math.inf)
+        from a spool go on as they were stored, never decoded here. Pieces still open are grouped
+        here but dissolved by :func:`finish_polygons` (:meth:`_close_all`)."""
+        self._close_all()
         cut = unary_union(self.cuts) if self.cuts else None
         redo: dict[int, list[Polygon]] = {c: list(p) for c, p in self.patches.items()}
         for classes, geoms in self._batches(decode=cut is not None or not wkb):
@@ -436,22 +451,30 @@ class EvidencePolygons:
             yield np.array(classes), shapely.from_wkb(wkb) if decode else wkb
 
 
-def _merge_touching(pieces: np.ndarray, merged: int = 0) -> np.ndarray:
-    """Polygons of ``pieces`` with every group of touching pieces dissolved into one; only groups
-    are unioned (a union of all pieces at once costs far more when most touch nothing). The first
-    ``merged`` pieces came out of such a merge, so only the others are looked up: pieces that wait
-    at a strip's seam pile up, and looking all of them up again for every band cost a third of
-    what merging did."""
-    if len(pieces) - merged < 1 or len(pieces) < 2:
-        return pieces
+def _touching_groups(pieces: np.ndarray, merged: int = 0) -> list[np.ndarray]:
+    """The groups of touching pieces (indices into ``pieces``, by their first piece), singletons
+    included. The first ``merged`` pieces came out of a merge (none of them touch), so only the
+    others are looked up: pieces that wait at a strip's seam pile up, and looking all of them up
+    again for every band cost a third of what merging did."""
+    n = len(pieces)
+    if n - merged < 1 or n < 2:
+        return [np.array([i]) for i in range(n)]
     left, right = shapely.STRtree(pieces).query(pieces[merged:], predicate="intersects")
     left += merged
-    n = len(pieces)
     _, group = connected_components(coo_matrix((np.ones(len(left)), (left, right)), shape=(n, n)), directed=False)
     order = np.argsort(group, kind="stable")
     starts = np.flatnonzero(np.diff(group[order], prepend=-1))
+    return np.split(order, starts[1:])
+
+
+def _merge_touching(pieces: np.ndarray, merged: int = 0) -> np.ndarray:
+    """Polygons of ``pieces`` with every group of touching pieces dissolved into one; only groups
+    are unioned (a union of all pieces at once costs far more when most touch nothing); the first
+    ``merged`` are known apart (:func:`_touching_groups`)."""
+    if len(pieces) - merged < 1 or len(pieces) < 2:
+        return pieces
     out: list[Polygon] = []
-    for members in np.split(order, starts[1:]):
+    for members in _touching_groups(pieces, merged):
         out.extend([pieces[members[0]]] if len(members) == 1 else _polygon_parts(unary_union(pieces[members])))
     return np.array(out, dtype=object)
 
@@ -470,7 +493,16 @@ def _simplify(geoms: np.ndarray, tolerance: float) -> np.ndarray:
 
 def finish_polygons(classes: np.ndarray, geoms: np.ndarray, simplify_px: float,
                     clip: Polygon | None) -> Iterator[tuple[int, Polygon]]:
-    """Simplify (level-0 px) and clip a batch of final polygons; one (class, polygon) per part."""
+    """Dissolve the groups of touching pieces among a batch of final polygons (MultiPolygons, see
+    :meth:`EvidencePolygons._close_all`), then simplify (level-0 px) and clip each polygon; one
+    (class, polygon) per part."""
+    groups = np.flatnonzero(shapely.get_type_id(geoms) == shapely.GeometryType.MULTIPOLYGON) if len(geoms) else []
+    if len(groups):
+        parts = [[g] for g in geoms]
+        for k in groups:
+            parts[k] = _polygon_parts(shapely.union_all(geoms[k]))
+        classes = np.repeat(classes, [len(p) for p in parts])
+        geoms = np.array([g for p in parts for g in p], dtype=object)
     if simplify_px > 0 and len(geoms):
         geoms = _simplify(geoms, simplify_px)
     if clip is not None and len(geoms):
