@@ -177,3 +177,27 @@ def test_pyramid_writer_shortcuts_write_the_same_slide(tmp_path, cmu_pixels):
             assert pa.shape == pb.shape and np.array_equal(pa.asarray(), pb.asarray())
     with open_slide(fast) as slide:
         assert len(slide.level_dimensions) == 3 and "thumbnail" in slide.associated_images
+
+
+@pytest.mark.parametrize("size", [(224, 224), (112, 112), (149, 149), (100, 60), (112, 75), (1, 1)])
+def test_shrink_is_the_box_mean_of_real_pixels(cmu_pixels, size):
+    """Thumbnail blocks are shrunk by OpenCV's area mean: by an integer factor (448 → 224 or 112;
+    448 → 149 is 3.007: not) each block's mean, correctly rounded (PIL's reduce() gave the same bytes
+    for 2, and was off by up to 2 levels for 448); by any factor within one level of the
+    area-weighted mean computed in float."""
+    from wsi_medcam.slide import shrink
+
+    src = np.ascontiguousarray(cmu_pixels[100:548, 200:648])  # 448², real H&E
+    got = shrink(src, size)
+    assert got.shape == (size[1], size[0], 3) and got.dtype == np.uint8
+    w, h = size
+
+    def weights(n_out):  # each source px weighted by its overlap with the output px
+        edges = np.arange(n_out + 1) * 448 / n_out
+        lo, hi = edges[:-1, None], edges[1:, None]
+        px = np.arange(448)[None]
+        return np.clip(np.minimum(hi, px + 1) - np.maximum(lo, px), 0, None) / (448 / n_out)
+
+    exact = np.stack([weights(h) @ src[..., c].astype(np.float64) @ weights(w).T for c in range(3)], axis=-1)
+    integer = 448 % w == 0 and 448 % h == 0 and 448 // w == 448 // h
+    assert np.abs(got - exact).max() <= (0.5 if integer else 1.0) + 1e-6

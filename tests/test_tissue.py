@@ -298,12 +298,14 @@ def test_colour_planes_converted_band_by_band_on_threads_equal_one_conversion():
     rgba = load(TILES / "tcga-green-pen.png").copy()
     rgba[::5, ::3, 3] = 0  # some transparent pixels: composited on white, band by band
     hsv = _hsv(composite_on_white(rgba))
-    want = (hsv[..., 1], hsv[..., 2], *_ink_colours(hsv))
+    want = (hsv[..., 1], np.rint(hsv[..., 1] * 255.0).astype(np.uint8), hsv[..., 2], *_ink_colours(hsv))
     got = _colour_planes(rgba, band=7)
     assert rgba.shape[0] > 7 * 8, "enough bands for every thread"
+    assert len(got) == len(want)
     for g, w in zip(got, want):
+        assert g.dtype == w.dtype
         np.testing.assert_array_equal(g, w)
-    assert got[2].any() and got[3].any(), "the crop's ink is found"
+    assert got[3].any() and got[4].any(), "the crop's ink is found"
 
 
 @needs_tiles
@@ -319,3 +321,16 @@ def test_hsv_is_scikit_images_to_within_float32_rounding(name):
     assert got.dtype == np.float32 and got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     assert np.ptp(want[..., 0]) > 0.5, "hues spread over the circle, ink and stain"
+
+
+def test_lookup_by_bands_on_threads_is_the_fancy_index():
+    """The label-table lookup that tissue cleaning runs band by band on threads gives ``table[labels]``,
+    bands not dividing the height included."""
+    from wsi_medcam.tissue import _lookup
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 50, (101, 37), dtype=np.int32)
+    table = rng.random(50) > 0.5
+    got = _lookup(table, labels, band=8)
+    assert got.dtype == table.dtype and got.any() and not got.all()
+    np.testing.assert_array_equal(got, table[labels])

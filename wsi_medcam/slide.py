@@ -18,6 +18,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -61,6 +62,16 @@ def _white_beyond(region: np.ndarray, xy_level0: tuple[int, int], downsample: fl
     out = np.full_like(region, 255)
     out[y0:y1, x0:x1] = region[y0:y1, x0:x1]
     return out
+
+
+def shrink(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``rgb`` (HxWx3 uint8) reduced to ``size`` (width, height) by an area (box) mean, OpenCV's
+    INTER_AREA, for thumbnails: 28× faster than PIL's BOX resize on 1024² → 512² (0.2 against 5.7
+    ms). By an integer factor each k×k block's mean correctly rounded (PIL's ``reduce()`` rounds
+    ties the other way at times, and drifted by 2 levels for 448); other factors weigh each source
+    px by the area it covers, as PIL's BOX does, to within one level. Not in reader processes (see
+    :meth:`Slide.read_region_at`)."""
+    return cv2.resize(np.ascontiguousarray(rgb), size, interpolation=cv2.INTER_AREA)
 
 
 def composite_on_white(image: np.ndarray) -> np.ndarray:
@@ -284,6 +295,8 @@ class Slide:
             return self.read_level(xy_level0, level, (width, height))
         read_size = (max(1, round(width * scale)), max(1, round(height * scale)))
         rgb = self.read_level(xy_level0, level, read_size)
+        # PIL, not OpenCV (:func:`shrink`): readers fork from a process whose OpenCV threads run,
+        # and OpenCV's thread pool in a forked child hangs (cv2.setNumThreads(1) there did)
         factor = read_size[0] // width
         if read_size == (width * factor, height * factor):
             # an integer factor (a 40× scan read for 20× tiles): PIL's reduce() is the same box mean,
@@ -328,9 +341,7 @@ class Slide:
             if x1 <= x0 or y1 <= y0:
                 return
             region = self.read_level((round(bx * level_ds), round(by * level_ds)), level, (bw, bh))
-            if (x1 - x0, y1 - y0) != (bw, bh):
-                region = np.asarray(Image.fromarray(region).resize((x1 - x0, y1 - y0), Image.Resampling.BOX))
-            out[y0:y1, x0:x1] = region
+            out[y0:y1, x0:x1] = shrink(region, (x1 - x0, y1 - y0)) if (x1 - x0, y1 - y0) != (bw, bh) else region
 
         blocks = [(bx, by) for by in range(0, level_h, block_level_px) for bx in range(0, level_w, block_level_px)]
         self._tiles  # noqa: B018 - opened here, once, rather than by several threads at once

@@ -18,6 +18,7 @@ one core, most of a GPU run's serial time; OpenCV's take a fraction of a second.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -72,7 +73,26 @@ def _grow_ink(sure: np.ndarray, maybe: np.ndarray) -> np.ndarray:
     seeded = np.zeros(int(labels.max()) + 1, dtype=bool)
     seeded[labels[seeds.view(bool)]] = True
     seeded[0] = False
-    return seeded[labels]
+    return _lookup(seeded, labels)
+
+
+def _lookup(table: np.ndarray, labels: np.ndarray, band: int = 512) -> np.ndarray:
+    """``table[labels]`` for a label image, ``band`` rows at a time on one thread per core (numpy's
+    take releases the GIL): on a 100k² slide's 6250² thumbnail 0.05 s on 2 cores, against 0.13 s
+    for the fancy index."""
+    out = np.empty(labels.shape, table.dtype)
+
+    def take(y: int) -> None:
+        np.take(table, labels[y : y + band], out=out[y : y + band])
+
+    _on_bands(take, labels.shape[0], band)
+    return out
+
+
+def _on_bands(fn: Callable[[int], None], height: int, band: int) -> None:
+    """``fn(y)`` for each band of ``band`` rows starting at ``y``, on one thread per core."""
+    with ThreadPoolExecutor(min(usable_cores(), max(1, -(-height // band))), thread_name_prefix="wsi-medcam-tissue") as pool:
+        list(pool.map(fn, range(0, height, band)))
 
 
 def tissue_mask_from_rgb(rgb: np.ndarray, mpp: float, cfg: TissueConfig) -> np.ndarray:
@@ -98,11 +118,10 @@ def tissue_mask_from_rgb(rgb: np.ndarray, mpp: float, cfg: TissueConfig) -> np.n
     """
     if not mpp > 0:
         raise ValueError(f"mpp must be positive, got {mpp}")
-    sat, value, sure, maybe = _colour_planes(rgb)
+    sat, sat8, value, sure, maybe = _colour_planes(rgb)
     pen = _grow_ink(sure, maybe) if cfg.reject_pen else np.zeros(sat.shape, dtype=bool)
 
     size = _odd(cfg.median_um / mpp)
-    sat8 = np.rint(sat * 255.0).astype(np.uint8)
     if size > 1:  # at the border, the edge pixels stand in for the ones beyond
         sat8 = cv2.medianBlur(sat8, size)
     # Otsu separates tissue from glass; ink would pull the threshold up, so it is left out. On the
@@ -125,22 +144,23 @@ def tissue_mask_from_rgb(rgb: np.ndarray, mpp: float, cfg: TissueConfig) -> np.n
 
 
 def _colour_planes(rgb: np.ndarray, band: int = 256) -> tuple[np.ndarray, ...]:
-    """(saturation, value, unambiguous ink, possible ink) of ``rgb``, converted to HSV ``band`` rows
-    at a time: a whole float HSV copy of a 100k² slide's thumbnail and its temporaries cost over
-    500 MB, the four planes 4 bytes and 2 bools per pixel. Bands are converted on one thread per core
-    (OpenCV and numpy release the GIL)."""
+    """(saturation, saturation as uint8 levels, value, unambiguous ink, possible ink) of ``rgb``,
+    converted to HSV ``band`` rows at a time: a whole float HSV copy of a 100k² slide's thumbnail
+    and its temporaries cost over 500 MB, the planes 4 bytes and 3 bytes per pixel. Bands are
+    converted on one thread per core (OpenCV and numpy release the GIL)."""
     height, width = rgb.shape[:2]
     sat, value = (np.empty((height, width), np.float32) for _ in range(2))
+    sat8 = np.empty((height, width), np.uint8)
     sure, maybe = (np.empty((height, width), bool) for _ in range(2))
 
     def convert(y: int) -> None:
         hsv = _hsv(composite_on_white(rgb[y : y + band]))
         sat[y : y + band], value[y : y + band] = hsv[..., 1], hsv[..., 2]
+        sat8[y : y + band] = np.rint(hsv[..., 1] * 255.0)
         sure[y : y + band], maybe[y : y + band] = _ink_colours(hsv)
 
-    with ThreadPoolExecutor(min(usable_cores(), max(1, -(-height // band))), thread_name_prefix="wsi-medcam-hsv") as pool:
-        list(pool.map(convert, range(0, height, band)))
-    return sat, value, sure, maybe
+    _on_bands(convert, height, band)
+    return sat, sat8, value, sure, maybe
 
 
 def _hsv(rgb: np.ndarray) -> np.ndarray:
@@ -168,7 +188,7 @@ def _drop_small(mask: np.ndarray, min_px: float, connectivity: int) -> np.ndarra
                                                            connectivity=connectivity, ltype=cv2.CV_32S)
     keep = stats[:, cv2.CC_STAT_AREA] >= min_px
     keep[0] = False
-    return keep[labels]
+    return _lookup(keep, labels)
 
 
 @dataclass(frozen=True)
