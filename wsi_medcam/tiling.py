@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from .config import TilingConfig
@@ -105,8 +106,10 @@ def plan_tiles(
     mask_h, mask_w = tissue.shape
     # mask px per canvas px, per axis (the mask covers exactly the level-0 extent)
     fx, fy = mask_w * downsample / width0, mask_h * downsample / height0
-    integral = np.zeros((mask_h + 1, mask_w + 1), np.int64)
-    integral[1:, 1:] = np.cumsum(np.cumsum(tissue.astype(np.int64), axis=0), axis=1)
+    # OpenCV's integral image (zero first row and column): a 100k² slide's 6250² mask in 0.03 s,
+    # numpy's two int64 cumsums took 0.56-1.1 s (2-core VM); int32 holds any count below 2^31 px
+    depth = cv2.CV_32S if tissue.size < 2**31 else cv2.CV_64F
+    integral = cv2.integral(np.ascontiguousarray(tissue, dtype=bool).view(np.uint8), sdepth=depth)
 
     def edges(count: int, f: float, limit: int) -> tuple[np.ndarray, np.ndarray]:
         start = np.arange(count) * stride
@@ -115,7 +118,8 @@ def plan_tiles(
 
     x0, x1 = edges(n_cols, fx, mask_w)
     y0, y1 = edges(n_rows, fy, mask_h)
-    counts = (integral[y1][:, x1] - integral[y0][:, x1] - integral[y1][:, x0] + integral[y0][:, x0])
+    top, bottom = integral[y0].astype(np.int64), integral[y1].astype(np.int64)  # the grid's rows only
+    counts = bottom[:, x1] - top[:, x1] - bottom[:, x0] + top[:, x0]
     tile_area = max((tile_size * fx) * (tile_size * fy), 1e-9)
     fraction = counts / tile_area
     rows, cols = np.nonzero(fraction >= max(cfg.min_tissue, 1e-9))
