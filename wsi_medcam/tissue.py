@@ -65,11 +65,14 @@ def _ink_colours(hsv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _grow_ink(sure: np.ndarray, maybe: np.ndarray) -> np.ndarray:
-    """Ink: the 8-connected regions of ``maybe`` that hold an eroded seed of ``sure``."""
-    _, labels = cv2.connectedComponents(maybe.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    """Ink: the 8-connected regions of ``maybe`` that hold an eroded seed of ``sure``. Without a seed
+    (most slides) there is nothing to label: 0.2 of a 100k² slide's ~1.2 s of mask (2-core VM)."""
     # Eroding the seeds ignores isolated pixels (a saturated red blood cell, a speck of dust); beyond
     # the border there is no ink.
     seeds = cv2.erode(sure.view(np.uint8), _EIGHT_NEIGHBOURS, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    if not cv2.countNonZero(seeds):
+        return np.zeros(sure.shape, dtype=bool)
+    _, labels = cv2.connectedComponents(maybe.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
     seeded = np.zeros(int(labels.max()) + 1, dtype=bool)
     seeded[labels[seeds.view(bool)]] = True
     seeded[0] = False
