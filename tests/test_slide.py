@@ -201,3 +201,41 @@ def test_shrink_is_the_box_mean_of_real_pixels(cmu_pixels, size):
     exact = np.stack([weights(h) @ src[..., c].astype(np.float64) @ weights(w).T for c in range(3)], axis=-1)
     integer = 448 % w == 0 and 448 % h == 0 and 448 // w == 448 // h
     assert np.abs(got - exact).max() <= (0.5 if integer else 1.0) + 1e-6
+
+
+@pytest.mark.parametrize("size", [224, 512])
+def test_forked_readers_shrink_tiles_after_opencv_threads_ran(tmp_path, cmu_pixels, size):
+    """A 40× scan read for 20× tiles: every 0.5 µm/px tile is a 0.25 µm/px region halved by OpenCV,
+    in reader processes forked from one whose OpenCV thread pool has run (tissue detection does).
+    Two forked readers give the tiles read here; a reader stuck in an inherited pool would time out.
+    OpenCV halves a 224² tile on the calling thread, a 512² one on its pool (in stripes of 64k px)."""
+    import cv2
+    from torch.utils.data import DataLoader
+
+    from wsi_medcam.batching import TileDataset
+    from wsi_medcam.config import TilingConfig
+    from wsi_medcam.slide import SlideRef, shrink
+    from wsi_medcam.tiling import plan_tiles
+
+    path = write_pyramid(tmp_path / "one-level.svs", cmu_pixels, mpp=0.25, levels=1)
+    with open_slide(path) as slide:
+        assert len(slide.level_dimensions) == 1
+        grid = plan_tiles(slide.dimensions, 2.0, np.ones((8, 8), bool), TilingConfig(min_tissue=0.0), mpp=0.5,
+                          tile_size=size)
+        ref = SlideRef.of(slide)
+        here = [slide.read_region_at(grid.xy_level0(i), size, 0.5) for i in range(len(grid))]
+        x, y = grid.xy_level0(0)
+        np.testing.assert_array_equal(here[0], shrink(slide.read_level((x, y), 0, (2 * size, 2 * size)), (size, size)))
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(4)
+    try:
+        big = np.ascontiguousarray(np.tile(cmu_pixels, (2, 2, 1)))
+        cv2.resize(big, (big.shape[1] // 2, big.shape[0] // 2), interpolation=cv2.INTER_AREA)  # on the pool
+        loader = DataLoader(TileDataset(ref, grid), batch_size=2, num_workers=2, timeout=60,
+                            multiprocessing_context="fork")
+        read = {int(i): t.numpy().transpose(1, 2, 0) for batch, idx in loader for t, i in zip(batch, idx)}
+    finally:
+        cv2.setNumThreads(threads)
+    assert sorted(read) == list(range(len(grid))) and len(grid) >= 4
+    for i, tile in read.items():
+        np.testing.assert_array_equal(tile, here[i])
