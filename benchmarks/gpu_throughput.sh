@@ -20,6 +20,9 @@
 #    at most 8 stitching processes start there);
 # 3. throughput.py on the BIG slide with the split whose inference stage was fastest on MID, and the ceiling.
 # nvidia-smi dmon samples the GPU throughout.
+# SCAN=40x writes both slides as a 40x Aperio scan (0.25 µm/px, levels 4x apart, each side doubled
+# so the tiles at 0.5 µm/px are as many): every tile is then read from level 0 and halved, as on real
+# 40x slides, which costs the readers ~2.5x the CPU of the default 20x slides (2-core VM).
 # A dry run on a CPU machine: DEVICE=cpu MID=4096 STEPS=2 WHEELS=no bash benchmarks/gpu_throughput.sh /tmp/o
 set -uo pipefail
 out=${1:-${OUT:-gpu-bench}}
@@ -27,6 +30,8 @@ mkdir -p "$out"
 log="$out/log.txt"
 device=${DEVICE:-cuda} mid=${MID:-32768} big=${BIG:-100000} steps=${STEPS:-150} delay=${DELAY:-14} repeats=${REPEATS:-2}
 deadline=$((SECONDS + ${LIMIT:-540}))
+scan=(--mpp 0.5) side=1
+if [ "${SCAN:-20x}" = 40x ]; then scan=(--mpp 0.25 --level-factor 4) side=2; fi
 site=/tmp/site work=/tmp/wsi-medcam-gpu
 rm -f "$work/big.tif"
 mkdir -p "$site" "$work"
@@ -74,11 +79,13 @@ throughput() {  # throughput CAP NAME SLIDE ARGS...: benchmarks/throughput.py in
 python3 -m pytest -q -p no:cacheprovider tests/test_inference.py >"$out/pytest.txt" 2>&1 &  # model streams on CUDA
 tests=$!
 source=.whl/CMU-1-Small-Region.svs
-step 60 python3 benchmarks/make_slide.py --source "$source" --width "$mid" --height "$mid" --mpp 0.5 -o "$work/mid.tif" >>"$log"
+step 60 python3 benchmarks/make_slide.py --source "$source" --width $((mid * side)) --height $((mid * side)) "${scan[@]}" \
+  -o "$work/mid.tif" >>"$log"
 wait "$tests"; echo "tests/test_inference.py: $(tail -1 "$out/pytest.txt")" >>"$log"
 maker=
 if ((big > 0)); then
-  { step 200 python3 benchmarks/make_slide.py --source "$source" --width "$big" --height "$big" --mpp 0.5 -o "$work/big-part.tif" \
+  { step 200 python3 benchmarks/make_slide.py --source "$source" --width $((big * side)) --height $((big * side)) "${scan[@]}" \
+      -o "$work/big-part.tif" \
       >>"$log" && mv "$work/big-part.tif" "$work/big.tif"; } &
   maker=$!
 fi

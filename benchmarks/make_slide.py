@@ -1,6 +1,7 @@
 """Write a real gigapixel test slide by tiling real H&E pixels, streamed tile by tile.
 
     python benchmarks/make_slide.py --width 100000 --height 100000 --mpp 0.25 -o big.tif [--source IMG_OR_SLIDE]
+        [--levels 4] [--level-factor 2]
 
 The source (default: ../shared/data/slides/CMU-1-Small-Region.svs) is cut into blocks that are
 flipped and rotated by a hash of their position, so neighbouring tiles differ; the output is a tiled
@@ -79,16 +80,20 @@ def main() -> None:
     ap.add_argument("--height", type=int, required=True, help="level-0 height, px")
     ap.add_argument("--mpp", type=float, default=0.25, help="level-0 µm/px written into the slide")
     ap.add_argument("--levels", type=int, default=4)
+    ap.add_argument("--level-factor", type=int, default=2,
+                    help="each level this many times smaller than the one below (4 as Aperio's scanners: 20x "
+                         "tiles of a 0.25 µm/px slide are then read from level 0 and halved, as on real 40x scans)")
     ap.add_argument("--block", type=int, default=512, help="size of the source pieces, px")
     ap.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
     ap.add_argument("-o", "--out", type=Path, required=True)
     args = ap.parse_args()
     start = time.perf_counter()
     source = load_source(args.source)
+    top = args.level_factor ** (args.levels - 1)
     write_pyramid(args.out, tiled_reader(source, args.block), args.width, args.height, mpp=args.mpp, levels=args.levels,
-                  reduced=reduced_readers(source, args.block) if args.block % 2 ** (args.levels - 1) == 0 else None,
-                  repeats=True)
-    print(f"{args.out}: {args.width}×{args.height} at {args.mpp} µm/px, {args.levels} levels, "
+                  level_factor=args.level_factor,
+                  reduced=reduced_readers(source, args.block) if args.block % top == 0 else None, repeats=True)
+    print(f"{args.out}: {args.width}×{args.height} at {args.mpp} µm/px, {args.levels} levels {args.level_factor}× apart, "
           f"{args.out.stat().st_size / 2**20:.0f} MiB in {time.perf_counter() - start:.0f} s")
 
 

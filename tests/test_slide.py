@@ -203,6 +203,25 @@ def test_shrink_is_the_box_mean_of_real_pixels(cmu_pixels, size):
     assert np.abs(got - exact).max() <= (0.5 if integer else 1.0) + 1e-6
 
 
+def test_aperio_levels_four_apart(tmp_path, cmu_pixels):
+    """Pyramids as Aperio's scanners write them (levels 4× apart): a 0.25 µm/px slide has no
+    0.5 µm/px level, so those reads come from level 0, halved; 1 µm/px reads level 1 as it is."""
+    src = cmu_pixels[:1024, :1024]
+    path = write_pyramid(tmp_path / "aperio.svs", src, mpp=0.25, levels=3, level_factor=4)
+    with open_slide(path) as slide:
+        assert [tuple(d) for d in slide.level_dimensions] == [(1024, 1024), (256, 256), (64, 64)]
+        assert [round(d) for d in slide.level_downsamples] == [1, 4, 16]
+        assert slide.best_level(2.0, 0.02) == 0 and slide.best_level(4.0, 0.02) == 1
+        half = slide.read_region_at((256, 256), 128, 0.5)
+        from wsi_medcam.slide import shrink
+
+        np.testing.assert_array_equal(half, shrink(slide.read_level((256, 256), 0, (256, 256)), (128, 128)))
+        quarter = slide.read_region_at((256, 256), 64, 1.0)
+        np.testing.assert_array_equal(quarter, slide.read_level((256, 256), 1, (64, 64)))
+        box = src[256:512, 256:512].reshape(64, 4, 64, 4, 3).mean((1, 3))
+        assert np.abs(quarter - box).mean() < 6  # level 1 is level 0's 4×4 means, through JPEG
+
+
 @pytest.mark.parametrize("size", [224, 512])
 def test_forked_readers_shrink_tiles_after_opencv_threads_ran(tmp_path, cmu_pixels, size):
     """A 40× scan read for 20× tiles: every 0.5 µm/px tile is a 0.25 µm/px region halved by OpenCV,

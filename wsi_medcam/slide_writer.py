@@ -112,13 +112,16 @@ def write_pyramid(
     *,
     mpp: float | None,
     levels: int = 3,
+    level_factor: int = 2,
     aperio: bool = True,
     tile: int = 256,
     quality: int = 90,
     reduced: Callable[[int], TileFn] | None = None,
     repeats: bool = False,
 ) -> Path:
-    """Write a ``levels``-level pyramid of the ``width`` × ``height`` slide that ``read`` describes.
+    """Write a ``levels``-level pyramid of the ``width`` × ``height`` slide that ``read`` describes,
+    each level ``level_factor``× smaller than the one below (Aperio's scanners write 4: a 40× scan
+    holds no 20× level, and 20× tiles are read from level 0 and halved).
 
     ``mpp=None`` writes no resolution at all (a slide without metadata); ``aperio=False`` writes a
     generic tiled TIFF (resolution tags only). ``reduced(f)`` reads the level ``f``× smaller in its
@@ -141,13 +144,13 @@ def write_pyramid(
     threads = min(16, usable_cores())
     with tifffile.TiffWriter(path, bigtiff=width * height > 2**31) as tif, ThreadPoolExecutor(threads) as pool:
         for level in range(levels):
-            factor = 2**level
+            factor = level_factor**level
             lw, lh = max(1, width // factor), max(1, height // factor)
             tif.write(_encoded_level(pool, 4 * threads, level_read(factor), lw, lh, tile, quality, seen),
                       shape=(lh, lw, 3), tile=(tile, tile), description=desc if aperio or level == 0 else None,
                       subfiletype=0 if level == 0 else 1, **common)
             if level == 0 and aperio:
-                top = 2 ** (levels - 1)  # from the smallest level: a few more of its pixels, not all of level 0's
+                top = level_factor ** (levels - 1)  # from the smallest level: a few more of its pixels, not all of level 0's
                 thumb = _thumbnail(level_read(top), max(1, width // top), max(1, height // top),
                                    max(1, max(width, height) // 512 // top))
                 tif.write(iter([_jpeg(thumb, quality)]), shape=thumb.shape, rowsperstrip=thumb.shape[0],
