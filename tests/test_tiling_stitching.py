@@ -8,7 +8,7 @@ import pytest
 
 from wsi_medcam.config import TilingConfig
 from wsi_medcam.export.ome_zarr import _halve_mean, _halve_nearest
-from wsi_medcam.stitching import EvidenceStitcher, _simplify, _trace
+from wsi_medcam.stitching import EvidenceStitcher, _group_firsts, _merge_touching, _simplify, _trace
 from wsi_medcam.tiling import plan_tiles
 
 from conftest import needs_data
@@ -225,6 +225,49 @@ def test_evidence_from_a_real_slide_is_traced_as_gdal_traces_it(cmu_pixels, sigm
     tiles = np.random.default_rng(0).integers(1, 4, (512 // 224 + 1, 1400 // 224 + 1))
     label = (hard * np.kron(tiles, np.ones((224, 224), int))[:512, :1400]).astype(np.uint8)
     assert _assert_traced_as_gdal(label, 0, 256, 2.0) > 50
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_touching_pieces_are_grouped_and_dissolved_as_connected_components(seed):
+    """Pieces (random squares, some in long chains) fall into the groups that a breadth-first search
+    over every touching pair finds; each group is dissolved into its union, the groups in the order
+    of their first piece. The first ``merged`` pieces, known apart, are not looked up among themselves."""
+    import shapely
+    from shapely.geometry import box
+
+    rng = np.random.default_rng(seed)
+    xy = rng.integers(0, 60, (80, 2))
+    xy[:12] = np.column_stack((np.arange(12) * 3, np.full(12, 70)))  # a chain of 12 touching squares
+    pieces = np.array([box(x, y, x + 3, y + 3) for x, y in rng.permutation(xy)], dtype=object)
+    touch = shapely.intersects(pieces[:, None], pieces[None, :])
+    groups, seen = [], set()
+    for i in range(len(pieces)):  # in order of the first piece
+        if i in seen:
+            continue
+        group, todo = {i}, [i]
+        while todo:
+            for j in np.flatnonzero(touch[todo.pop()]).tolist():
+                if j not in group:
+                    group.add(j)
+                    todo.append(j)
+        seen |= group
+        groups.append(sorted(group))
+    assert max(map(len, groups)) >= 12 and min(map(len, groups)) == 1
+    first = _group_firsts(pieces)
+    for g in groups:
+        assert (first[g] == g[0]).all()
+    merged = _merge_touching(pieces)
+    # squares touching only at a corner union into several polygons, each its own piece
+    expected = [part for g in groups for part in shapely.get_parts(shapely.union_all(pieces[g]))]
+    assert len(merged) == len(expected)
+    assert all(shapely.equals(m, e) for m, e in zip(merged, expected))
+    # pieces already merged (the first k, apart from each other) are looked up only against the rest
+    apart = np.array([shapely.union_all(pieces[g]) for g in groups], dtype=object)
+    k = len(apart)
+    more = np.concatenate([apart, pieces[:5]])
+    first = _group_firsts(more, merged=k)
+    assert (first[:k] <= np.arange(k)).all() and (first[k:] <= np.arange(k, k + 5)).all()
+    assert len(set(first.tolist())) == k  # each new piece lies within (touches) one merged polygon
 
 
 def test_simplified_polygons_stay_valid_and_keep_every_speck():
