@@ -165,7 +165,8 @@ def measure_ceiling(slide: Path, cfg: RunConfig, models, outputs: Outputs) -> di
             "cpu_ms_per_tile": {"model_process": cpu / n * 1e3, "readers": tree.readers / n * 1e3,
                                 "stitching_and_geojson_processes": tree.others / n * 1e3,
                                 "all": (cpu + tree.readers + tree.others) / n * 1e3},
-            "polygons": result.report["evidence"].get("polygons"), "stage_seconds": result.report["timings_s"]}
+            "polygons": result.report["evidence"].get("polygons"), "stage_seconds": result.report["timings_s"],
+            "inference_stage_parts_s": result.report["inference_stage_parts_s"]}
 
 
 def main() -> None:
@@ -233,7 +234,8 @@ def main() -> None:
                      "inference_stage_tiles_per_s": n / timings["inference+stitching"],
                      "ratio": n / wall / reference, "ratio_inference_stage": n / timings["inference+stitching"] / reference,
                      "bare_cpu_s_per_tile": reference_cpu, "pipeline_cpu_s_per_tile": cpu / n,
-                     "cpu_ratio": reference_cpu / (cpu / n), "stage_seconds": timings})
+                     "cpu_ratio": reference_cpu / (cpu / n), "stage_seconds": timings,
+                     "inference_stage_parts_s": result.report["inference_stage_parts_s"]})
     if args.segmenter:
         bare["classifier+segmenter"] = statistics.median(r["bare_tiles_per_s"] for r in runs)
     median = {k: statistics.median(r[k] for r in runs)
@@ -258,6 +260,7 @@ def main() -> None:
         "ceiling_tiles_per_s": None,
         "runs": runs,
         "stage_seconds": runs[-1]["stage_seconds"],
+        "inference_stage_parts_s": runs[-1]["inference_stage_parts_s"],
         "peak_rss_mib": peak_rss_mib(),
     }
     if args.out:
@@ -290,6 +293,8 @@ def main() -> None:
               f"{args.ceiling_masks} masks, {ceiling['polygons']} polygons)")
         print("  CPU ms per tile: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in ceiling["cpu_ms_per_tile"].items()))
     print("stages of the last run (s): " + ", ".join(f"{k} {v:.2f}" for k, v in figures["stage_seconds"].items()))
+    print("its inference stage (s): " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}"
+                                                  for k, v in figures["inference_stage_parts_s"].items()))
     print(f"peak RSS: {figures['peak_rss_mib']['self']:.0f} MiB (main), {figures['peak_rss_mib']['children']:.0f} MiB (largest reader)")
 
 

@@ -174,6 +174,9 @@ def test_report_records_slide_models_and_counts(cmu_run):
     timings = report["timings_s"]
     assert {"open", "tissue", "thumbnails", "tiling", "setup", "inference+stitching", "pyramid", "total"} <= set(timings)
     assert sum(v for k, v in timings.items() if k != "total") >= 0.8 * timings["total"], "an untimed stage"
+    parts = report["inference_stage_parts_s"]  # consecutive spans within the inference stage
+    assert set(parts) == {"to_first_batch", "batches", "stitching_tail"} and min(parts.values()) >= 0
+    assert parts["to_first_batch"] > 0 and 0.5 * timings["inference+stitching"] <= sum(parts.values()) <= timings["inference+stitching"] + 0.01
     assert "torch" in report["versions"]
     from wsi_medcam.cpus import usable_cores
 

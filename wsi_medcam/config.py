@@ -105,7 +105,7 @@ class OutputConfig(_Frozen):
     strip_px: int = Field(4096, ge=64, description="stitching strip width, px at the tile resolution: the stitcher's "
                           "memory grows with it, never with the slide's width")
     stitchers: int | None = Field(None, ge=0, le=64, description="stitching processes, each taking every N-th strip; "
-                                  "0: stitch in the model process; None: half the CPU cores on CUDA, 0 on CPU")
+                                  "0: stitch in the model process; None: 5/8 of the CPU cores on CUDA, 0 on CPU")
     overwrite: bool = False
 
 

@@ -74,7 +74,10 @@ def load_models(cfg: RunConfig) -> Models:
     the segmenter's when ``inference.refine`` trains copies of it."""
     if cfg.classifier is None:
         raise WsiMedcamError("no classifier bundle given: pass --classifier DIR")
-    if resolve_device(cfg.inference.device).type == "cpu":
+    device = resolve_device(cfg.inference.device)
+    if stitching_processes(cfg, device.type):
+        start_server()  # its imports (~3.4 s on an H200 machine) overlap the models' loading
+    if device.type == "cpu":
         use_one_arena()
     if cfg.inference.threads:
         torch.set_num_threads(cfg.inference.threads)
@@ -85,6 +88,15 @@ def load_models(cfg: RunConfig) -> Models:
     if segmenter is not None and not cfg.inference.refine:
         fold_batchnorms(segmenter.model)
     return Models(classifier, segmenter, Predictor(classifier, segmenter, cfg.inference))
+
+
+def stitching_processes(cfg: RunConfig, device_type: str) -> int:
+    """Stitching processes per slide: the configured number, else the device's default; none where
+    the run gives no evidence (no segmenter, no Grad-CAM explainer) or this process may not have
+    children."""
+    explains = cfg.segmenter is not None or cfg.inference.explainer != "medcam"
+    n = default_stitchers(device_type) if cfg.output.stitchers is None else cfg.output.stitchers
+    return n if explains and may_start_processes() else 0
 
 
 def tile_geometry(cfg: RunConfig, classifier: Bundle) -> tuple[float, int]:
@@ -199,11 +211,9 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
     class_names, colors = list(ccfg.class_names), ccfg.class_colors()
     mpp, tile_size = tile_geometry(cfg, models.classifier)
     processes_ok = may_start_processes()
-    stitchers = cfg.output.stitchers
-    stitchers = default_stitchers(models.predictor.device.type) if stitchers is None else stitchers
-    stitchers = stitchers if processes_ok and models.predictor.explains else 0
+    stitchers = stitching_processes(cfg, models.predictor.device.type)
     if stitchers:
-        start_server()  # its imports overlap tissue detection
+        start_server()  # already up when load_models started it; else its imports overlap tissue detection
     with timer.stage("open"):
         slide = open_slide(path, backend=cfg.slide.backend, overrides=overrides)
     with slide:
@@ -271,6 +281,7 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
             thumbnails.result()
         release_freed_memory()  # with the thumbnail's read blocks and the mask's temporaries
     done = 0
+    first_at = last_at = stage_at = time.perf_counter()  # when the first and last batch's outputs were taken in
     with timer.stage("inference+stitching"), TileWriter(
         work_dir / "tiles.csv", work_dir / "tiles.geojson", slide_key=slide_key, class_names=class_names, colors=colors,
         certify_fills=tuple(cfg.inference.certify_fills) if models.predictor.explains else ()
@@ -279,7 +290,9 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
         def consume(result: BatchResult) -> None:
             """One batch's outputs into the stitcher, the grids, the counts and the tile records:
             per batch with numpy, not per tile, as it shares the model process's GIL with the models."""
-            nonlocal done
+            nonlocal done, first_at, last_at
+            if not done:
+                first_at = time.perf_counter()
             idx = result.indices
             preds = result.probs.argmax(1)
             fractions = None
@@ -299,6 +312,7 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
             tiles_out.write(TileBatch(idx, [x for x, _ in xy], [y for _, y in xy], grid.size_level0,
                                       grid.tissue_fraction[idx], result.probs, preds, fractions, result.kept))
             done += len(idx)
+            last_at = time.perf_counter()
             if progress:
                 progress(path.name, done, len(grid))
 
@@ -307,6 +321,10 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
                 consume_behind(models.predictor.run(loader if len(grid) else []), consume)
             if stitcher is not None:
                 stitcher.finish()
+            # where the stage's time goes: until the first batch is out (readers starting, the first
+            # batches read and run), batches streaming, the stitching processes' last strips after
+            inference_parts = {"to_first_batch": first_at - stage_at, "batches": last_at - first_at,
+                               "stitching_tail": time.perf_counter() - last_at}
         finally:
             if stitcher is not None:
                 stitcher.close()
@@ -366,6 +384,7 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
         "evidence": evidence_stats,
         "timings_s": {**{k: round(v, 3) for k, v in timer.seconds.items()},
                       "total": round(time.perf_counter() - start, 3)},
+        "inference_stage_parts_s": {k: round(v, 3) for k, v in inference_parts.items()},
         "versions": _versions(),
     }
     (work_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
