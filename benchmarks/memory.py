@@ -22,13 +22,13 @@ from pathlib import Path
 import psutil
 
 
-def tree_memory(proc: psutil.Process) -> tuple[int, int]:
-    """(PSS, RSS) bytes of a process and all its descendants.
+def tree_memory(proc: psutil.Process) -> tuple[int, int, int]:
+    """(PSS, RSS) bytes of a process and all its descendants, and the PSS of the process alone.
 
     Forked DataLoader readers share the parent's pages copy-on-write; RSS counts those pages once
     per process, PSS splits them between the sharers, so the PSS sum is the memory really used.
     """
-    pss = rss = 0
+    pss = rss = own = 0
     for p in [proc, *proc.children(recursive=True)]:
         try:
             info = p.memory_full_info()
@@ -36,7 +36,8 @@ def tree_memory(proc: psutil.Process) -> tuple[int, int]:
             continue
         rss += info.rss
         pss += getattr(info, "pss", info.rss)
-    return pss, rss
+        own = own or getattr(info, "pss", info.rss)
+    return pss, rss, own
 
 
 def measure(slide: Path, args: argparse.Namespace, extra: list[str]) -> dict[str, float]:
@@ -46,7 +47,7 @@ def measure(slide: Path, args: argparse.Namespace, extra: list[str]) -> dict[str
         start, wall_start = time.perf_counter(), time.time()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         ps = psutil.Process(proc.pid)
-        samples: list[tuple[float, int, int]] = []  # (s since start, PSS, RSS)
+        samples: list[tuple[float, int, int, int]] = []  # (s since start, PSS, RSS, the main process's PSS)
         while proc.poll() is None:
             samples.append((time.perf_counter() - start, *tree_memory(ps)))
             time.sleep(0.2)
@@ -56,15 +57,20 @@ def measure(slide: Path, args: argparse.Namespace, extra: list[str]) -> dict[str
         report_path = next(Path(tmp).glob("*/report.json"))
         report = json.loads(report_path.read_text())
         written = report_path.stat().st_mtime - wall_start  # the slide's end, s after start
+    if args.timeline:
+        args.timeline.mkdir(parents=True, exist_ok=True)
+        with open(args.timeline / f"{slide.stem}.csv", "w") as f:
+            f.write("seconds,tree_pss_mib,tree_rss_mib,main_pss_mib\n")
+            f.writelines(f"{t:.1f},{p / 2**20:.1f},{r / 2**20:.1f},{m / 2**20:.1f}\n" for t, p, r, m in samples)
     timings = report["timings_s"]
     return {"slide": str(slide), "dimensions": report["slide"]["dimensions"], "tiles": report["tiles"]["count"],
-            "seconds": seconds, "peak_pss_mib": max(p for _, p, _ in samples) / 2**20,
-            "peak_rss_mib": max(r for _, _, r in samples) / 2**20,
+            "seconds": seconds, "peak_pss_mib": max(s[1] for s in samples) / 2**20,
+            "peak_rss_mib": max(s[2] for s in samples) / 2**20,
             "peak_pss_by_stage_mib": peaks_by_stage(samples, timings, written),
             "tissue_and_tiling_s": timings["tissue"] + timings["tiling"]}
 
 
-def peaks_by_stage(samples: list[tuple[float, int, int]], timings: dict[str, float], written: float) -> dict[str, float]:
+def peaks_by_stage(samples: list[tuple[float, int, int, int]], timings: dict[str, float], written: float) -> dict[str, float]:
     """Peak PSS (MiB) within each stage of the report's ``timings_s`` (in the order they ran,
     ending ``total`` s after the slide's start), the report being written ``written`` s after the
     process started (the slide's end; exiting takes seconds more: interpreter, torch, threads);
@@ -77,7 +83,7 @@ def peaks_by_stage(samples: list[tuple[float, int, int]], timings: dict[str, flo
             bounds.append((name, t))
     bounds.append(("end", math.inf))
     peaks: dict[str, float] = {}
-    for when, pss, _ in samples:
+    for when, pss, *_ in samples:
         if not pss:  # the process was exiting
             continue
         name = next(n for n, until in bounds if when <= until)
@@ -92,6 +98,7 @@ def main() -> None:
     ap.add_argument("--classifier", type=Path, required=True)
     ap.add_argument("--segmenter", type=Path)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--timeline", type=Path, help="folder for a CSV per slide of the memory samples (every 0.2 s)")
     args, extra = ap.parse_known_args()
     extra = [e for e in extra if e != "--"]
     small, large = measure(args.small, args, extra), measure(args.large, args, extra)
