@@ -289,3 +289,22 @@ def _assert_same_outputs(one: Path, many: Path) -> None:
     assert polygons[0].symmetric_difference(polygons[1]).area < 1e-3 * polygons[0].area
     counts = [json.loads((f / "report.json").read_text())["evidence"]["polygons"] for f in (one, many)]
     assert abs(counts[0] - counts[1]) <= 0.01 * counts[0], counts
+
+
+@pytest.mark.parametrize("stitchers, expected", [(1, True), (0, False)])
+def test_load_models_starts_the_forkserver_when_slides_will_stitch_in_processes(bundles, stitchers, expected):
+    """Its imports (seconds) then overlap the models' loading, not the first slide."""
+    import subprocess
+    import sys
+
+    clf, seg = bundles
+    code = (
+        "import multiprocessing.forkserver as fs, psutil\n"
+        "from wsi_medcam.config import RunConfig\nfrom wsi_medcam.pipeline import load_models\n"
+        f"load_models(RunConfig.from_dict({{'classifier': {str(clf)!r}, 'segmenter': {str(seg)!r},\n"
+        f"    'inference': {{'device': 'cpu'}}, 'output': {{'stitchers': {stitchers}}}}}))\n"
+        "print(any('forkserver' in ' '.join(p.cmdline()) for p in psutil.Process().children()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == str(expected)
