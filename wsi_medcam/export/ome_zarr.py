@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -264,10 +264,11 @@ class EvidenceStore:
 
     def _build_above_adopted(self) -> None:
         """The levels above the parts' chunks, as if this store had written those: chunk row by
-        chunk row, each chunk read back from its file and halved (memory: two chunk rows' halves),
-        a row's chunks on one thread per core (file reads, blosc and the halving release the GIL;
-        it runs after the last tile, beside the GeoJSON), and so are the chunks built above them
-        (one thread encoding them took ~1 s of a 100k² slide's 2.3 s here, 2-core VM)."""
+        chunk row, each chunk read back from its file and halved (memory: three chunk rows'
+        halves), on one thread per core (file reads, blosc and the halving release the GIL; it runs
+        after the last tile, beside the GeoJSON), and so are the chunks built above them (one thread
+        encoding them took ~1 s of a 100k² slide's 2.3 s here, 2-core VM). The next row is read
+        while the levels above this one are built: no wait for a row's slowest chunk."""
         level, c = self._adopted_level, self.chunk
         by_row: dict[int, list[int]] = {}
         for cy, cx in self._adopted:
@@ -280,11 +281,17 @@ class EvidenceStore:
             labels = self._read(self._labels[level], cy, cx)
             return _halve_mean(evidence[extent]), None if labels is None else _halve_nearest(labels[extent])  # type: ignore[index]
 
+        rows = self._rows(level) if self._adopted else 0
         with ThreadPoolExecutor(usable_cores(), thread_name_prefix="wsi-medcam-pyramid") as pool:
-            for cy in range(self._rows(level) if self._adopted else 0):
-                cols = sorted(by_row.get(cy, ()))
-                for cx, half in zip(cols, pool.map(halve, [cy] * len(cols), cols)):
-                    self._halves[level][(cy, cx)] = half
+
+            def read_row(cy: int) -> list[tuple[int, Future[_Half]]]:
+                return [(cx, pool.submit(halve, cy, cx)) for cx in sorted(by_row.get(cy, ()))]
+
+            ahead = read_row(0) if rows else []
+            for cy in range(rows):
+                halves, ahead = ahead, read_row(cy + 1) if cy + 1 < rows else []
+                for cx, half in halves:
+                    self._halves[level][(cy, cx)] = half.result()
                 self._complete[level][:] = cy + 1
                 self._propagate(level, pool)
 
