@@ -70,7 +70,8 @@ print(sys.argv[1], d["gpu"], d["precision"], "batch", d["batch_size"], "streams"
       "bare", {k: round(v) for k, v in d["bare_tiles_per_s"].items()}, "pipeline", round(d["pipeline_tiles_per_s"]),
       "ratio", round(d["ratio_pipeline_to_bare"], 3), "stage ratio", round(d["ratio_inference_stage_to_bare"], 3),
       "ceiling", round(c.get("whole_run", 0)), "ceiling CPU ms per tile", {k: round(v, 2) for k, v in c.get("cpu_ms_per_tile", {}).items()},
-      "stages", d["stage_seconds"], "inference stage parts", d["inference_stage_parts_s"], "peak RSS MiB", d["peak_rss_mib"])'
+      "stages", d["stage_seconds"], "inference stage parts", d["inference_stage_parts_s"], "peak RSS MiB", d["peak_rss_mib"],
+      "tiles per second from the first batch", d["tiles_per_second_from_first_batch"])'
 throughput() {  # throughput CAP NAME SLIDE ARGS...: benchmarks/throughput.py into OUTDIR/NAME.json, summarised in the log
   local cap=$1 name=$2 slide=$3; shift 3
   step "$cap" python3 benchmarks/throughput.py "$slide" "${models[@]}" --out "$out/$name.json" "$@" >>"$log" \

@@ -169,6 +169,17 @@ def measure_ceiling(slide: Path, cfg: RunConfig, models, outputs: Outputs) -> di
             "inference_stage_parts_s": result.report["inference_stage_parts_s"]}
 
 
+def per_second(taken: list[tuple[float, int]]) -> list[int]:
+    """Tiles taken in during each second after the first batch (from ``(time s, tiles so far)`` per
+    batch): how fast the stream starts, holds and ends."""
+    if not taken:
+        return []
+    t0, bins = taken[0][0], [0] * (int(taken[-1][0] - taken[0][0]) + 1)
+    for (_, before), (t, done) in zip([(t0, 0), *taken], taken):
+        bins[int(t - t0)] += done - before
+    return bins
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("slide", type=Path)
@@ -221,8 +232,10 @@ def main() -> None:
     for _ in range(args.repeats):  # bare models and pipeline alternate, so drifting machine load hits both
         with tempfile.TemporaryDirectory() as tmp:
             start, cpu = time.perf_counter(), cpu_seconds()
+            taken: list[tuple[float, int]] = []  # (s, tiles taken in so far), per batch
             with first_batch_outputs(predictor) as first:
-                result = run_slide(args.slide, Path(tmp) / "out", cfg, models)
+                result = run_slide(args.slide, Path(tmp) / "out", cfg, models,
+                                   progress=lambda _, done, __: taken.append((time.perf_counter(), done)))
             wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
         if result.status != "done":
             sys.exit(f"pipeline failed: {result.reason}")
@@ -235,7 +248,8 @@ def main() -> None:
                      "ratio": n / wall / reference, "ratio_inference_stage": n / timings["inference+stitching"] / reference,
                      "bare_cpu_s_per_tile": reference_cpu, "pipeline_cpu_s_per_tile": cpu / n,
                      "cpu_ratio": reference_cpu / (cpu / n), "stage_seconds": timings,
-                     "inference_stage_parts_s": result.report["inference_stage_parts_s"]})
+                     "inference_stage_parts_s": result.report["inference_stage_parts_s"],
+                     "tiles_per_second_from_first_batch": per_second(taken)})
     if args.segmenter:
         bare["classifier+segmenter"] = statistics.median(r["bare_tiles_per_s"] for r in runs)
     median = {k: statistics.median(r[k] for r in runs)
@@ -261,6 +275,7 @@ def main() -> None:
         "runs": runs,
         "stage_seconds": runs[-1]["stage_seconds"],
         "inference_stage_parts_s": runs[-1]["inference_stage_parts_s"],
+        "tiles_per_second_from_first_batch": runs[-1]["tiles_per_second_from_first_batch"],
         "peak_rss_mib": peak_rss_mib(),
     }
     if args.out:
@@ -293,6 +308,7 @@ def main() -> None:
               f"{args.ceiling_masks} masks, {ceiling['polygons']} polygons)")
         print("  CPU ms per tile: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in ceiling["cpu_ms_per_tile"].items()))
     print("stages of the last run (s): " + ", ".join(f"{k} {v:.2f}" for k, v in figures["stage_seconds"].items()))
+    print("tiles per second from the first batch (last run): " + " ".join(map(str, figures["tiles_per_second_from_first_batch"])))
     print("its inference stage (s): " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}"
                                                   for k, v in figures["inference_stage_parts_s"].items()))
     print(f"peak RSS: {figures['peak_rss_mib']['self']:.0f} MiB (main), {figures['peak_rss_mib']['children']:.0f} MiB (largest reader)")
