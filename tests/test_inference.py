@@ -122,3 +122,24 @@ def test_cuda_streams_give_the_same_results_each_batch_on_its_own_stream(models,
 def test_gradcam_runs_one_batch_at_a_time(models):
     clf, _ = models
     assert Predictor(clf, None, InferenceConfig(device="cpu", explainer="gradcam", streams=4)).streams == 1
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_cpu_runs_hand_freed_memory_back_every_16_batches(models, monkeypatch, streams):
+    import wsi_medcam.inference as inference
+
+    clf, _ = models
+    trims: list[int] = []
+    predictor = Predictor(clf, None, InferenceConfig(device="cpu", precision="fp32", streams=streams, certify_fills=()))
+    pulled = 0
+
+    def loader():
+        nonlocal pulled
+        for batch in _batches(33, size=1):
+            pulled += 1
+            yield batch
+
+    monkeypatch.setattr(inference, "release_freed_memory", lambda: trims.append(pulled) or True)
+    results = [r.indices.tolist() for r in predictor.run(loader())]
+    assert results == [[k] for k in range(33)], "every batch, in order"
+    assert trims == [16, 32], "after the 16th and the 32nd batch were read"

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -22,8 +23,11 @@ from .bundles import Bundle
 from .config import InferenceConfig
 from .cpus import usable_cores
 from .errors import ConfigError
+from .heap import release_freed_memory
 from .levels import quantise
 from .medcam.fills import compose, make_fill
+
+T = TypeVar("T")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -217,6 +221,8 @@ class Predictor:
         batches are in the models at once, each on its own thread (ops release the GIL, so they run
         in parallel): on a CPU with ``threads_per_stream`` torch threads, on CUDA on its own CUDA
         stream, so the GPU has the next batch queued while this process handles the last one's outputs."""
+        if self.device.type == "cpu":
+            batches = _trimming(batches)
         if self.streams == 1:
             for tiles, indices in batches:
                 yield BatchResult(indices.numpy(), *self.predict(tiles))
@@ -245,3 +251,13 @@ class Predictor:
         finally:  # stopped early (an error downstream): skip the batches not started
             for _, result in pending:
                 result.cancel()
+
+
+def _trimming(batches: Iterable[T], every: int = 16) -> Iterator[T]:
+    """``batches``, handing the heap's free pages back to the system every ``every`` batches (~7 s
+    on 2 cores in batches of 4). On a CPU the models' activations, ~17.5 MiB per tile, are freed
+    into this process's heap, and glibc keeps there what it cannot return from the heap's top."""
+    for k, batch in enumerate(batches, 1):
+        if k % every == 0:
+            release_freed_memory()
+        yield batch
