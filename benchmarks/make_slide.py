@@ -1,14 +1,16 @@
 """Write a real gigapixel test slide by tiling real H&E pixels, streamed tile by tile.
 
     python benchmarks/make_slide.py --width 100000 --height 100000 --mpp 0.25 -o big.tif [--source IMG_OR_SLIDE]
-        [--levels 4] [--level-factor 2]
+        [--levels N] [--level-factor 2]
 
 The source (default: ../shared/data/slides/CMU-1-Small-Region.svs) is cut into blocks that are
 flipped and rotated by a hash of their position, so neighbouring tiles differ; the output is a tiled
 JPEG multi-level TIFF in the Aperio layout that OpenSlide opens with the right MPP. Only the source
 image (and its reductions) and the tiles being encoded are in memory. Each distinct tile is encoded
 once and the upper levels come from the reduced source: 32768² took 10.7 s on a 2-core VM (52 s
-when every level was reduced from level-0 pixels and every tile encoded).
+when every level was reduced from level-0 pixels and every tile encoded). Levels go down to the
+first one at most 4096 px on its longer side, as on Aperio's scans (CMU-1.svs: 46000, 11500,
+2875 px wide), so tissue detection reads as many pixels as on a real slide.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from wsi_medcam.slide_writer import write_pyramid
+from wsi_medcam.slide_writer import pyramid_levels, write_pyramid
 
 DEFAULT_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
 
@@ -79,7 +81,8 @@ def main() -> None:
     ap.add_argument("--width", type=int, required=True, help="level-0 width, px")
     ap.add_argument("--height", type=int, required=True, help="level-0 height, px")
     ap.add_argument("--mpp", type=float, default=0.25, help="level-0 µm/px written into the slide")
-    ap.add_argument("--levels", type=int, default=4)
+    ap.add_argument("--levels", type=int, default=None,
+                    help="levels in the pyramid (default: down to the first at most 4096 px on its longer side)")
     ap.add_argument("--level-factor", type=int, default=2,
                     help="each level this many times smaller than the one below (4 as Aperio's scanners: 20x "
                          "tiles of a 0.25 µm/px slide are then read from level 0 and halved, as on real 40x scans)")
@@ -89,11 +92,12 @@ def main() -> None:
     args = ap.parse_args()
     start = time.perf_counter()
     source = load_source(args.source)
-    top = args.level_factor ** (args.levels - 1)
-    write_pyramid(args.out, tiled_reader(source, args.block), args.width, args.height, mpp=args.mpp, levels=args.levels,
+    levels = args.levels or pyramid_levels(args.width, args.height, args.level_factor)
+    top = args.level_factor ** (levels - 1)
+    write_pyramid(args.out, tiled_reader(source, args.block), args.width, args.height, mpp=args.mpp, levels=levels,
                   level_factor=args.level_factor,
                   reduced=reduced_readers(source, args.block) if args.block % top == 0 else None, repeats=True)
-    print(f"{args.out}: {args.width}×{args.height} at {args.mpp} µm/px, {args.levels} levels {args.level_factor}× apart, "
+    print(f"{args.out}: {args.width}×{args.height} at {args.mpp} µm/px, {levels} levels {args.level_factor}× apart, "
           f"{args.out.stat().st_size / 2**20:.0f} MiB in {time.perf_counter() - start:.0f} s")
 
 

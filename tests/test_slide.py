@@ -258,3 +258,18 @@ def test_forked_readers_shrink_tiles_after_opencv_threads_ran(tmp_path, cmu_pixe
     assert sorted(read) == list(range(len(grid))) and len(grid) >= 4
     for i, tile in read.items():
         np.testing.assert_array_equal(tile, here[i])
+
+
+@pytest.mark.parametrize("width,height,factor", [(100_000, 100_000, 2), (200_000, 150_000, 4), (46_000, 32_914, 4),
+                                                 (32_768, 32_768, 2), (4096, 300, 2), (4097, 10, 2), (16, 16, 4)])
+def test_pyramids_go_down_to_a_level_a_thumbnail_can_be_read_from(width, height, factor):
+    """Benchmark slides stop where a scanner's do: at the first level at most 4096 px on its longer
+    side, and not a level later (CMU-1.svs, 46000 × 32914 at levels 4× apart, has 3)."""
+    from wsi_medcam.slide_writer import pyramid_levels
+
+    levels = pyramid_levels(width, height, factor)
+    sides = [max(width, height) // factor**k for k in range(levels)]
+    assert sides[-1] <= 4096
+    assert all(side > 4096 for side in sides[:-1])
+    if (width, height) == (46_000, 32_914):
+        assert levels == 3

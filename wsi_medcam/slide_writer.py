@@ -104,6 +104,17 @@ def array_reader(level0: np.ndarray) -> TileFn:
     return read
 
 
+def pyramid_levels(width: int, height: int, level_factor: int = 2, coarsest_px: int = 4096) -> int:
+    """How many levels a scanner would write: down to the first level at most ``coarsest_px`` on
+    its longer side (Aperio's CMU-1.svs: 46000, 11500, 2875 px wide, levels 4× apart). A pyramid
+    that stops higher makes every thumbnail read decode several times the pixels it needs."""
+    levels, side = 1, max(width, height)
+    while side > coarsest_px:
+        side //= level_factor
+        levels += 1
+    return levels
+
+
 def write_pyramid(
     path: Path,
     read: TileFn,
