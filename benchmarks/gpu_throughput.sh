@@ -71,7 +71,8 @@ print(sys.argv[1], d["gpu"], d["precision"], "batch", d["batch_size"], "streams"
       "ratio", round(d["ratio_pipeline_to_bare"], 3), "stage ratio", round(d["ratio_inference_stage_to_bare"], 3),
       "ceiling", round(c.get("whole_run", 0)), "ceiling CPU ms per tile", {k: round(v, 2) for k, v in c.get("cpu_ms_per_tile", {}).items()},
       "stages", d["stage_seconds"], "inference stage parts", d["inference_stage_parts_s"], "peak RSS MiB", d["peak_rss_mib"],
-      "tiles per second from the first batch", d["tiles_per_second_from_first_batch"])'
+      "tiles per second from the first batch", d["tiles_per_second_from_first_batch"],
+      "from the loader start", d.get("from_loader_start"))'
 throughput() {  # throughput CAP NAME SLIDE ARGS...: benchmarks/throughput.py into OUTDIR/NAME.json, summarised in the log
   local cap=$1 name=$2 slide=$3; shift 3
   step "$cap" python3 benchmarks/throughput.py "$slide" "${models[@]}" --out "$out/$name.json" "$@" >>"$log" \
@@ -83,6 +84,22 @@ source=.whl/CMU-1-Small-Region.svs
 step 60 python3 benchmarks/make_slide.py --source "$source" --width $((mid * side)) --height $((mid * side)) "${scan[@]}" \
   -o "$work/mid.tif" >>"$log"
 wait "$tests"; echo "tests/test_inference.py: $(tail -1 "$out/pytest.txt")" >>"$log"
+# what the loader's pin-memory thread pays for its first batches of 256 tiles: torch's host allocator
+# asks CUDA for each new block (a slow-start candidate), and reuses freed ones
+[ "$device" = cuda ] && timeout 60 python3 - <<'PY' >>"$log" 2>&1
+import time, torch
+torch.cuda.init()
+def pinned(n):
+    blocks, ms = [], []
+    for _ in range(n):
+        t = time.perf_counter(); blocks.append(torch.empty(256 * 3 * 224 * 224, dtype=torch.uint8, pin_memory=True))
+        ms.append((time.perf_counter() - t) * 1e3)
+    return blocks, ms
+blocks, new = pinned(24)
+del blocks
+_, reused = pinned(24)
+print("pinned 38.5 MB blocks, ms each: new", [round(m, 1) for m in new], "sum", round(sum(new)), "; reused, sum", round(sum(reused), 1))
+PY
 maker=
 if ((big > 0)); then
   { step 200 python3 benchmarks/make_slide.py --source "$source" --width $((big * side)) --height $((big * side)) "${scan[@]}" \
@@ -138,4 +155,4 @@ if [ -f "$work/big.tif" ]; then
   throughput 300 throughput-big "$work/big.tif" --repeats 1 --bare-seconds 4 --ceiling --ceiling-masks "${CEILING_MASKS:-model}" $best
 fi
 [ -n "${dmon:-}" ] && kill "$dmon" 2>/dev/null
-grep -E "^(==|   [0-9]+ s|train-cam:|$out|imports|python|NVIDIA|name|cpu cores|BIG)" "$log"
+grep -E "^(==|   [0-9]+ s|train-cam:|$out|imports|python|NVIDIA|name|cpu cores|BIG|pinned)" "$log"

@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -92,6 +92,31 @@ def first_batch_outputs(predictor: Predictor) -> Iterator[dict[str, Outputs]]:
         yield captured
     finally:
         predictor.predict = real_predict
+
+
+@contextmanager
+def batch_arrivals(predictor: Predictor) -> Iterator[list[tuple[float, int]]]:
+    """While open, ``predictor.run`` notes in the list when each batch comes out of its loader (read
+    by the readers, pinned by the loader's pin-memory thread), as (time s, tiles so far), after a
+    first (time s, 0) when it starts pulling batches, i.e. the readers are being started. Against
+    the times the batches' outputs are taken in, this says whether a slow start is the readers'
+    (batches arrive late) or the models' side (batches wait)."""
+    arrivals: list[tuple[float, int]] = []
+    real_run = predictor.run
+
+    def timed(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        arrivals.append((time.perf_counter(), 0))
+        done = 0
+        for tiles, indices in batches:
+            done += len(indices)
+            arrivals.append((time.perf_counter(), done))
+            yield tiles, indices
+
+    predictor.run = lambda batches: real_run(timed(batches))
+    try:
+        yield arrivals
+    finally:
+        predictor.run = real_run
 
 
 def dark_masks(tiles: torch.Tensor, sigma_px: float = 6.0, area: float = 0.2) -> np.ndarray:
@@ -169,15 +194,27 @@ def measure_ceiling(slide: Path, cfg: RunConfig, models, outputs: Outputs) -> di
             "inference_stage_parts_s": result.report["inference_stage_parts_s"]}
 
 
-def per_second(taken: list[tuple[float, int]]) -> list[int]:
-    """Tiles taken in during each second after the first batch (from ``(time s, tiles so far)`` per
-    batch): how fast the stream starts, holds and ends."""
+def per_second(taken: list[tuple[float, int]], t0: float | None = None) -> list[int]:
+    """Tiles taken in during each second after ``t0`` (default: the first batch), from ``(time s,
+    tiles so far)`` per batch: how fast the stream starts, holds and ends."""
     if not taken:
         return []
-    t0, bins = taken[0][0], [0] * (int(taken[-1][0] - taken[0][0]) + 1)
+    t0 = taken[0][0] if t0 is None else t0
+    bins = [0] * (int(taken[-1][0] - t0) + 1)
     for (_, before), (t, done) in zip([(t0, 0), *taken], taken):
         bins[int(t - t0)] += done - before
     return bins
+
+
+def loader_start(arrivals: list[tuple[float, int]], taken: list[tuple[float, int]]) -> dict[str, object]:
+    """From when the loader was first asked for a batch (readers starting): s until the first batch
+    arrived and until its outputs were taken in, and the tiles that arrived and were taken in during
+    each second."""
+    if len(arrivals) < 2 or not taken:
+        return {}
+    t0 = arrivals[0][0]
+    return {"first_batch_arrived_s": arrivals[1][0] - t0, "first_batch_taken_in_s": taken[0][0] - t0,
+            "tiles_arrived_per_second": per_second(arrivals[1:], t0), "tiles_taken_in_per_second": per_second(taken, t0)}
 
 
 def main() -> None:
@@ -233,7 +270,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             start, cpu = time.perf_counter(), cpu_seconds()
             taken: list[tuple[float, int]] = []  # (s, tiles taken in so far), per batch
-            with first_batch_outputs(predictor) as first:
+            with first_batch_outputs(predictor) as first, batch_arrivals(predictor) as arrivals:
                 result = run_slide(args.slide, Path(tmp) / "out", cfg, models,
                                    progress=lambda _, done, __: taken.append((time.perf_counter(), done)))
             wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
@@ -249,7 +286,8 @@ def main() -> None:
                      "bare_cpu_s_per_tile": reference_cpu, "pipeline_cpu_s_per_tile": cpu / n,
                      "cpu_ratio": reference_cpu / (cpu / n), "stage_seconds": timings,
                      "inference_stage_parts_s": result.report["inference_stage_parts_s"],
-                     "tiles_per_second_from_first_batch": per_second(taken)})
+                     "tiles_per_second_from_first_batch": per_second(taken),
+                     "from_loader_start": loader_start(arrivals, taken)})
     if args.segmenter:
         bare["classifier+segmenter"] = statistics.median(r["bare_tiles_per_s"] for r in runs)
     median = {k: statistics.median(r[k] for r in runs)
@@ -276,6 +314,7 @@ def main() -> None:
         "stage_seconds": runs[-1]["stage_seconds"],
         "inference_stage_parts_s": runs[-1]["inference_stage_parts_s"],
         "tiles_per_second_from_first_batch": runs[-1]["tiles_per_second_from_first_batch"],
+        "from_loader_start": runs[-1]["from_loader_start"],
         "peak_rss_mib": peak_rss_mib(),
     }
     if args.out:
@@ -309,6 +348,12 @@ def main() -> None:
         print("  CPU ms per tile: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in ceiling["cpu_ms_per_tile"].items()))
     print("stages of the last run (s): " + ", ".join(f"{k} {v:.2f}" for k, v in figures["stage_seconds"].items()))
     print("tiles per second from the first batch (last run): " + " ".join(map(str, figures["tiles_per_second_from_first_batch"])))
+    start = figures["from_loader_start"]
+    if start:
+        print(f"from the loader's start: first batch arrived {start['first_batch_arrived_s']:.2f} s, taken in "
+              f"{start['first_batch_taken_in_s']:.2f} s; tiles arrived per second: "
+              + " ".join(map(str, start["tiles_arrived_per_second"][:12]))
+              + "; taken in: " + " ".join(map(str, start["tiles_taken_in_per_second"][:12])))
     print("its inference stage (s): " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}"
                                                   for k, v in figures["inference_stage_parts_s"].items()))
     print(f"peak RSS: {figures['peak_rss_mib']['self']:.0f} MiB (main), {figures['peak_rss_mib']['children']:.0f} MiB (largest reader)")
