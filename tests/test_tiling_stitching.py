@@ -366,10 +366,10 @@ def test_store_chunk_files_are_the_bytes_zarr_writes(tmp_path):
         assert (tmp_path / "ours.ome.zarr" / rel).read_bytes() == (tmp_path / "zarr.ome.zarr" / rel).read_bytes(), rel
 
 
-def _stitch_into_store(path, grid, masks, *, processes, strip_px, chunk, out_shape):
+def _stitch_into_store(path, grid, masks, *, processes, strip_px, chunk, out_shape, after_batch=None):
     """Stitch ``masks`` (tile, soft, class, confidence) into a new evidence store at ``path`` in
-    this process (0) or in ``processes`` stitching processes; returns (store, polygons, level-0
-    chunks written)."""
+    this process (0) or in ``processes`` stitching processes, calling ``after_batch(stitcher)``
+    after each batch; returns (store, polygons, level-0 chunks written)."""
     from wsi_medcam.export.ome_zarr import EvidenceStore
     from wsi_medcam.stitch_processes import StitchingProcesses
 
@@ -384,6 +384,8 @@ def _stitch_into_store(path, grid, masks, *, processes, strip_px, chunk, out_sha
             batch = order[start : start + 7]
             stitcher.add_batch(batch, np.stack([masks[i][0] for i in batch]), np.array([masks[i][1] for i in batch]),
                                np.array([masks[i][2] for i in batch]))
+            if after_batch:
+                after_batch(stitcher)
         stitcher.finish()
     finally:
         stitcher.close()
@@ -442,6 +444,46 @@ def test_stitching_processes_write_what_one_stitcher_writes(downsample, out_scal
         theirs = [p for k, p in one_polys if k == c]
         assert len(ours) == len(theirs), f"class {c}"
         assert unary_union(ours).symmetric_difference(unary_union(theirs)).area < 1e-6
+
+
+def test_the_pyramid_above_the_processes_strips_is_built_while_tiles_stream(tmp_path):
+    """The levels above the stitching processes' strips are built from each strip as soon as its
+    process has finished it, not all after the last tile: chunks of the first level above the
+    strips are on disk before the stitcher is told the tiles are done, and every level is the one
+    stitcher's."""
+    import time
+
+    import zarr
+
+    rng = np.random.default_rng(7)
+    tile, width0, height0 = 64, 1200, 600
+    grid = plan_tiles((width0, height0), 1.0, rng.random((30, 60)) > 0.2, TilingConfig(min_tissue=0.2), mpp=0.5,
+                      tile_size=tile)
+    yy, xx = np.mgrid[:tile, :tile]
+    masks = {}
+    for i in range(len(grid)):
+        cy, cx, r = rng.integers(0, tile, 3)
+        masks[i] = (np.clip(1.2 - np.hypot(yy - cy, xx - cx) / (r + 8), 0, 1).astype(np.float32), int(rng.integers(3)),
+                    float(rng.random()))
+    for name in ("one", "many"):
+        (tmp_path / name).mkdir()
+    above_first: list[int] = []  # level-(top + 1) chunk files on disk after each batch
+
+    def watch(stitcher):
+        top = stitcher.strip_chunks.bit_length() - 1
+        time.sleep(0.02)  # the processes report finished strips while the next tiles come
+        above_first.append(len(list((tmp_path / "many/e.ome.zarr" / str(top + 1)).rglob("[0-9]*"))))
+
+    one, _, _ = _stitch_into_store(tmp_path / "one", grid, masks, processes=0, strip_px=128, chunk=32, out_shape=(600, 1200))
+    many, _, _ = _stitch_into_store(tmp_path / "many", grid, masks, processes=2, strip_px=128, chunk=32,
+                                    out_shape=(600, 1200), after_batch=watch)
+    assert len(many.shapes) >= 5  # strips of 4 chunks: levels 0-2 in the processes, 3 and up here
+    assert max(above_first) > 0, "nothing above the strips was built before the last tile"
+    a, b = zarr.open_group(str(tmp_path / "one/e.ome.zarr"), mode="r"), zarr.open_group(str(tmp_path / "many/e.ome.zarr"), mode="r")
+    for level in range(len(one.shapes)):
+        np.testing.assert_array_equal(b[str(level)][0], a[str(level)][0], err_msg=f"evidence level {level}")
+        np.testing.assert_array_equal(b[f"labels/evidence/{level}"][0], a[f"labels/evidence/{level}"][0],
+                                      err_msg=f"labels level {level}")
 
 
 def test_a_failing_stitching_process_fails_the_slide_in_one_line(tmp_path):

@@ -10,8 +10,9 @@ and the model process only sends each batch's masks (uint8 levels), raw over a s
 strips they reach: 0.2-0.3 CPU ms per tile left in it (``benchmarks/stitching.py``, 2-core VM).
 
 Each process writes its strips' level-0 chunks into the shared store and builds the pyramid levels
-whose chunks lie within a strip; this process builds the few levels above from those
-(:meth:`EvidenceStore.adopt`). Polygons final within a process are spooled by it, given an
+whose chunks lie within a strip; this process builds the few levels above from those, strip by
+strip as the processes report them final (:meth:`EvidenceStore.adopt_columns`), the last ones
+after the last tile (:meth:`EvidenceStore.adopt`). Polygons final within a process are spooled by it, given an
 ``encoder`` already finished and encoded as GeoJSON features while tiles stream (else as WKB, which
 the GeoJSON step encodes in as many processes again, :func:`ordered_map`); those touching another
 process's strip are merged here (:meth:`EvidencePolygons.adopt`). Outputs are the same as with one
@@ -31,7 +32,7 @@ import time
 import types
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,9 @@ class StitchingProcesses(EvidenceStitcher):
                 theirs.close()  # the process holds it now; when we are gone, it reads the end of the stream
                 self._inboxes.append(_Inbox(ours, depth, name=f"wsi-medcam-stitch-send-{p}"))
         self._done: dict[int, tuple[int, set[tuple[int, int]], np.ndarray, np.ndarray, float, dict | None]] = {}
+        # the pyramid above the processes' strips, built here from each strip as it is reported final
+        self._above = ThreadPoolExecutor(1, thread_name_prefix="wsi-medcam-pyramid-above")
+        self._above_jobs: deque[Future[None]] = deque()
         self.processes_cpu_s = 0.0  # CPU time the stitching processes used, s (known after finish)
 
     def add(self, i: int, mask: np.ndarray, class_index: int, confidence: float) -> None:
@@ -173,6 +177,7 @@ class StitchingProcesses(EvidenceStitcher):
             for t in strips if count > 1 else strips[:1]:  # one process carries into its own next strip
                 picks[t % count].append(k)
                 targets[t % count].append(-1 if t == strips[0] else t)
+        self._check()  # strips reported final: their pyramid above is built meanwhile
         levels = np.ascontiguousarray(as_levels(masks))
         for p, ks in enumerate(picks):
             if ks:
@@ -194,7 +199,12 @@ class StitchingProcesses(EvidenceStitcher):
                 wait = 0.0
                 if kind == "error":
                     raise OutputError(f"stitching process {p} failed: {payload}")
-                self._done[p] = payload
+                if kind == "top":  # (chunk columns of the top level, their non-empty chunks)
+                    while self._above_jobs and self._above_jobs[0].done():
+                        self._above_jobs.popleft().result()
+                    self._above_jobs.append(self._above.submit(self.store.adopt_columns, self._top, *payload))
+                else:
+                    self._done[p] = payload
         except queue.Empty:
             pass
         for p, proc in enumerate(self._procs):
@@ -211,6 +221,8 @@ class StitchingProcesses(EvidenceStitcher):
             self._check(wait=_POLL_S)
         for proc in self._procs:
             proc.join()
+        while self._above_jobs:
+            self._above_jobs.popleft().result()
         tops: set[tuple[int, int]] = set()
         for p, (chunks, top_chunks, classes, wkbs, cpu_s, encoded) in sorted(self._done.items()):
             self.chunks_written += chunks
@@ -231,6 +243,7 @@ class StitchingProcesses(EvidenceStitcher):
             inbox.close()
         self._outbox.cancel_join_thread()  # never block on data nobody will read
         self._outbox.close()
+        self._above.shutdown(wait=True, cancel_futures=True)
         super().close()
 
 
@@ -321,6 +334,9 @@ def _stitch_part(spec: dict[str, Any], grid: TileGrid, shard: tuple[int, int], o
                         stitcher.add(i, mask, c, conf)
                     else:
                         stitcher.add_carried(i, mask, c, conf, t)
+                columns, chunks = store.completed_top()
+                if columns:  # a strip is final up to the top level: the model process builds above it now
+                    outbox.put(("top", shard[0], (columns, chunks)))
             stitcher.finish()
         finally:
             stitcher.close()
