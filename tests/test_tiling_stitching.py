@@ -439,6 +439,7 @@ def test_stitching_processes_write_what_one_stitcher_writes(downsample, out_scal
         np.testing.assert_array_equal(b[f"labels/evidence/{level}"][0], a[f"labels/evidence/{level}"][0],
                                       err_msg=f"labels level {level}")
     assert not list((tmp_path / "many").glob(".evidence-polygons-*")), "the processes' spools are read and removed"
+    assert not list((tmp_path / "many").glob(".stitching-grid*")), "the grid handed to the processes is removed"
     for c in range(3):
         ours = [p for k, p in many_polys if k == c]
         theirs = [p for k, p in one_polys if k == c]

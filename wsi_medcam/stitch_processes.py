@@ -147,13 +147,17 @@ class StitchingProcesses(EvidenceStitcher):
         self._outbox: Any = ctx.Queue()
         self._spools = [Path(spool_dir) / f".evidence-polygons-{p}.bin" for p in range(count)]
         options = {"block": block, "trace_blocks": trace_blocks, "strip_px": strip_px, "top": self._top, "encoder": encoder}
+        # the grid goes to the processes as a file, written once: as an argument (2.4 MB for 200k
+        # tiles) each start waited for its process to read it through a 64 KiB pipe, ~24 ms apiece
+        self._grid_file = Path(spool_dir) / ".stitching-grid.pickle"
+        self._grid_file.write_bytes(pickle.dumps(grid, protocol=pickle.HIGHEST_PROTOCOL))
         self._procs, self._inboxes = [], []
         with _main_script_hidden():
             for p in range(count):
                 ours, theirs = socket.socketpair()
                 self._procs.append(ctx.Process(target=_stitch_part, name=f"wsi-medcam-stitch-{p}", daemon=True,
-                                               args=(store.spec, grid, (p, count), options, self._spools[p], theirs,
-                                                     self._outbox)))
+                                               args=(store.spec, self._grid_file, (p, count), options, self._spools[p],
+                                                     theirs, self._outbox)))
                 self._procs[-1].start()
                 theirs.close()  # the process holds it now; when we are gone, it reads the end of the stream
                 self._inboxes.append(_Inbox(ours, depth, name=f"wsi-medcam-stitch-send-{p}"))
@@ -244,6 +248,7 @@ class StitchingProcesses(EvidenceStitcher):
         self._outbox.cancel_join_thread()  # never block on data nobody will read
         self._outbox.close()
         self._above.shutdown(wait=True, cancel_futures=True)
+        self._grid_file.unlink(missing_ok=True)
         super().close()
 
 
@@ -313,14 +318,16 @@ def _read(sock: socket.socket, size: int, into: memoryview | None = None) -> byt
     return out
 
 
-def _stitch_part(spec: dict[str, Any], grid: TileGrid, shard: tuple[int, int], options: dict[str, int],
+def _stitch_part(spec: dict[str, Any], grid_file: Path, shard: tuple[int, int], options: dict[str, int],
                  spool: Path, inbox: socket.socket, outbox: Any) -> None:
-    """A stitching process: stitch strips ``shard`` of the store ``spec`` from the messages in
-    ``inbox`` until None; report (level-0 chunks written, top-level chunks, held polygons)."""
+    """A stitching process: stitch strips ``shard`` of the store ``spec`` (the tile grid pickled in
+    ``grid_file`` by the model process) from the messages in ``inbox`` until None; report (level-0
+    chunks written, top-level chunks, held polygons)."""
     # OpenCV's own threads (tracing, halving) would only compete with the other stitching processes
     # and the readers for the cores, at ~30 % more CPU per call than one thread (2-core VM)
     cv2.setNumThreads(1)
     try:
+        grid: TileGrid = pickle.loads(grid_file.read_bytes())
         store = EvidenceStore(**spec, part=True, top=options["top"])
         stitcher = EvidenceStitcher(grid, store, block=options["block"], trace_blocks=options["trace_blocks"],
                                     strip_px=options["strip_px"], threads=1, tracers=0, shard=shard, spool_path=spool,
