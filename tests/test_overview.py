@@ -30,3 +30,28 @@ def test_overview_from_shrunk_panels_equals_full_size(tmp_path):
     write_overview(tmp_path / "kept.png", thumb, panel, heatmap, evidence)
     full, kept = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("full", "kept"))
     assert full.shape == kept.shape and np.array_equal(full, kept)
+
+
+@needs_data
+def test_thumbnails_written_in_their_process_from_arrays_handed_over_as_files(tmp_path):
+    """GPU runs write thumbnail.png and tissue.png in a process of their own, handed the images as
+    files rather than pickled through the start pipe: the same PNGs as written here, and the
+    handed files are gone once the process has them."""
+    from wsi_medcam.export.overview import write_handed_thumbnails, write_thumbnails
+    from wsi_medcam.handoff import hand_over
+    from wsi_medcam.stitch_processes import start_process
+
+    with open_slide(CMU) as slide:
+        tissue = detect_tissue(slide, TissueConfig(mpp=2.0))
+    (tmp_path / "here").mkdir()
+    (tmp_path / "there").mkdir()
+    write_thumbnails(tmp_path / "here", tissue.thumbnail, tissue.mask)
+    handed = hand_over(tmp_path / "there", thumbnail=tissue.thumbnail, mask=tissue.mask)
+    assert sorted(p.name for p in handed.iterdir()) == ["mask.npy", "thumbnail.npy"]
+    proc = start_process(write_handed_thumbnails, (tmp_path / "there", handed), name="test-thumbnails")
+    proc.join(60)
+    assert proc.exitcode == 0
+    for name in ("thumbnail.png", "tissue.png"):
+        ours, theirs = (np.asarray(Image.open(tmp_path / d / name)) for d in ("here", "there"))
+        assert ours.shape == theirs.shape and np.array_equal(ours, theirs), name
+    assert not list(handed.iterdir())

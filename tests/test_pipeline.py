@@ -264,6 +264,10 @@ def test_narrow_strips_change_the_tile_order_not_the_outputs(tmp_path, bundles):
     assert orders[1] != orders[0], "two stitching processes take two strips at a time"
     for many in (runs["many"], runs["processes"]):
         _assert_same_outputs(one, many)
+    # with processes the thumbnails are written by one of their own, handed the images as files
+    assert sorted(p.name for p in runs["processes"].iterdir()) == sorted(p.name for p in one.iterdir())
+    for name in ("thumbnail.png", "tissue.png"):
+        assert (runs["processes"] / name).read_bytes() == (one / name).read_bytes(), name
 
 
 def _assert_same_outputs(one: Path, many: Path) -> None:

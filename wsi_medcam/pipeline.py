@@ -36,9 +36,10 @@ from .cpus import may_start_processes
 from .errors import OutputError, WsiMedcamError
 from .export.geojson import EvidenceEncoder, write_evidence
 from .export.ome_zarr import EvidenceStore, write_probabilities
-from .export.overview import class_heatmap, shrink_for_overview, write_overview, write_thumbnails
+from .export.overview import class_heatmap, shrink_for_overview, write_handed_thumbnails, write_overview, write_thumbnails
 from .export.tiles import TileBatch, TileWriter
 from .folding import fold_batchnorms
+from .handoff import hand_over
 from .heap import release_freed_memory, use_one_arena
 from .inference import BatchResult, Predictor, default_batch_size, default_workers, resolve_device
 from .levels import HARD
@@ -224,7 +225,9 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
         ref = SlideRef.of(slide)
         dimensions = slide.dimensions
     if stitchers:  # the forkserver is up: PNG encoding (~3 s on a 100k² slide) goes beside the tiles
-        writer = start_process(write_thumbnails, (work_dir, tissue.thumbnail, tissue.mask), name="wsi-medcam-thumbnails")
+        handed = hand_over(work_dir, thumbnail=tissue.thumbnail, mask=tissue.mask)
+        cleanup.callback(shutil.rmtree, handed, ignore_errors=True)  # after the process has stopped
+        writer = start_process(write_handed_thumbnails, (work_dir, handed), name="wsi-medcam-thumbnails")
         cleanup.callback(_stop, writer)
         thumbnails = beside.submit(_joined, writer, "writing thumbnail.png and tissue.png")
     else:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..handoff import take_over
 from ..slide import shrink
 
 
@@ -44,6 +45,13 @@ def write_thumbnails(work_dir: Path, thumbnail: np.ndarray, mask: np.ndarray) ->
     tiles)."""
     Image.fromarray(thumbnail).save(work_dir / "thumbnail.png", compress_level=1)
     Image.fromarray(mask.astype(np.uint8) * 255).save(work_dir / "tissue.png", compress_level=1)
+
+
+def write_handed_thumbnails(work_dir: Path, handed: Path) -> None:
+    """:func:`write_thumbnails` in a process of its own, from the ``thumbnail`` and ``mask`` that the
+    model process handed over as files (:func:`~wsi_medcam.handoff.hand_over`)."""
+    arrays = take_over(handed)
+    write_thumbnails(work_dir, arrays["thumbnail"], arrays["mask"])
 
 
 def write_overview(
