@@ -200,16 +200,18 @@ class Slide:
             self._tiles.close()
         self._handle.close()
 
-    @property
+    # The geometry is read once: OpenSlide answers each of these through several ctypes calls, and a
+    # tile read asks for it a few times (py-spy: 8 % of a reader's time, batches of 256 at 0.5 µm/px).
+    @cached_property
     def dimensions(self) -> tuple[int, int]:
         """Level-0 (width, height), px."""
         return tuple(self._handle.dimensions)  # type: ignore[return-value]
 
-    @property
+    @cached_property
     def level_dimensions(self) -> list[tuple[int, int]]:
         return [tuple(d) for d in self._handle.level_dimensions]  # type: ignore[misc]
 
-    @property
+    @cached_property
     def level_downsamples(self) -> list[float]:
         return [float(d) for d in self._handle.level_downsamples]
 
