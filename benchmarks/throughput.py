@@ -250,7 +250,9 @@ def main() -> None:
     predictor = models.predictor
     batch = cfg.inference.batch_size or default_batch_size(predictor.device)
     size = models.classifier.config.tile_size
-    tiles = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    # laid out as the readers hand tiles over (pixel by pixel: channels-last strides), so the bare models
+    # do the same work on the device as the pipeline's
+    tiles = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
     if predictor.device.type == "cuda":
         tiles = tiles.pin_memory()
 

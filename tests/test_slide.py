@@ -229,9 +229,8 @@ def test_forked_readers_shrink_tiles_after_opencv_threads_ran(tmp_path, cmu_pixe
     Two forked readers give the tiles read here; a reader stuck in an inherited pool would time out.
     OpenCV halves a 224² tile on the calling thread, a 512² one on its pool (in stripes of 64k px)."""
     import cv2
-    from torch.utils.data import DataLoader
 
-    from wsi_medcam.batching import TileDataset
+    from wsi_medcam.batching import TileDataset, make_loader
     from wsi_medcam.config import TilingConfig
     from wsi_medcam.slide import SlideRef, shrink
     from wsi_medcam.tiling import plan_tiles
@@ -250,12 +249,15 @@ def test_forked_readers_shrink_tiles_after_opencv_threads_ran(tmp_path, cmu_pixe
     try:
         big = np.ascontiguousarray(np.tile(cmu_pixels, (2, 2, 1)))
         cv2.resize(big, (big.shape[1] // 2, big.shape[0] // 2), interpolation=cv2.INTER_AREA)  # on the pool
-        loader = DataLoader(TileDataset(ref, grid), batch_size=2, num_workers=2, timeout=60,
-                            multiprocessing_context="fork")
-        read = {int(i): t.numpy().transpose(1, 2, 0) for batch, idx in loader for t, i in zip(batch, idx)}
+        loader = make_loader(TileDataset(ref, grid), batch_size=2, workers=2)
+        loader.timeout, loader.multiprocessing_context = 60, "fork"
+        batches = list(loader)
+        read = {int(i): t.numpy().transpose(1, 2, 0) for batch, idx in batches for t, i in zip(batch, idx)}
     finally:
         cv2.setNumThreads(threads)
     assert sorted(read) == list(range(len(grid))) and len(grid) >= 4
+    # each batch is read straight into one buffer, pixel by pixel (channels-last): nothing transposed it
+    assert all(batch.permute(0, 2, 3, 1).is_contiguous() for batch, _ in batches)
     for i, tile in read.items():
         np.testing.assert_array_equal(tile, here[i])
 
