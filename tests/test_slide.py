@@ -222,13 +222,16 @@ def test_aperio_levels_four_apart(tmp_path, cmu_pixels):
         assert np.abs(quarter - box).mean() < 6  # level 1 is level 0's 4×4 means, through JPEG
 
 
+@pytest.mark.parametrize("by_name", [False, True])
 @pytest.mark.parametrize("size", [224, 512])
-def test_forked_readers_shrink_tiles_after_opencv_threads_ran(tmp_path, cmu_pixels, size):
+def test_forked_readers_shrink_tiles_after_opencv_threads_ran(tmp_path, cmu_pixels, size, by_name):
     """A 40× scan read for 20× tiles: every 0.5 µm/px tile is a 0.25 µm/px region halved by OpenCV,
     in reader processes forked from one whose OpenCV thread pool has run (tissue detection does).
     Two forked readers give the tiles read here; a reader stuck in an inherited pool would time out.
-    OpenCV halves a 224² tile on the calling thread, a 512² one on its pool (in stripes of 64k px)."""
+    OpenCV halves a 224² tile on the calling thread, a 512² one on its pool (in stripes of 64k px).
+    Batches shared by descriptor or by name (the readers' setting; this process's is left alone)."""
     import cv2
+    import torch
 
     from wsi_medcam.batching import TileDataset, make_loader
     from wsi_medcam.config import TilingConfig
@@ -249,13 +252,15 @@ def test_forked_readers_shrink_tiles_after_opencv_threads_ran(tmp_path, cmu_pixe
     try:
         big = np.ascontiguousarray(np.tile(cmu_pixels, (2, 2, 1)))
         cv2.resize(big, (big.shape[1] // 2, big.shape[0] // 2), interpolation=cv2.INTER_AREA)  # on the pool
-        loader = make_loader(TileDataset(ref, grid), batch_size=2, workers=2)
+        strategy = torch.multiprocessing.get_sharing_strategy()
+        loader = make_loader(TileDataset(ref, grid), batch_size=2, workers=2, share_by_name=by_name)
         loader.timeout, loader.multiprocessing_context = 60, "fork"
         batches = list(loader)
         read = {int(i): t.numpy().transpose(1, 2, 0) for batch, idx in batches for t, i in zip(batch, idx)}
     finally:
         cv2.setNumThreads(threads)
     assert sorted(read) == list(range(len(grid))) and len(grid) >= 4
+    assert torch.multiprocessing.get_sharing_strategy() == strategy
     # each batch is read straight into one buffer, pixel by pixel (channels-last): nothing transposed it
     assert all(batch.permute(0, 2, 3, 1).is_contiguous() for batch, _ in batches)
     for i, tile in read.items():

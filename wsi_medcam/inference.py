@@ -113,6 +113,9 @@ def default_streams(device: torch.device, threads: int | None) -> int:
     return max(1, usable_cores() // (threads or 1))
 
 
+TileIndices = "torch.Tensor | np.ndarray"
+"""A batch's tile indices into the grid, as a loader gives them (:mod:`wsi_medcam.batching`: numpy)."""
+
 Outputs = tuple[np.ndarray, "np.ndarray | None", dict[str, np.ndarray]]
 """A batch's (probabilities, evidence levels or None, kept per fill), as :meth:`Predictor.predict` returns them."""
 
@@ -216,7 +219,7 @@ class Predictor:
         with torch.cuda.stream(self._cuda_streams[stream]):
             return self.predict(tiles_uint8)
 
-    def run(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[BatchResult]:
+    def run(self, batches: Iterable[tuple[torch.Tensor, TileIndices]]) -> Iterator[BatchResult]:
         """Results batch by batch, in the loader's order; with several :attr:`streams`, that many
         batches are in the models at once, each on its own thread (ops release the GIL, so they run
         in parallel): on a CPU with ``threads_per_stream`` torch threads, on CUDA on its own CUDA
@@ -225,7 +228,7 @@ class Predictor:
             batches = _trimming(batches)
         if self.streams == 1:
             for tiles, indices in batches:
-                yield BatchResult(indices.numpy(), *self.predict(tiles))
+                yield BatchResult(np.asarray(indices), *self.predict(tiles))
             return
         threads = torch.get_num_threads()  # torch's setting is also a process-wide default for new threads
         per_thread = dict(initializer=torch.set_num_threads, initargs=(self.threads_per_stream,)) if self.device.type == "cpu" else {}
@@ -235,19 +238,19 @@ class Predictor:
         finally:
             torch.set_num_threads(threads)
 
-    def _in_streams(self, pool: ThreadPoolExecutor, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[BatchResult]:
+    def _in_streams(self, pool: ThreadPoolExecutor, batches: Iterable[tuple[torch.Tensor, TileIndices]]) -> Iterator[BatchResult]:
         """:meth:`run` with ``streams`` batches on ``pool`` at once, waiting for the oldest."""
-        pending: deque[tuple[torch.Tensor, Future[Outputs]]] = deque()
+        pending: deque[tuple[TileIndices, Future[Outputs]]] = deque()
         try:
             for k, (tiles, indices) in enumerate(batches):
                 # at most `streams` batches are pending, so batch k's CUDA stream (k mod streams) is free again
                 pending.append((indices, pool.submit(self._predict_on, k % self.streams, tiles)))
                 if len(pending) >= self.streams:
                     indices, result = pending.popleft()
-                    yield BatchResult(indices.numpy(), *result.result())
+                    yield BatchResult(np.asarray(indices), *result.result())
             while pending:
                 indices, result = pending.popleft()
-                yield BatchResult(indices.numpy(), *result.result())
+                yield BatchResult(np.asarray(indices), *result.result())
         finally:  # stopped early (an error downstream): skip the batches not started
             for _, result in pending:
                 result.cancel()

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from shapely.geometry import box
 
-from .batching import TileDataset, make_loader, shared_with_readers
+from .batching import TileDataset, make_loader, shared_with_readers, start_shared_memory_manager
 from .bundles import Bundle, load_classifier, load_segmenter
 from .config import RunConfig
 from .cpus import may_start_processes
@@ -80,6 +80,8 @@ def load_models(cfg: RunConfig) -> Models:
         start_server()  # its imports (~3.4 s on an H200 machine) overlap the models' loading
     if device.type == "cpu":
         use_one_arena()
+    elif device.type == "cuda" and cfg.inference.workers != 0 and may_start_processes():
+        start_shared_memory_manager()  # for the readers, which share their batches by name on a GPU
     if cfg.inference.threads:
         torch.set_num_threads(cfg.inference.threads)
     classifier = load_classifier(cfg.classifier)
@@ -273,8 +275,8 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
         workers = workers if processes_ok else 0
         order = stitcher.order() if stitcher is not None else None
         loader = make_loader(TileDataset(ref, grid, tolerance=cfg.slide.level_tolerance, order=order), batch_size=batch_size,
-                             workers=workers,
-                             pin_memory=models.predictor.device.type == "cuda")
+                             workers=workers, pin_memory=models.predictor.device.type == "cuda",
+                             share_by_name=models.predictor.device.type == "cuda")
     # Reader processes fork from this one when the tiles start, and whatever it holds then stays
     # theirs too once it frees it: the thumbnails are written (beside tiling and setup), or handed
     # to their process, and the heap trimmed first. A 100k² slide's 6250² thumbnail and mask at
