@@ -376,10 +376,14 @@ def _stitch_into_store(path, grid, masks, *, processes, strip_px, chunk, out_sha
     store = EvidenceStore(path / "e.ome.zarr", shape=out_shape, mpp=0.5, chunk=chunk, min_size=16,
                           class_names=["a", "b", "c"], colors=[(255, 0, 0)] * 3, name="t")
     kwargs = dict(block=40, spool_dir=path, trace_blocks=3, strip_px=strip_px)
-    stitcher = (StitchingProcesses(grid, store, processes=processes, **kwargs) if processes
+    # as the pipeline does: the order first, the processes started after it (beside the readers)
+    stitcher = (StitchingProcesses(grid, store, processes=processes, start=False, **kwargs) if processes
                 else EvidenceStitcher(grid, store, threads=2, tracers=0, **kwargs))
     try:
         order = stitcher.order()
+        if processes:
+            assert not stitcher._procs
+            stitcher.start()
         for start in range(0, len(order), 7):  # batches of 7 tiles
             batch = order[start : start + 7]
             stitcher.add_batch(batch, np.stack([masks[i][0] for i in batch]), np.array([masks[i][1] for i in batch]),

@@ -239,7 +239,7 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
     tissue_stats = {"mpp": tissue.mpp, "fraction": float(tissue.mask.mean()) if tissue.mask.size else 0.0}
     overview_thumb, overview_tissue = shrink_for_overview(tissue.thumbnail, tissue.mask)
     del tissue  # full-size thumbnail and mask grow with the slide's area; the overview needs only these
-    with timer.stage("setup"):  # the evidence store created, stitching processes started
+    with timer.stage("setup"):  # the evidence store and the stitching created (their processes start with the readers)
         slide_key = f"{path.name}:{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
         out_mpp = cfg.output.mask_mpp or slide.mpp.mean
         if out_mpp < slide.mpp.mean * (1 - 1e-6):
@@ -260,7 +260,7 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
             # stitching processes encode their polygons while tiles stream; not where refined tiles
             # will cut polygons afterwards (shapes are needed for that)
             stitcher = (StitchingProcesses(grid, store, processes=stitchers, spool_dir=work_dir, strip_px=cfg.output.strip_px,
-                                           encoder=None if cfg.inference.refine else encoder)
+                                           encoder=None if cfg.inference.refine else encoder, start=False)
                         if stitchers else EvidenceStitcher(grid, store, spool_dir=work_dir, strip_px=cfg.output.strip_px))
 
         grid_probs = np.zeros((len(class_names), *grid.grid_shape), np.float32)
@@ -285,6 +285,7 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
         if not stitchers:
             thumbnails.result()
         release_freed_memory()  # with the thumbnail's read blocks and the mask's temporaries
+    cleanup.enter_context(shared_with_readers())  # until the slide is done; the readers are gone by then
     done = 0
     first_at = last_at = stage_at = time.perf_counter()  # when the first and last batch's outputs were taken in
     with timer.stage("inference+stitching"), TileWriter(
@@ -322,8 +323,10 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
                 progress(path.name, done, len(grid))
 
         try:
-            with shared_with_readers():
-                consume_behind(models.predictor.run(loader if len(grid) else []), consume)
+            batches = iter(loader) if len(grid) else iter(())  # the readers fork and start reading
+            if isinstance(stitcher, StitchingProcesses):  # meanwhile
+                stitcher.start()
+            consume_behind(models.predictor.run(batches), consume)
             if stitcher is not None:
                 stitcher.finish()
             # where the stage's time goes: until the first batch is out (readers starting, the first
