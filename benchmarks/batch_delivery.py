@@ -85,7 +85,7 @@ def main() -> None:
                       "busy": round(delivered_per_second(mode == "by_name", args.busy, args), 1)}
                for mode in ("by_descriptor", "by_name")}
     print(json.dumps({"readers": args.readers, "busy_threads": args.busy, "batch_size": args.batch_size,
-                      "read_ms": args.read_ms, "batches_per_s": figures}, indent=2))
+                      "read_ms": args.read_ms, "batches_per_s": figures}))
 
 
 if __name__ == "__main__":

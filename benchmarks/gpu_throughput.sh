@@ -100,6 +100,8 @@ del blocks
 _, reused = pinned(24)
 print("pinned 38.5 MB blocks, ms each: new", [round(m, 1) for m in new], "sum", round(sum(new)), "; reused, sum", round(sum(reused), 1))
 PY
+# batches a second the readers hand over by descriptor and by name, with 2 threads busy in Python
+[ "$device" = cuda ] && step 40 python3 benchmarks/batch_delivery.py --readers 6 --busy 2 --seconds 3 >>"$log"
 maker=
 if ((big > 0)); then
   { step 200 python3 benchmarks/make_slide.py --source "$source" --width $((big * side)) --height $((big * side)) "${scan[@]}" \
@@ -155,4 +157,4 @@ if [ -f "$work/big.tif" ]; then
   throughput 300 throughput-big "$work/big.tif" --repeats 1 --bare-seconds 4 --ceiling --ceiling-masks "${CEILING_MASKS:-model}" $best
 fi
 [ -n "${dmon:-}" ] && kill "$dmon" 2>/dev/null
-grep -E "^(==|   [0-9]+ s|train-cam:|$out|imports|python|NVIDIA|name|cpu cores|BIG|pinned)" "$log"
+grep -E "^(==|   [0-9]+ s|train-cam:|$out|imports|python|NVIDIA|name|cpu cores|BIG|pinned|\{\"readers)" "$log"
