@@ -264,7 +264,14 @@ def test_narrow_strips_change_the_tile_order_not_the_outputs(tmp_path, bundles):
     assert orders[1] != orders[0], "two stitching processes take two strips at a time"
     for many in (runs["many"], runs["processes"]):
         _assert_same_outputs(one, many)
-    # with processes the thumbnails are written by one of their own, handed the images as files
+    # with processes the tile records are written by a process of their own, fed through a pipe
+    fields = ("tile", "x", "y", "size", "tissue_fraction", "prediction")
+    records = [sorted(tuple(t[k] for k in fields) for t in _tiles(runs[name])) for name in ("many", "processes")]
+    report = json.loads((runs["processes"] / "report.json").read_text())
+    assert records[0] == records[1] and len(records[1]) == report["tiles"]["count"] > 0
+    width, height = report["slide"]["dimensions"]
+    assert len(check_qupath_geojson(runs["processes"] / "tiles.geojson", width=width, height=height)) == len(records[1])
+    # and the thumbnails by one of their own, handed the images as files
     assert sorted(p.name for p in runs["processes"].iterdir()) == sorted(p.name for p in one.iterdir())
     for name in ("thumbnail.png", "tissue.png"):
         assert (runs["processes"] / name).read_bytes() == (one / name).read_bytes(), name

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from wsi_medcam.export.geojson import _NAMESPACE, encode, feature, object_id, object_ids
-from wsi_medcam.export.tiles import TileBatch, TileWriter
+from wsi_medcam.export.tiles import TileBatch
 
 CLASSES = ["tumour", "stroma µ", 'odd "name"']  # non-ASCII and quotes: JSON escapes them
 COLORS = [(200, 0, 0), (0, 150, 0), (0, 0, 255)]
@@ -46,21 +46,32 @@ def _reference(slide_key, batch, fills):
     return rows, feats
 
 
-def test_batches_write_the_bytes_of_the_feature_encoder(tmp_path):
-    rng = np.random.default_rng(0)
-    fills = ("mean", "white")
+def _batches(rng, sizes=((5, True), (1, False), (300, True))):
     batches = []
-    for n, with_evidence in ((5, True), (1, False), (300, True)):
+    for n, with_evidence in sizes:
         probs = rng.dirichlet([1, 1, 1], n).astype(np.float32)
         batches.append(TileBatch(
             indices=rng.permutation(10_000)[:n], x=rng.integers(0, 90_000, n).tolist(), y=rng.integers(0, 90_000, n).tolist(),
             size=224 * 1.9871, tissue_fraction=rng.random(n), probs=probs, predictions=probs.argmax(1),
             evidence_fraction=rng.random(n) / 7 if with_evidence else None,
             kept={"mean": rng.random(n) < 0.5} if with_evidence else {}))
+    return batches
+
+
+@pytest.mark.parametrize("own_process", [False, True])
+def test_batches_write_the_bytes_of_the_feature_encoder(tmp_path, own_process):
+    """Written here, or (with stitching processes, on a GPU) by a process of their own fed through a
+    pipe: the same bytes."""
+    from wsi_medcam.pipeline import tile_records
+
+    rng = np.random.default_rng(0)
+    fills = ("mean", "white")
+    batches = _batches(rng)
     csv_path, geo_path = tmp_path / "tiles.csv", tmp_path / "tiles.geojson"
-    with TileWriter(csv_path, geo_path, slide_key="s:1", class_names=CLASSES, colors=COLORS, certify_fills=fills) as out:
+    with tile_records(tmp_path, own_process, slide_key="s:1", class_names=CLASSES, colors=COLORS,
+                      certify_fills=fills) as write:
         for b in batches:
-            out.write(b)
+            write(b)
     want_rows, want_feats = [], []
     for b in batches:
         rows, feats = _reference("s:1", b, fills)
@@ -123,3 +134,28 @@ def test_evidence_features_hold_each_polygon_rounded_with_its_measurements(tmp_p
     ids = [feat["id"] for feat in features]
     assert len(lines) == 4 and len(set(ids)) == 4
     assert ids == [object_id("s", "evidence", line.replace(f'"id":"{fid}",', "", 1)) for line, fid in zip(lines, ids)]
+
+
+def test_a_killed_tile_records_process_fails_the_slide_in_one_line(tmp_path):
+    """The records' own process killed mid-slide (the OOM killer's way): the next batch fails the
+    slide with one OutputError line, not a broken pipe."""
+    import multiprocessing
+    import os
+    import signal
+
+    from wsi_medcam.errors import OutputError
+    from wsi_medcam.pipeline import tile_records
+
+    if not hasattr(signal, "SIGKILL"):
+        pytest.skip("no SIGKILL on this platform")
+    batches = _batches(np.random.default_rng(1), sizes=((50, True),) * 40)
+    with pytest.raises(OutputError, match=r"^writing tiles.csv and tiles.geojson failed in process wsi-medcam-tiles "
+                                          r"\(exit code -9\)$"):
+        with tile_records(tmp_path, True, slide_key="s:1", class_names=CLASSES, colors=COLORS) as write:
+            write(batches[0])
+            proc, = [p for p in multiprocessing.active_children() if p.name == "wsi-medcam-tiles"]
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join()
+            for b in batches[1:]:
+                write(b)
+    assert not [p for p in multiprocessing.active_children() if p.name == "wsi-medcam-tiles"]

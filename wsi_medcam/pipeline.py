@@ -9,6 +9,7 @@ import hashlib
 import heapq
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import shutil
@@ -37,7 +38,7 @@ from .errors import OutputError, WsiMedcamError
 from .export.geojson import EvidenceEncoder, write_evidence
 from .export.ome_zarr import EvidenceStore, write_probabilities
 from .export.overview import class_heatmap, shrink_for_overview, write_handed_thumbnails, write_overview, write_thumbnails
-from .export.tiles import TileBatch, TileWriter
+from .export.tiles import TileBatch, TileWriter, write_tile_batches
 from .folding import fold_batchnorms
 from .handoff import hand_over
 from .heap import release_freed_memory, use_one_arena
@@ -288,10 +289,10 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
     cleanup.enter_context(shared_with_readers())  # until the slide is done; the readers are gone by then
     done = 0
     first_at = last_at = stage_at = time.perf_counter()  # when the first and last batch's outputs were taken in
-    with timer.stage("inference+stitching"), TileWriter(
-        work_dir / "tiles.csv", work_dir / "tiles.geojson", slide_key=slide_key, class_names=class_names, colors=colors,
+    with timer.stage("inference+stitching"), tile_records(
+        work_dir, bool(stitchers), slide_key=slide_key, class_names=class_names, colors=colors,
         certify_fills=tuple(cfg.inference.certify_fills) if models.predictor.explains else ()
-    ) as tiles_out:
+    ) as write_tiles:
 
         def consume(result: BatchResult) -> None:
             """One batch's outputs into the stitcher, the grids, the counts and the tile records:
@@ -315,7 +316,7 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
             for f, v in result.kept.items():
                 kept_counts[f] += int(np.count_nonzero(v))
             xy = [grid.xy_level0(i) for i in idx.tolist()]
-            tiles_out.write(TileBatch(idx, [x for x, _ in xy], [y for _, y in xy], grid.size_level0,
+            write_tiles(TileBatch(idx, [x for x, _ in xy], [y for _, y in xy], grid.size_level0,
                                       grid.tissue_fraction[idx], result.probs, preds, fractions, result.kept))
             done += len(idx)
             last_at = time.perf_counter()
@@ -397,6 +398,40 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
     }
     (work_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+@contextmanager
+def tile_records(work_dir: Path, in_process: bool, **writer: Any) -> Iterator[Callable[[TileBatch], None]]:
+    """A function that writes a :class:`TileBatch` into ``tiles.csv`` and ``tiles.geojson`` (with
+    :class:`TileWriter`'s keyword arguments ``writer``), in this process or, ``in_process``, through
+    a pipe to a process of its own (:func:`write_tile_batches`): with stitching processes, on a GPU.
+    The files are complete when the block ends; if it fails, the process is stopped."""
+    paths = (work_dir / "tiles.csv", work_dir / "tiles.geojson")
+    if not in_process:
+        with TileWriter(*paths, **writer) as out:
+            yield out.write
+        return
+    what = "writing tiles.csv and tiles.geojson"
+    receive, send = multiprocessing.Pipe(duplex=False)
+    proc = start_process(write_tile_batches, (receive, *paths, writer), name="wsi-medcam-tiles")
+    receive.close()
+
+    def write(batch: TileBatch) -> None:
+        try:
+            send.send(batch)
+        except OSError:  # the process is gone: say how
+            _joined(proc, what)
+            raise
+
+    try:
+        yield write
+        send.send(None)
+    except BaseException:
+        _stop(proc)
+        raise
+    finally:
+        send.close()
+    _joined(proc, what)
 
 
 def _write_thumbnails(work_dir: Path, images: list[np.ndarray]) -> None:

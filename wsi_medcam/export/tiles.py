@@ -7,7 +7,9 @@ import math
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -97,6 +99,15 @@ class TileWriter:
                             f'"isLocked":true,"measurements":{{{",".join(measurements)}}}}}}}')
         self._csv.writerows(rows)
         self._geo.write_all(features)
+
+
+def write_tile_batches(receive: Connection, csv_path: Path, geojson_path: Path, writer: dict[str, Any]) -> None:
+    """A :class:`TileWriter` (``writer``: its keyword arguments) fed the :class:`TileBatch` objects
+    received until None: in a process of its own beside a GPU's models, whose process would spend
+    ~25 µs of its GIL per tile on the records otherwise (at 5,400 tiles/s, ~13 % of it)."""
+    with TileWriter(csv_path, geojson_path, **writer) as out:
+        while (batch := receive.recv()) is not None:
+            out.write(batch)
 
 
 def _number(value: float) -> str:
