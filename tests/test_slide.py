@@ -267,6 +267,23 @@ def test_forked_readers_shrink_tiles_after_opencv_threads_ran(tmp_path, cmu_pixe
         np.testing.assert_array_equal(tile, here[i])
 
 
+def test_torchs_shared_memory_manager_starts(monkeypatch, caplog):
+    """The torch call that readers sharing by name rest on (a private one) is there in this torch
+    and starts the manager; where it fails, GPU runs fall back to descriptors with a warning."""
+    import torch
+
+    from wsi_medcam.batching import start_shared_memory_manager
+
+    assert start_shared_memory_manager() is True
+
+    def missing(size):
+        raise RuntimeError("torch_shm_manager: not found")
+
+    monkeypatch.setattr(torch.UntypedStorage, "_new_using_filename_cpu", missing)
+    assert start_shared_memory_manager() is False
+    assert "torch_shm_manager: not found" in caplog.text
+
+
 @pytest.mark.parametrize("width,height,factor", [(100_000, 100_000, 2), (200_000, 150_000, 4), (46_000, 32_914, 4),
                                                  (32_768, 32_768, 2), (4096, 300, 2), (4097, 10, 2), (16, 16, 4)])
 def test_pyramids_go_down_to_a_level_a_thumbnail_can_be_read_from(width, height, factor):

@@ -8,6 +8,7 @@ handle inherited by forked workers yields corrupt JPEG reads).
 from __future__ import annotations
 
 import gc
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,6 +19,8 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .slide import Slide, SlideRef
 from .tiling import TileGrid
+
+log = logging.getLogger(__name__)
 
 
 class TileDataset(Dataset):
@@ -93,11 +96,17 @@ def _share_by_name(_worker: int) -> None:
     torch.multiprocessing.set_sharing_strategy("file_system")
 
 
-def start_shared_memory_manager() -> None:
+def start_shared_memory_manager() -> bool:
     """Start torch's shared-memory manager (``torch_shm_manager``, which removes named shared memory
     when its last user is gone) from this process, so the readers forked later use it: each reader
-    that starts its own waits ~0.2 s for it before its first batch."""
-    torch.UntypedStorage._new_using_filename_cpu(1)
+    that starts its own waits ~0.2 s for it before its first batch. False where it cannot start
+    (a torch without it): readers then keep sharing by descriptor."""
+    try:
+        torch.UntypedStorage._new_using_filename_cpu(1)
+    except (RuntimeError, AttributeError) as exc:
+        log.warning("torch's shared-memory manager did not start (%s): readers hand batches over by file descriptor", exc)
+        return False
+    return True
 
 
 def make_loader(dataset: Dataset, *, batch_size: int, workers: int, pin_memory: bool = False,

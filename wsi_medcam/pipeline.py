@@ -66,6 +66,9 @@ class Models:
     classifier: Bundle
     segmenter: Bundle | None
     predictor: Predictor
+    share_by_name: bool = False
+    """Whether readers hand batches over by name (:func:`~wsi_medcam.batching.make_loader`): on CUDA,
+    where torch's shared-memory manager could be started."""
 
 
 def load_models(cfg: RunConfig) -> Models:
@@ -81,8 +84,9 @@ def load_models(cfg: RunConfig) -> Models:
         start_server()  # its imports (~3.4 s on an H200 machine) overlap the models' loading
     if device.type == "cpu":
         use_one_arena()
-    elif device.type == "cuda" and cfg.inference.workers != 0 and may_start_processes():
-        start_shared_memory_manager()  # for the readers, which share their batches by name on a GPU
+    # for the readers, which share their batches by name on a GPU
+    share_by_name = (device.type == "cuda" and cfg.inference.workers != 0 and may_start_processes()
+                     and start_shared_memory_manager())
     if cfg.inference.threads:
         torch.set_num_threads(cfg.inference.threads)
     classifier = load_classifier(cfg.classifier)
@@ -91,7 +95,7 @@ def load_models(cfg: RunConfig) -> Models:
     fold_batchnorms(classifier.model)
     if segmenter is not None and not cfg.inference.refine:
         fold_batchnorms(segmenter.model)
-    return Models(classifier, segmenter, Predictor(classifier, segmenter, cfg.inference))
+    return Models(classifier, segmenter, Predictor(classifier, segmenter, cfg.inference), share_by_name)
 
 
 def stitching_processes(cfg: RunConfig, device_type: str) -> int:
@@ -277,7 +281,7 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
         order = stitcher.order() if stitcher is not None else None
         loader = make_loader(TileDataset(ref, grid, tolerance=cfg.slide.level_tolerance, order=order), batch_size=batch_size,
                              workers=workers, pin_memory=models.predictor.device.type == "cuda",
-                             share_by_name=models.predictor.device.type == "cuda")
+                             share_by_name=models.share_by_name)
     # Reader processes fork from this one when the tiles start, and whatever it holds then stays
     # theirs too once it frees it: the thumbnails are written (beside tiling and setup), or handed
     # to their process, and the heap trimmed first. A 100k² slide's 6250² thumbnail and mask at
