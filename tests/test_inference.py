@@ -80,7 +80,8 @@ def test_an_error_in_a_stream_is_raised_and_the_rest_is_dropped(models):
     assert next(results).indices.tolist() == [0, 1, 2, 3]
     with pytest.raises(RuntimeError, match="decoder broke"):
         next(results)
-    assert len(calls) <= 4  # the streams in flight, not all 8 batches
+    # the streams' batches and as many queued behind them, and the one being submitted: not all 8
+    assert len(calls) <= 2 * predictor.streams + 1
 
 
 def test_default_streams():

@@ -9,6 +9,8 @@ all cores; on CUDA two, each on its own CUDA stream, so the GPU is not left wait
 
 from __future__ import annotations
 
+import itertools
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -153,6 +155,7 @@ class Predictor:
         # before it still computes or comes back, instead of the GPU waiting on this process between batches
         self._cuda_streams = ([torch.cuda.Stream(self.device) for _ in range(self.streams)]
                               if self.device.type == "cuda" and self.streams > 1 else [])
+        self._thread = threading.local()  # a model thread's CUDA stream, see _own_stream
         self.threads_per_stream = cfg.threads or 1
         self.arch = classifier.config.arch
         self.classifier = classifier.model.to(self.device, memory_format=self.memory_format).eval()
@@ -212,18 +215,26 @@ class Predictor:
                     kept[fill] = (self.classifier(compose(x_cls, hard, b)).argmax(1) == pred).cpu().numpy()
         return probs.cpu().numpy(), None if soft is None else quantise(soft).cpu().numpy(), kept
 
-    def _predict_on(self, stream: int, tiles_uint8: torch.Tensor) -> Outputs:
-        """:meth:`predict` on the ``stream``-th CUDA stream (on other devices, plain :meth:`predict`)."""
+    def _predict_here(self, tiles_uint8: torch.Tensor) -> Outputs:
+        """:meth:`predict` on this model thread's own CUDA stream (on other devices, plain :meth:`predict`)."""
         if not self._cuda_streams:
             return self.predict(tiles_uint8)
-        with torch.cuda.stream(self._cuda_streams[stream]):
+        with torch.cuda.stream(self._cuda_streams[self._thread.stream]):
             return self.predict(tiles_uint8)
+
+    def _own_stream(self, numbers: Iterator[int]) -> None:
+        """A model thread's start: it takes the next of the CUDA streams (``numbers`` counts them out)
+        and keeps it, and on a CPU sets its torch threads."""
+        self._thread.stream = next(numbers)
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.threads_per_stream)
 
     def run(self, batches: Iterable[tuple[torch.Tensor, TileIndices]]) -> Iterator[BatchResult]:
         """Results batch by batch, in the loader's order; with several :attr:`streams`, that many
-        batches are in the models at once, each on its own thread (ops release the GIL, so they run
-        in parallel): on a CPU with ``threads_per_stream`` torch threads, on CUDA on its own CUDA
-        stream, so the GPU has the next batch queued while this process handles the last one's outputs."""
+        batches are in the models at once, each on a model thread of its own (ops release the GIL,
+        so they run in parallel): on a CPU with ``threads_per_stream`` torch threads, on CUDA on the
+        thread's own CUDA stream, so the GPU has the next batch queued while this process handles the
+        last one's outputs."""
         if self.device.type == "cpu":
             batches = _trimming(batches)
         if self.streams == 1:
@@ -231,21 +242,26 @@ class Predictor:
                 yield BatchResult(np.asarray(indices), *self.predict(tiles))
             return
         threads = torch.get_num_threads()  # torch's setting is also a process-wide default for new threads
-        per_thread = dict(initializer=torch.set_num_threads, initargs=(self.threads_per_stream,)) if self.device.type == "cpu" else {}
         try:
-            with ThreadPoolExecutor(self.streams, thread_name_prefix="wsi-medcam-model", **per_thread) as pool:
+            with ThreadPoolExecutor(self.streams, thread_name_prefix="wsi-medcam-model", initializer=self._own_stream,
+                                    initargs=(itertools.count(),)) as pool:
                 yield from self._in_streams(pool, batches)
         finally:
             torch.set_num_threads(threads)
 
     def _in_streams(self, pool: ThreadPoolExecutor, batches: Iterable[tuple[torch.Tensor, TileIndices]]) -> Iterator[BatchResult]:
-        """:meth:`run` with ``streams`` batches on ``pool`` at once, waiting for the oldest."""
+        """:meth:`run` on ``pool``'s ``streams`` threads, with as many batches again queued: a model
+        thread that finishes its batch starts the next one at once, while this thread is still
+        handing over outputs or waiting on the loader (GIL turns among the loader's, the writer's and
+        the model threads). With only ``streams`` batches submitted, the GPU ran the pipeline's
+        batches at the bare models' one-batch-at-a-time speed (H200, batch 256: 4,840 tiles/s against
+        5,385 with two streams). Results are yielded in order, each as soon as it and those before
+        it are ready."""
         pending: deque[tuple[TileIndices, Future[Outputs]]] = deque()
         try:
-            for k, (tiles, indices) in enumerate(batches):
-                # at most `streams` batches are pending, so batch k's CUDA stream (k mod streams) is free again
-                pending.append((indices, pool.submit(self._predict_on, k % self.streams, tiles)))
-                if len(pending) >= self.streams:
+            for tiles, indices in batches:
+                pending.append((indices, pool.submit(self._predict_here, tiles)))
+                while pending and (len(pending) > 2 * self.streams or pending[0][1].done()):
                     indices, result = pending.popleft()
                     yield BatchResult(np.asarray(indices), *result.result())
             while pending:
