@@ -6,7 +6,8 @@
 # gets at most what is left, and the ones that matter most come first. Each step's figures land in
 # OUTDIR as soon as it ends (at most 8 files, what the device tool returns); a failed step does not
 # stop the rest.
-# 0. tests/test_inference.py (model streams on CUDA give the results of one batch at a time), beside
+# 0. tests/test_inference.py (model streams on CUDA give the results of one batch at a time) and the pinned
+#    blocks' test, beside
 # 1. a MID² slide at 0.5 µm/px (default 32768: ~10k tissue tiles at 224 px); then a resnet18
 #    classifier and a Med-CAM U-Net/resnet18 trained STEPS steps on the device (masks with Med-CAM's
 #    structure, not speckle; the log has its seconds per step), while a BIG² slide (default 100000:
@@ -18,7 +19,8 @@
 #    for 45 s from DELAY s in (start-up and inference); then with SPLITS (default "8:8 5:11": readers:
 #    stitching processes) instead; REPEATS pipeline runs each (the mid slide has 8 strips of 4096 px, so
 #    at most 8 stitching processes start there);
-# 3. throughput.py on the BIG slide with the split whose inference stage was fastest on MID, and the ceiling.
+# 3. throughput.py on the BIG slide with the split whose inference stage was fastest on MID, BIG_REPEATS pipeline runs
+#    (default 1), and the ceiling (BIG_CEILING=no: none).
 # nvidia-smi dmon samples the GPU throughout.
 # SCAN=40x writes both slides as a 40x Aperio scan (0.25 µm/px, levels 4x apart, each side doubled
 # so the tiles at 0.5 µm/px are as many): every tile is then read from level 0 and halved, as on real
@@ -69,21 +71,23 @@ print(sys.argv[1], d["gpu"], d["precision"], "batch", d["batch_size"], "streams"
       "stitching processes", d["stitching_processes"], "tiles", d["tiles"],
       "bare", {k: round(v) for k, v in d["bare_tiles_per_s"].items()}, "pipeline", round(d["pipeline_tiles_per_s"]),
       "ratio", round(d["ratio_pipeline_to_bare"], 3), "stage ratio", round(d["ratio_inference_stage_to_bare"], 3),
+      "each run (whole, stage)", [(round(r["ratio"], 3), round(r["ratio_inference_stage"], 3)) for r in d["runs"]],
       "ceiling", round(c.get("whole_run", 0)), "ceiling CPU ms per tile", {k: round(v, 2) for k, v in c.get("cpu_ms_per_tile", {}).items()},
       "stages", d["stage_seconds"], "inference stage parts", d["inference_stage_parts_s"], "peak RSS MiB", d["peak_rss_mib"],
       "tiles per second from the first batch", d["tiles_per_second_from_first_batch"],
-      "from the loader start", d.get("from_loader_start"))'
+      "from the loader start", d.get("from_loader_start"), "pinned blocks made in the run", d.get("pinned_blocks_made_in_run"))'
 throughput() {  # throughput CAP NAME SLIDE ARGS...: benchmarks/throughput.py into OUTDIR/NAME.json, summarised in the log
   local cap=$1 name=$2 slide=$3; shift 3
   step "$cap" python3 benchmarks/throughput.py "$slide" "${models[@]}" --out "$out/$name.json" "$@" >>"$log" \
     && python3 -c "$summary" "$out/$name.json" >>"$log" 2>&1
 }
-python3 -m pytest -q -p no:cacheprovider tests/test_inference.py >"$out/pytest.txt" 2>&1 &  # model streams on CUDA
+python3 -m pytest -q -p no:cacheprovider tests/test_inference.py tests/test_slide.py::test_reserved_pinned_blocks_serve_the_loaders_batches \
+  >"$out/pytest.txt" 2>&1 &  # model streams and pinned blocks on CUDA
 tests=$!
 source=.whl/CMU-1-Small-Region.svs
 step 60 python3 benchmarks/make_slide.py --source "$source" --width $((mid * side)) --height $((mid * side)) "${scan[@]}" \
   -o "$work/mid.tif" >>"$log"
-wait "$tests"; echo "tests/test_inference.py: $(tail -1 "$out/pytest.txt")" >>"$log"
+wait "$tests"; echo "tests on CUDA: $(tail -1 "$out/pytest.txt")" >>"$log"
 # what the loader's pin-memory thread pays for its first batches of 256 tiles: torch's host allocator
 # asks CUDA for each new block (a slow-start candidate), and reuses freed ones
 [ "$device" = cuda ] && timeout 60 python3 - <<'PY' >>"$log" 2>&1
@@ -154,7 +158,8 @@ PY
 echo "BIG slide with: ${best:-the defaults}" >>"$log"
 if [ -f "$work/big.tif" ]; then
   # shellcheck disable=SC2086  # $best is empty or flags
-  throughput 300 throughput-big "$work/big.tif" --repeats 1 --bare-seconds 4 --ceiling --ceiling-masks "${CEILING_MASKS:-model}" $best
+  big_ceiling=(--ceiling --ceiling-masks "${CEILING_MASKS:-model}"); [ "${BIG_CEILING:-yes}" = no ] && big_ceiling=()
+  throughput 300 throughput-big "$work/big.tif" --repeats "${BIG_REPEATS:-1}" --bare-seconds 4 "${big_ceiling[@]}" $best
 fi
 [ -n "${dmon:-}" ] && kill "$dmon" 2>/dev/null
 grep -E "^(==|   [0-9]+ s|train-cam:|$out|imports|python|NVIDIA|name|cpu cores|BIG|pinned|\{\"readers)" "$log"

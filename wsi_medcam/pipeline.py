@@ -30,7 +30,8 @@ import torch
 from PIL import Image
 from shapely.geometry import box
 
-from .batching import TileDataset, make_loader, shared_with_readers, start_shared_memory_manager
+from .batching import (PREFETCH_BATCHES, TileDataset, make_loader, reserve_pinned_batches, shared_with_readers,
+                       start_shared_memory_manager)
 from .bundles import Bundle, load_classifier, load_segmenter
 from .config import RunConfig
 from .cpus import may_start_processes
@@ -95,7 +96,23 @@ def load_models(cfg: RunConfig) -> Models:
     fold_batchnorms(classifier.model)
     if segmenter is not None and not cfg.inference.refine:
         fold_batchnorms(segmenter.model)
-    return Models(classifier, segmenter, Predictor(classifier, segmenter, cfg.inference), share_by_name)
+    predictor = Predictor(classifier, segmenter, cfg.inference)
+    if device.type == "cuda":
+        _reserve_pinned_batches(cfg, classifier, predictor)
+    return Models(classifier, segmenter, predictor, share_by_name)
+
+
+def _reserve_pinned_batches(cfg: RunConfig, classifier: Bundle, predictor: Predictor) -> None:
+    """Pinned host blocks for as many batches as a slide's loader and models hold at once (readers'
+    read-ahead, the models' batches running and queued, one being handed over): see
+    :func:`~wsi_medcam.batching.reserve_pinned_batches`."""
+    _, tile_size = tile_geometry(cfg, classifier, quiet=True)
+    batch_size = cfg.inference.batch_size or default_batch_size(predictor.device)
+    workers = default_workers(predictor.device) if cfg.inference.workers is None else cfg.inference.workers
+    count = workers * PREFETCH_BATCHES + 2 * predictor.streams + 1
+    start = time.perf_counter()
+    reserve_pinned_batches(count, batch_size * 3 * tile_size * tile_size)
+    log.debug("%d pinned batch blocks reserved in %.2f s", count, time.perf_counter() - start)
 
 
 def stitching_processes(cfg: RunConfig, device_type: str) -> int:
@@ -107,15 +124,17 @@ def stitching_processes(cfg: RunConfig, device_type: str) -> int:
     return n if explains and may_start_processes() else 0
 
 
-def tile_geometry(cfg: RunConfig, classifier: Bundle) -> tuple[float, int]:
-    """Tile µm/px and size: the classifier's, unless the config overrides them (with a warning)."""
+def tile_geometry(cfg: RunConfig, classifier: Bundle, *, quiet: bool = False) -> tuple[float, int]:
+    """Tile µm/px and size: the classifier's, unless the config overrides them (with a warning,
+    unless ``quiet``)."""
     ccfg = classifier.config
+    warn = (lambda *_: None) if quiet else log.warning
     mpp, size = ccfg.mpp, ccfg.tile_size
     if cfg.tiling.mpp is not None and abs(cfg.tiling.mpp - mpp) > 1e-9:
-        log.warning("tile mpp %.4g overrides the classifier's %.4g µm/px: predictions may degrade", cfg.tiling.mpp, mpp)
+        warn("tile mpp %.4g overrides the classifier's %.4g µm/px: predictions may degrade", cfg.tiling.mpp, mpp)
         mpp = cfg.tiling.mpp
     if cfg.tiling.tile_size is not None and cfg.tiling.tile_size != size:
-        log.warning("tile size %d overrides the classifier's %d px", cfg.tiling.tile_size, size)
+        warn("tile size %d overrides the classifier's %d px", cfg.tiling.tile_size, size)
         size = cfg.tiling.tile_size
     return mpp, size
 
