@@ -120,6 +120,22 @@ def test_cuda_streams_give_the_same_results_each_batch_on_its_own_stream(models,
     assert len(set(used)) == 3 and default not in used, "batches did not run on their own CUDA streams"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_reserved_pinned_blocks_serve_the_loaders_batches():
+    """On CUDA, batches pinned after :func:`reserve_pinned_batches` (as the loader's pin-memory
+    thread pins them) take the reserved blocks: torch's host allocator makes no new one for them."""
+    from wsi_medcam.batching import reserve_pinned_batches
+
+    nbytes = 5 * 3 * 224 * 224 + 7  # not a power of two: the allocator rounds a block up
+    reserve_pinned_batches(3, nbytes)
+    made = torch.cuda.host_memory_stats()["num_host_alloc"]
+    batches = [torch.ones(nbytes, dtype=torch.uint8).pin_memory() for _ in range(3)]
+    assert all(b.is_pinned() and int(b[-1]) == 1 for b in batches)
+    assert torch.cuda.host_memory_stats()["num_host_alloc"] == made
+    batches.append(torch.ones(nbytes, dtype=torch.uint8).pin_memory())  # one more than reserved
+    assert torch.cuda.host_memory_stats()["num_host_alloc"] == made + 1
+
+
 def test_gradcam_runs_one_batch_at_a_time(models):
     clf, _ = models
     assert Predictor(clf, None, InferenceConfig(device="cpu", explainer="gradcam", streams=4)).streams == 1

@@ -284,25 +284,6 @@ def test_torchs_shared_memory_manager_starts(monkeypatch, caplog):
     assert "torch_shm_manager: not found" in caplog.text
 
 
-def test_reserved_pinned_blocks_serve_the_loaders_batches():
-    """On CUDA, batches pinned after :func:`reserve_pinned_batches` (as the loader's pin-memory
-    thread pins them) take the reserved blocks: torch's host allocator makes no new one for them."""
-    import torch
-
-    from wsi_medcam.batching import reserve_pinned_batches
-
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    nbytes = 5 * 3 * 224 * 224 + 7  # not a power of two: the allocator rounds a block up
-    reserve_pinned_batches(3, nbytes)
-    made = torch.cuda.host_memory_stats()["num_host_alloc"]
-    batches = [torch.ones(nbytes, dtype=torch.uint8).pin_memory() for _ in range(3)]
-    assert all(b.is_pinned() and int(b[-1]) == 1 for b in batches)
-    assert torch.cuda.host_memory_stats()["num_host_alloc"] == made
-    batches.append(torch.ones(nbytes, dtype=torch.uint8).pin_memory())  # one more than reserved
-    assert torch.cuda.host_memory_stats()["num_host_alloc"] == made + 1
-
-
 @pytest.mark.parametrize("width,height,factor", [(100_000, 100_000, 2), (200_000, 150_000, 4), (46_000, 32_914, 4),
                                                  (32_768, 32_768, 2), (4096, 300, 2), (4097, 10, 2), (16, 16, 4)])
 def test_pyramids_go_down_to_a_level_a_thumbnail_can_be_read_from(width, height, factor):
