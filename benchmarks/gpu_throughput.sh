@@ -19,6 +19,7 @@
 #    for 45 s from DELAY s in (start-up and inference); then with SPLITS (default "8:8 5:11": readers:
 #    stitching processes) instead; REPEATS pipeline runs each (the mid slide has 8 strips of 4096 px, so
 #    at most 8 stitching processes start there);
+#    benchmarks/feed.py on the MID slide (readers alone, readers + models, whole; FEED=no: skipped);
 # 3. throughput.py on the BIG slide with the split whose inference stage was fastest on MID, BIG_REPEATS pipeline runs
 #    (default 1), and the ceiling (BIG_CEILING=no: none).
 # nvidia-smi dmon samples the GPU throughout.
@@ -142,6 +143,8 @@ if [ -n "$pyspy" ]; then  # sample every process of the first mid run for 45 s f
 fi
 ceiling=(); [ "${CEILING:-no}" = yes ] && ceiling=(--ceiling --ceiling-masks "${CEILING_MASKS:-model}")
 throughput 120 throughput-mid "$work/mid.tif" --batch-size 256 --repeats "$repeats" --bare-seconds 4 "${ceiling[@]}"
+# readers alone, readers + models, whole: the steady tiles/s each allows (FEED=no: skipped)
+[ "${FEED:-yes}" = yes ] && step 70 python3 benchmarks/feed.py "$work/mid.tif" "${models[@]}" --out "$out/feed-mid.json" >>"$log"
 for split in ${SPLITS-8:8 5:11}; do  # SPLITS="": none
   throughput 90 "throughput-mid-${split/:/x}" "$work/mid.tif" --batch-size 256 --repeats "$repeats" --bare-seconds 4 \
     --workers "${split%:*}" --stitchers "${split#*:}"
@@ -161,4 +164,4 @@ if [ -f "$work/big.tif" ]; then
   throughput 300 throughput-big "$work/big.tif" --repeats "${BIG_REPEATS:-1}" --bare-seconds 4 "${big_ceiling[@]}" $best
 fi
 [ -n "${dmon:-}" ] && kill "$dmon" 2>/dev/null
-grep -E "^(==|   [0-9]+ s|train-cam:|$out|imports|python|NVIDIA|name|cpu cores|BIG|pinned|\{\"readers)" "$log"
+grep -E "^(==|   [0-9]+ s|train-cam:|$out|imports|python|NVIDIA|name|cpu cores|BIG|pinned|\{\"readers| +(readers|models|whole|bare models),? )" "$log"
