@@ -227,6 +227,42 @@ def test_failed_slide_is_reported_and_others_run(tmp_path, bundles):
     assert not (tmp_path / "out" / "broken").exists()
 
 
+def test_tissue_found_a_slide_ahead_gives_the_same_outputs(tmp_path, bundles, built_pyramid):
+    """With ``tissue_ahead`` a slide's tissue is found while the slide before it streams, and used
+    when its turn comes: the same outputs as without (the last slide, found ahead, differs from the
+    one before it, so another slide's tissue would show). A slide whose work ahead fails still
+    fails on its own, in one line, and the slides after it run."""
+    import shutil
+
+    from wsi_medcam.config import RunConfig
+    from wsi_medcam.pipeline import load_models, run_slides
+
+    clf, _ = bundles
+    bad = tmp_path / "broken.svs"
+    bad.write_bytes(b"II*\x00garbage")
+    copy = tmp_path / "copy" / CMU.name
+    copy.parent.mkdir()
+    shutil.copy(CMU, copy)
+    cfg = RunConfig.from_dict({"classifier": str(clf), "inference": {"device": "cpu", "workers": 0, "precision": "fp32"}})
+    models = load_models(cfg)
+    slides = [CMU, bad, copy, built_pyramid]
+    runs = {ahead: run_slides(slides, tmp_path / f"ahead-{ahead}", cfg, models=models, tissue_ahead=ahead)
+            for ahead in (False, True)}
+    for results in runs.values():
+        assert [r.status for r in results] == ["done", "failed", "done", "done"]
+        assert "broken.svs" in results[1].reason and "not a readable slide" in results[1].reason
+    # the first slide has none before it, the broken one stops the chain, the last one is found ahead
+    found = {ahead: [r.report["tissue"]["found_ahead"] for r in results if r.status == "done"] for ahead, results in runs.items()}
+    assert found == {False: [False, False, False], True: [False, False, True]}
+    assert runs[False][3].report["tissue"]["fraction"] != runs[False][2].report["tissue"]["fraction"]
+    for plain, ahead in zip(runs[False], runs[True]):
+        if plain.status == "done":
+            assert plain.report["tissue"]["fraction"] == ahead.report["tissue"]["fraction"] > 0
+            assert plain.report["tiles"]["count"] == ahead.report["tiles"]["count"] > 0
+            assert (plain.output / "tiles.csv").read_bytes() == (ahead.output / "tiles.csv").read_bytes()
+            assert (plain.output / "tissue.png").read_bytes() == (ahead.output / "tissue.png").read_bytes()
+
+
 def test_coarser_mask_mpp_with_overlapping_tiles(tmp_path, bundles, built_pyramid):
     """--mask-mpp writes a coarser level 0 covering the same extent; overlapping tiles blend without seams."""
     clf, seg = bundles

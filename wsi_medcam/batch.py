@@ -21,7 +21,7 @@ from typing import Any
 
 from .config import RunConfig
 from .errors import OutputError, WsiMedcamError
-from .pipeline import Models, ProgressHook, SlideResult, failure_reason, load_models, output_names, run_slide
+from .pipeline import Models, ProgressHook, SlideResult, failure_reason, load_models, output_names, run_slide, run_slides
 
 LOCK_NAME = ".wsi-medcam.lock"
 STATUS_NAME = "status.jsonl"
@@ -145,9 +145,7 @@ def run_archive(
                 on_result(result)
 
         if client is None:
-            models = models or load_models(cfg)
-            for path, name in names.items():
-                record(run_slide(path, out_root / name, cfg, models, progress=progress))
+            run_slides(paths, out_root, cfg, models=models, progress=progress, on_result=record)
             return results
         from distributed import as_completed
 

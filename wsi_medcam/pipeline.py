@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from shapely.geometry import box
 
+from .ahead import Ahead
 from .batching import (PREFETCH_BATCHES, TileDataset, make_loader, reserve_pinned_batches, shared_with_readers,
                        start_shared_memory_manager)
 from .bundles import Bundle, load_classifier, load_segmenter
@@ -45,11 +46,11 @@ from .handoff import hand_over
 from .heap import release_freed_memory, use_one_arena
 from .inference import BatchResult, Predictor, default_batch_size, default_workers, resolve_device
 from .levels import HARD
-from .slide import MppOverrides, SlideRef, open_slide, read_mpp_csvs
+from .slide import MppOverrides, Slide, SlideRef, open_slide, read_mpp_csvs
 from .stitch_processes import StitchingProcesses, default_stitchers, ordered_map, start_process, start_server
 from .stitching import EvidenceStitcher
 from .tiling import plan_tiles
-from .tissue import detect_tissue
+from .tissue import TissueMask, detect_tissue
 
 log = logging.getLogger("wsi_medcam")
 
@@ -122,6 +123,18 @@ def stitching_processes(cfg: RunConfig, device_type: str) -> int:
     explains = cfg.segmenter is not None or cfg.inference.explainer != "medcam"
     n = default_stitchers(device_type) if cfg.output.stitchers is None else cfg.output.stitchers
     return n if explains and may_start_processes() else 0
+
+
+def open_configured(path: Path, cfg: RunConfig) -> Slide:
+    """``path`` opened with the run's backend and µm/px overrides (``--mpp``, ``--mpp-csv``)."""
+    overrides = MppOverrides(cfg.slide.mpp, read_mpp_csvs(cfg.slide.mpp_csv))
+    return open_slide(path, backend=cfg.slide.backend, overrides=overrides)
+
+
+def find_tissue(path: Path, cfg: RunConfig) -> TissueMask:
+    """The tissue of the slide at ``path``, opened for this alone: what :func:`run_slides` does a slide ahead."""
+    with open_configured(path, cfg) as slide:
+        return detect_tissue(slide, cfg.tissue)
 
 
 def tile_geometry(cfg: RunConfig, classifier: Bundle, *, quiet: bool = False) -> tuple[float, int]:
@@ -214,26 +227,28 @@ def consume_behind(results: Iterable[T], consume: Callable[[T], None], *, depth:
 
 
 def process_slide(
-    path: Path, work_dir: Path, cfg: RunConfig, models: Models, *, progress: ProgressHook | None = None
+    path: Path, work_dir: Path, cfg: RunConfig, models: Models, *, progress: ProgressHook | None = None,
+    ahead: Ahead[TissueMask] | None = None,
 ) -> dict[str, Any]:
     """Run the whole flow for one slide, writing every output into ``work_dir``; returns the report.
 
     Some writes run beside the slide's main line on a thread of their own (PNG and zarr encoding
     release the GIL): the thumbnails beside tiling and setup (with stitching processes, in a process
     of their own beside the tiles), the pyramid's top levels beside the GeoJSON. Returning waits for
-    them, failing stops them, so nothing is written into ``work_dir`` afterwards."""
+    them, failing stops them, so nothing is written into ``work_dir`` afterwards. With ``ahead``,
+    the slide's tissue may have been found while the slide before it streamed, and once this
+    slide's readers have forked, the next slide's is found meanwhile."""
     Image.preinit()  # PIL's format plugins imported here, not on that thread while readers fork
     with ThreadPoolExecutor(1, thread_name_prefix="wsi-medcam-beside") as beside, ExitStack() as cleanup:
-        return _process_slide(path, work_dir, cfg, models, beside, cleanup, progress)
+        return _process_slide(path, work_dir, cfg, models, beside, cleanup, progress, ahead)
 
 
 def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, beside: ThreadPoolExecutor,
-                   cleanup: ExitStack, progress: ProgressHook | None) -> dict[str, Any]:
+                   cleanup: ExitStack, progress: ProgressHook | None, ahead: Ahead[TissueMask] | None) -> dict[str, Any]:
     """:func:`process_slide`, with ``beside`` for the writes that run beside it and ``cleanup`` for
     the processes to stop if it fails."""
     timer = _Timer()
     start = time.perf_counter()
-    overrides = MppOverrides(cfg.slide.mpp, read_mpp_csvs(cfg.slide.mpp_csv))
     ccfg = models.classifier.config
     class_names, colors = list(ccfg.class_names), ccfg.class_colors()
     mpp, tile_size = tile_geometry(cfg, models.classifier)
@@ -242,11 +257,12 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
     if stitchers:
         start_server()  # already up when load_models started it; else its imports overlap tissue detection
     with timer.stage("open"):
-        slide = open_slide(path, backend=cfg.slide.backend, overrides=overrides)
+        slide = open_configured(path, cfg)
     with slide:
         downsample = slide.downsample_for(mpp, cfg.slide.level_tolerance)
-        with timer.stage("tissue"):
-            tissue = detect_tissue(slide, cfg.tissue)
+        with timer.stage("tissue"):  # with ``ahead``: found while the slide before streamed, or waited for
+            found = ahead.take(path) if ahead is not None else None
+            tissue = found if found is not None else detect_tissue(slide, cfg.tissue)
         description = slide.describe()
         ref = SlideRef.of(slide)
         dimensions = slide.dimensions
@@ -260,7 +276,8 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
         thumbnails = beside.submit(_write_thumbnails, work_dir, [tissue.thumbnail, tissue.mask])
     with timer.stage("tiling"):
         grid = plan_tiles(dimensions, downsample, tissue.mask, cfg.tiling, mpp=mpp, tile_size=tile_size)
-    tissue_stats = {"mpp": tissue.mpp, "fraction": float(tissue.mask.mean()) if tissue.mask.size else 0.0}
+    tissue_stats = {"mpp": tissue.mpp, "fraction": float(tissue.mask.mean()) if tissue.mask.size else 0.0,
+                    "found_ahead": found is not None}
     overview_thumb, overview_tissue = shrink_for_overview(tissue.thumbnail, tissue.mask)
     del tissue  # full-size thumbnail and mask grow with the slide's area; the overview needs only these
     with timer.stage("setup"):  # the evidence store and the stitching created (their processes start with the readers)
@@ -351,6 +368,8 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
             batches = iter(loader) if len(grid) else iter(())  # the readers fork and start reading
             if isinstance(stitcher, StitchingProcesses):  # meanwhile
                 stitcher.start()
+            if ahead is not None:  # the readers have forked: the next slide's tissue beside the tiles
+                ahead.start_after(path)
             consume_behind(models.predictor.run(batches), consume)
             if stitcher is not None:
                 stitcher.finish()
@@ -539,7 +558,8 @@ def is_complete(out_dir: Path) -> bool:
 
 
 def run_slide(
-    path: Path, out_dir: Path, cfg: RunConfig, models: Models, *, progress: ProgressHook | None = None
+    path: Path, out_dir: Path, cfg: RunConfig, models: Models, *, progress: ProgressHook | None = None,
+    ahead: Ahead[TissueMask] | None = None,
 ) -> SlideResult:
     """Process one slide into ``out_dir`` atomically: a ``.partial`` sibling is renamed when complete.
 
@@ -561,7 +581,7 @@ def run_slide(
     except OSError as exc:
         return SlideResult(path, "failed", None, str(OutputError(f"cannot prepare {out_dir}: {exc}")))
     try:
-        report = process_slide(path, partial, cfg, models, progress=progress)
+        report = process_slide(path, partial, cfg, models, progress=progress, ahead=ahead)
         _remove(out_dir)
         os.replace(partial, out_dir)
     except Exception as exc:  # noqa: BLE001 - one bad slide must not stop the others
@@ -581,15 +601,30 @@ def run_slides(
     models: Models | None = None,
     progress: ProgressHook | None = None,
     on_result: Callable[[SlideResult], None] | None = None,
+    tissue_ahead: bool | None = None,
 ) -> list[SlideResult]:
-    """Process ``paths`` one after another into ``out_root/<name>/``; one bad slide never stops the rest."""
+    """Process ``paths`` one after another into ``out_root/<name>/``; one bad slide never stops the rest.
+
+    ``tissue_ahead``: find each slide's tissue while the slide before it streams its tiles
+    (:class:`~wsi_medcam.ahead.Ahead`); default where slides stitch in processes of their own (a
+    GPU), whose cores wait on the device. On a CPU the cores are the models', and the next slide's
+    thumbnail would add to the run's memory."""
     models = models or load_models(cfg)
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
+    outputs = {path: out_root / name for path, name in output_names([Path(p) for p in paths]).items()}
+    if tissue_ahead is None:
+        tissue_ahead = stitching_processes(cfg, models.predictor.device.type) > 0
+    todo = [p for p, out in outputs.items() if cfg.output.overwrite or not is_complete(out)]
+    ahead = Ahead(todo, lambda path: find_tissue(path, cfg)) if tissue_ahead and len(todo) > 1 else None
     results = []
-    for path, name in output_names([Path(p) for p in paths]).items():
-        result = run_slide(path, out_root / name, cfg, models, progress=progress)
-        results.append(result)
-        if on_result:
-            on_result(result)
+    try:
+        for path, out_dir in outputs.items():
+            result = run_slide(path, out_dir, cfg, models, progress=progress, ahead=ahead)
+            results.append(result)
+            if on_result:
+                on_result(result)
+    finally:
+        if ahead is not None:
+            ahead.close()
     return results
