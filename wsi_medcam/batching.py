@@ -137,7 +137,8 @@ def make_loader(dataset: Dataset, *, batch_size: int, workers: int, pin_memory: 
     manager process (:func:`start_shared_memory_manager`), which a CPU's few batches do not repay."""
     kwargs: dict[str, Any] = {}
     if workers > 0:
-        kwargs.update(prefetch_factor=PREFETCH_BATCHES, persistent_workers=False, worker_init_fn=_share_by_name if share_by_name else None)
+        kwargs.update(prefetch_factor=PREFETCH_BATCHES, persistent_workers=False,
+                      worker_init_fn=_share_by_name if share_by_name else None)
     return DataLoader(
         dataset,
         batch_size=batch_size,
