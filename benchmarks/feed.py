@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from throughput import bare_tiles_per_second
+from throughput import bare_tiles, bare_tiles_per_second
 from wsi_medcam.config import RunConfig
 from wsi_medcam.inference import BatchResult, default_batch_size
 from wsi_medcam.pipeline import Models, load_models, run_slide
@@ -104,9 +104,7 @@ def main() -> None:
     predictor = models.predictor
     batch = args.batch_size or default_batch_size(predictor.device)
     size = models.classifier.config.tile_size
-    tiles = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
-    if predictor.device.type == "cuda":
-        tiles = tiles.pin_memory()
+    tiles = bare_tiles(predictor, batch, size)
     figures: dict[str, object] = {"device": str(predictor.device), "batch_size": batch, "streams": predictor.streams,
                                   "bare_tiles_per_s": bare_tiles_per_second(predictor, tiles, args.bare_seconds)[0]}
     for workers in args.workers:

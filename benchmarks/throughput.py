@@ -52,6 +52,13 @@ def cpu_seconds() -> float:
     return time.process_time() + children.ru_utime + children.ru_stime
 
 
+def bare_tiles(predictor: Predictor, batch: int, size: int) -> torch.Tensor:
+    """A batch of random uint8 tiles laid out as the loader hands them over (B×3×H×W with
+    channels-last strides; pinned on CUDA), for the bare models."""
+    tiles = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    return tiles.pin_memory() if predictor.device.type == "cuda" else tiles
+
+
 def bare_tiles_per_second(predictor: Predictor, tiles: torch.Tensor, seconds: float) -> tuple[float, float]:
     """Batches of the same in-memory tiles through ``predictor.run`` (so as many batches at once
     as its streams, like the pipeline) for about ``seconds``; (tiles/s, CPU s per tile)."""
@@ -260,11 +267,8 @@ def main() -> None:
     predictor = models.predictor
     batch = cfg.inference.batch_size or default_batch_size(predictor.device)
     size = models.classifier.config.tile_size
-    # laid out as the readers hand tiles over (pixel by pixel: channels-last strides), so the bare models
-    # do the same work on the device as the pipeline's
-    tiles = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
-    if predictor.device.type == "cuda":
-        tiles = tiles.pin_memory()
+    # laid out as the readers hand tiles over, so the bare models do the same work on the device as the pipeline's
+    tiles = bare_tiles(predictor, batch, size)
 
     classifier_only = Predictor(models.classifier, None, cfg.inference.model_copy(update={"certify_fills": ()}))
     clf_only = bare_tiles_per_second(classifier_only, tiles, args.bare_seconds / 2)
