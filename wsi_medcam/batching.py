@@ -119,7 +119,7 @@ def reserve_pinned_batches(count: int, nbytes: int) -> None:
     On CUDA the loader's pin-memory thread copies every batch into page-locked memory, so that it
     reaches the GPU asynchronously. The allocator keeps freed blocks for reuse, but each block it
     has to make costs far more than the copy: on an H200 machine the first 38.5 MB block (a batch
-    of 256 tiles at 224 px) took 202 ms, each further one 28–49 ms, one reused 0.004 ms. A slide's
+    of 256 tiles at 224 px) took 145–202 ms, each further one 28–80 ms, one reused 0.004 ms. A slide's
     first batches all need new ones (the loader holds up to ``workers`` × :data:`PREFETCH_BATCHES`
     pinned batches, the models a few more), about 1.1 s of the pin-memory thread's time that the
     GPU waited for in the first seconds. Made here, once per process, they are reused by every slide.
