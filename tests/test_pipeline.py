@@ -227,15 +227,34 @@ def test_failed_slide_is_reported_and_others_run(tmp_path, bundles):
     assert not (tmp_path / "out" / "broken").exists()
 
 
-def test_tissue_found_a_slide_ahead_gives_the_same_outputs(tmp_path, bundles, built_pyramid):
+def test_tissue_found_a_slide_ahead_gives_the_same_outputs(tmp_path, monkeypatch, bundles, built_pyramid):
     """With ``tissue_ahead`` a slide's tissue is found while the slide before it streams, and used
     when its turn comes: the same outputs as without (the last slide, found ahead, differs from the
     one before it, so another slide's tissue would show). A slide whose work ahead fails still
-    fails on its own, in one line, and the slides after it run."""
+    fails on its own, in one line, and the slides after it run. The full-size thumbnail found ahead
+    is freed before the slide's tiles stream, as one the slide finds itself is."""
     import shutil
+    import weakref
 
+    from wsi_medcam import pipeline
     from wsi_medcam.config import RunConfig
     from wsi_medcam.pipeline import load_models, run_slides
+
+    found_ahead: dict[str, weakref.ref] = {}  # slide name → its thumbnail, found ahead
+
+    def find_and_watch(path, cfg):
+        tissue = find_tissue(path, cfg)
+        found_ahead[path.name] = weakref.ref(tissue.thumbnail)
+        return tissue
+
+    held_while_streaming = set()
+
+    def progress(name, done, total):
+        if name in found_ahead and found_ahead[name]() is not None:
+            held_while_streaming.add(name)
+
+    find_tissue = pipeline.find_tissue
+    monkeypatch.setattr(pipeline, "find_tissue", find_and_watch)
 
     clf, _ = bundles
     bad = tmp_path / "broken.svs"
@@ -246,8 +265,10 @@ def test_tissue_found_a_slide_ahead_gives_the_same_outputs(tmp_path, bundles, bu
     cfg = RunConfig.from_dict({"classifier": str(clf), "inference": {"device": "cpu", "workers": 0, "precision": "fp32"}})
     models = load_models(cfg)
     slides = [CMU, bad, copy, built_pyramid]
-    runs = {ahead: run_slides(slides, tmp_path / f"ahead-{ahead}", cfg, models=models, tissue_ahead=ahead)
+    runs = {ahead: run_slides(slides, tmp_path / f"ahead-{ahead}", cfg, models=models, tissue_ahead=ahead,
+                              progress=progress)
             for ahead in (False, True)}
+    assert list(found_ahead) == [built_pyramid.name] and not held_while_streaming
     for results in runs.values():
         assert [r.status for r in results] == ["done", "failed", "done", "done"]
         assert "broken.svs" in results[1].reason and "not a readable slide" in results[1].reason

@@ -261,8 +261,10 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
     with slide:
         downsample = slide.downsample_for(mpp, cfg.slide.level_tolerance)
         with timer.stage("tissue"):  # with ``ahead``: found while the slide before streamed, or waited for
-            found = ahead.take(path) if ahead is not None else None
-            tissue = found if found is not None else detect_tissue(slide, cfg.tissue)
+            tissue = ahead.take(path) if ahead is not None else None
+            found_ahead = tissue is not None
+            if tissue is None:
+                tissue = detect_tissue(slide, cfg.tissue)
         description = slide.describe()
         ref = SlideRef.of(slide)
         dimensions = slide.dimensions
@@ -277,7 +279,7 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
     with timer.stage("tiling"):
         grid = plan_tiles(dimensions, downsample, tissue.mask, cfg.tiling, mpp=mpp, tile_size=tile_size)
     tissue_stats = {"mpp": tissue.mpp, "fraction": float(tissue.mask.mean()) if tissue.mask.size else 0.0,
-                    "found_ahead": found is not None}
+                    "found_ahead": found_ahead}
     overview_thumb, overview_tissue = shrink_for_overview(tissue.thumbnail, tissue.mask)
     del tissue  # full-size thumbnail and mask grow with the slide's area; the overview needs only these
     with timer.stage("setup"):  # the evidence store and the stitching created (their processes start with the readers)
