@@ -157,3 +157,22 @@ def test_threads_share_a_bounded_cache():
             assert tiles._cached == sum(t.nbytes for t in tiles._cache.values() if t is not None) <= 3 * tile_bytes
         finally:
             tiles.close()
+
+
+def test_a_closed_slide_holds_no_decoded_tiles():
+    """A run keeps its closed slide for the geometry while the tiles stream: the tiles the thumbnail
+    was read through (here the whole of CMU-1-Small-Region's level 0, ~20 MB) are freed on closing."""
+    import tracemalloc
+
+    slide = open_slide(CMU)
+    tracemalloc.start()
+    try:
+        thumbnail, _ = slide.read_thumbnail(slide.mpp.mean)  # level 0, through the direct reads
+        assert 0 in slide._tiles.trusted_levels
+        held = tracemalloc.get_traced_memory()[0] - thumbnail.nbytes
+        slide.close()
+        freed = held - (tracemalloc.get_traced_memory()[0] - thumbnail.nbytes)
+    finally:
+        tracemalloc.stop()
+    decoded = slide.level_dimensions[0][0] * slide.level_dimensions[0][1] * 3
+    assert held > 0.8 * decoded and freed > 0.8 * decoded

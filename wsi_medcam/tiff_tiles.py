@@ -121,7 +121,13 @@ class TiffTiles:
         return frozenset(self._trusted)
 
     def close(self) -> None:
+        """Close the file and drop the decoded tiles: a closed slide may be kept for its geometry
+        (a run keeps it through the slide, in the model process that read the thumbnail through it,
+        and so held up to ``cache_bytes`` of tiles there while the tiles streamed)."""
         os.close(self._fd)
+        with self._lock:
+            self._cache.clear()
+            self._cached = 0
 
     def read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray | None:
         """RGB uint8 (height, width, 3) at ``level`` from level px (``x``, ``y``), or None where
