@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from wsi_medcam.batching import shared_with_readers
-from wsi_medcam.heap import release_freed_memory
+from wsi_medcam.heap import release_freed_memory, resident_bytes
 from wsi_medcam.pipeline import _write_thumbnails
 
 
@@ -29,6 +29,15 @@ def test_freed_heap_below_a_live_block_is_returned():
     assert release_freed_memory()
     assert held - proc.memory_info().rss > 100 * 2**20
     del keep
+
+
+@pytest.mark.skipif(resident_bytes() is None, reason="/proc/self/statm is Linux's")
+def test_resident_bytes_follow_the_pages_touched():
+    before = resident_bytes()
+    assert before == pytest.approx(psutil.Process().memory_info().rss, rel=0.05)
+    block = np.ones(64 << 20, np.uint8)  # 64 MiB, every page touched
+    assert resident_bytes() - before > 60 << 20
+    del block
 
 
 def test_objects_are_kept_from_the_collector_only_while_readers_run():

@@ -142,21 +142,34 @@ def test_gradcam_runs_one_batch_at_a_time(models):
 
 
 @pytest.mark.parametrize("streams", [1, 2])
-def test_cpu_runs_hand_freed_memory_back_every_16_batches(models, monkeypatch, streams):
+def test_cpu_runs_hand_freed_memory_back_once_the_process_grew_by_the_slack(models, monkeypatch, streams):
+    """The heap is handed back when the resident memory read as a batch is taken has risen
+    TRIM_SLACK above its lowest reading since the last hand-back, whatever the number of batches."""
     import wsi_medcam.inference as inference
 
     clf, _ = models
+    step = int(inference.TRIM_SLACK / 12.5)  # 12 steps stay under the slack, 13 go over it
+    resident = 1000 << 20
     trims: list[int] = []
     predictor = Predictor(clf, None, InferenceConfig(device="cpu", precision="fp32", streams=streams, certify_fills=()))
     pulled = 0
 
-    def loader():
-        nonlocal pulled
-        for batch in _batches(33, size=1):
+    def loader():  # each batch leaves a step more of free pages resident; a dip of 3 at the 3rd
+        nonlocal pulled, resident
+        for batch in _batches(40, size=1):
             pulled += 1
+            resident += -3 * step if pulled == 3 else step
             yield batch
 
-    monkeypatch.setattr(inference, "release_freed_memory", lambda: trims.append(pulled) or True)
+    def trim():
+        nonlocal resident
+        trims.append(pulled)
+        resident = (1000 << 20) - step
+        return True
+
+    monkeypatch.setattr(inference, "resident_bytes", lambda: resident)
+    monkeypatch.setattr(inference, "release_freed_memory", trim)
     results = [r.indices.tolist() for r in predictor.run(loader())]
-    assert results == [[k] for k in range(33)], "every batch, in order"
-    assert trims == [16, 32], "after the 16th and the 32nd batch were read"
+    assert results == [[k] for k in range(40)], "every batch, in order"
+    # the lowest reading is the 3rd; 13 steps above it at the 16th; 13 steps above the hand-back at the 29th
+    assert trims == [16, 29], "once the slack above the lowest reading since the last hand-back is exceeded"

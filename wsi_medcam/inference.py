@@ -25,7 +25,7 @@ from .bundles import Bundle
 from .config import InferenceConfig
 from .cpus import usable_cores
 from .errors import ConfigError
-from .heap import release_freed_memory
+from .heap import release_freed_memory, resident_bytes
 from .levels import quantise
 from .medcam.fills import compose, make_fill
 
@@ -288,11 +288,38 @@ class Predictor:
                 result.cancel()
 
 
-def _trimming(batches: Iterable[T], every: int = 16) -> Iterator[T]:
-    """``batches``, handing the heap's free pages back to the system every ``every`` batches (~7 s
-    on 2 cores in batches of 4). On a CPU the models' activations, ~17.5 MiB per tile, are freed
-    into this process's heap, and glibc keeps there what it cannot return from the heap's top."""
-    for k, batch in enumerate(batches, 1):
-        if k % every == 0:
-            release_freed_memory()
+TRIM_SLACK = 192 << 20
+"""Bytes a CPU run's model process may grow past its lowest resident memory since the heap was last
+handed back before it is handed back again. Above what the models' batches in flight and the free
+pages they reuse batch after batch take (within 4 batches of a hand-back the process is 140–190 MiB
+up, 2-core VM, two streams of 4 tiles; handing back at 128 MiB came every ~4 batches, at 256 never
+on a 25k² slide), so only growth beyond it is handed back: 4 times on a 25k² slide, 196 times on a
+100k² one, where every 16 batches was 23 and 377 times."""
+
+
+def _trimming(batches: Iterable[T], slack: int = TRIM_SLACK) -> Iterator[T]:
+    """``batches``, handing the heap's free pages back to the system (``malloc_trim``) whenever this
+    process's resident memory, read as each batch is taken, has risen ``slack`` bytes above its
+    lowest reading since the last time.
+
+    On a CPU the models' activations, ~17.5 MiB per tile, are freed into this process's heap, and
+    glibc keeps there what it cannot return from the heap's top: batch after batch lands on other
+    free pages and the process grows. Handing back every 16 batches (~7 s on 2 cores) let it grow
+    by a different amount each time (the model process of a 100k² run: 731 → 1,030 MiB within one
+    interval, ~110 as a rule), and a long slide, with 377 intervals against the 25k² slide's 23,
+    met the largest growths: its peak grew with the slide's length. A bound on the growth itself
+    holds whatever the length: the 100k² run's peak fell from 1,404 to 1,312 MiB (with the closed
+    slide's decoded tiles freed too, ~25 of it in the reader; the model process's peak 1,030 → 964;
+    5-minute maxima 1,266–1,312 over the hour, where they had climbed from 1,314 to 1,404), the
+    25k² run's held (1,230 MiB), at the same speed (3,085 and 184 s). Each hand-back costs the pages that the next
+    batches fault in again (25k² slide: every 4 batches, 211 s against 190 every 16)."""
+    low = resident_bytes()
+    for batch in batches:
+        now = resident_bytes()
+        if now is not None and low is not None:
+            if now - low > slack:
+                release_freed_memory()
+                low = resident_bytes() or now
+            else:
+                low = min(low, now)
         yield batch
