@@ -491,6 +491,38 @@ def test_the_pyramid_above_the_processes_strips_is_built_while_tiles_stream(tmp_
                                       err_msg=f"labels level {level}")
 
 
+def test_a_message_of_many_buffers_arrives_whole_and_in_order():
+    """A batch's masks go to a stitching process in one ``sendmsg`` where the socket takes them,
+    else in as many as it takes: more buffers than one call carries, through a small socket
+    buffer that takes part of them per call (a socket with a timeout does not block in the call),
+    must arrive whole and in order, and be read back exactly."""
+    import socket
+    import threading
+
+    from wsi_medcam.stitch_processes import _IOV_MAX, _read, _send_buffers
+
+    rng = np.random.default_rng(3)
+    buffers = [rng.integers(0, 256, int(n), dtype=np.uint8) for n in rng.integers(1, 3000, _IOV_MAX + 300)]
+    buffers[7] = buffers[7][::2]  # a strided view is refused, not sent wrong
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    ours.settimeout(30)
+    with pytest.raises((TypeError, ValueError)):
+        _send_buffers(ours, buffers[:8])
+    del buffers[7]
+    expected = b"".join(b.tobytes() for b in buffers)
+    got: list[bytearray | None] = []
+    reader = threading.Thread(target=lambda: got.append(_read(theirs, len(expected))))
+    reader.start()
+    _send_buffers(ours, buffers)
+    reader.join(timeout=30)
+    assert got and got[0] == expected
+    ours.close()
+    with pytest.raises(EOFError):
+        _read(theirs, 1)
+    theirs.close()
+
+
 def test_a_failing_stitching_process_fails_the_slide_in_one_line(tmp_path):
     """An error inside a stitching process (here: tiles out of order) reaches the model process as
     one OutputError line naming the process and the cause; close() leaves no process behind."""
