@@ -31,6 +31,19 @@ def test_grid_covers_slide_and_keeps_tissue_tiles():
     assert grid.xy_level0(0) == (int(grid.cols[0]) * 200, int(grid.rows[0]) * 200)
 
 
+@pytest.mark.parametrize("downsample", [2.0, 1.5, 0.5 / 0.2527, 1.002])
+def test_a_batch_of_tiles_has_each_tiles_level0_origin(downsample):
+    """The model process places a batch's tile records by :meth:`TileGrid.origins_level0`; each
+    must be where :meth:`TileGrid.xy_level0`, which the readers read from, puts that tile (1.5:
+    products ending in .5, rounded half to even by both)."""
+    tissue = np.ones((40, 40), bool)
+    grid = plan_tiles((4001, 3003), downsample, tissue, TilingConfig(overlap=7, min_tissue=0.0), mpp=0.5, tile_size=33)
+    indices = np.random.default_rng(0).permutation(len(grid))[:500]
+    x, y = grid.origins_level0(indices)
+    assert x.dtype == y.dtype == np.int64
+    assert list(zip(x.tolist(), y.tolist())) == [grid.xy_level0(int(i)) for i in indices]
+
+
 def test_overlap_and_overhanging_last_tile():
     tissue = np.ones((10, 10), bool)
     grid = plan_tiles((1000, 1000), 1.0, tissue, TilingConfig(overlap=24, min_tissue=0.0), mpp=0.5, tile_size=224)

@@ -358,9 +358,8 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
             counts[:] += np.bincount(preds, minlength=len(counts))
             for f, v in result.kept.items():
                 kept_counts[f] += int(np.count_nonzero(v))
-            xy = [grid.xy_level0(i) for i in idx.tolist()]
-            write_tiles(TileBatch(idx, [x for x, _ in xy], [y for _, y in xy], grid.size_level0,
-                                      grid.tissue_fraction[idx], result.probs, preds, fractions, result.kept))
+            write_tiles(TileBatch(idx, *grid.origins_level0(idx), grid.size_level0, grid.tissue_fraction[idx], result.probs,
+                                  preds, fractions, result.kept))
             done += len(idx)
             last_at = time.perf_counter()
             if progress:

@@ -22,7 +22,6 @@ masks of ~6-9 polygons per tile; ~4 when GDAL traced): to keep pace with a GPU,
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import math
 import multiprocessing
@@ -629,7 +628,7 @@ class EvidenceStitcher:
         self._fx = width0 / out_w / grid.downsample
         self._strips = _strips(out_w, writer.chunk, self._fx, grid.canvas_shape[1], strip_px)
         self._acc_ends = np.array([s.acc1 for s in self._strips])
-        self._starts = [s.start for s in self._strips]
+        self._starts = np.array([s.start for s in self._strips])
         self.shard = shard
         self._strip = shard[0]  # the current strip (past the last one: nothing to stitch)
         self._blocks: dict[tuple[int, int], _Block] = {}
@@ -652,10 +651,16 @@ class EvidenceStitcher:
     def strips_of(self, i: int) -> range:
         """The strips tile ``i`` reaches, its own first (strip ``s`` is stitched by stitcher
         ``s % count`` of :attr:`shard`'s ``count``)."""
-        x0, _ = self.grid.xy_canvas(i)
-        home = int(self._home(x0))
+        home, end = self.reach(np.array([i]))
+        return range(int(home[0]), int(end[0]))
+
+    def reach(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For tiles ``indices``: their own strips and the ends (exclusive) of the strips they
+        reach, :meth:`strips_of` for a batch at once."""
+        x0 = self.grid.cols[indices].astype(np.int64) * self.grid.stride
+        home = self._home(x0)
         # a tile reaches every strip that starts left of its end
-        return range(home, max(home + 1, bisect.bisect_left(self._starts, x0 + self.grid.tile_size)))
+        return home, np.maximum(home + 1, np.searchsorted(self._starts, x0 + self.grid.tile_size, side="left"))
 
     def order(self) -> np.ndarray:
         """Tile indices in the order :meth:`add` takes them: strip by strip, row-major within one (a

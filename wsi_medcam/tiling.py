@@ -61,6 +61,13 @@ class TileGrid:
         x, y = self.xy_canvas(i)
         return round(x * self.downsample), round(y * self.downsample)
 
+    def origins_level0(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Top-left level-0 px (x, y) of tiles ``indices``, as int64 arrays: :meth:`xy_level0` for a
+        batch at once (the same products, rounded half to even as ``round`` does)."""
+        x = self.cols[indices].astype(np.int64) * self.stride * self.downsample
+        y = self.rows[indices].astype(np.int64) * self.stride * self.downsample
+        return np.rint(x).astype(np.int64), np.rint(y).astype(np.int64)
+
     @property
     def size_level0(self) -> float:
         """Tile edge in level-0 px."""
