@@ -22,7 +22,7 @@
 #    benchmarks/feed.py on the MID slide (readers alone, readers + models, whole; FEED=no: skipped) and
 #    benchmarks/archive_rate.py on three runs of it (ARCHIVE=no: skipped);
 # 3. throughput.py on the BIG slide with the split whose inference stage was fastest on MID, BIG_REPEATS pipeline runs
-#    (default 1), and the ceiling (BIG_CEILING=no: none).
+#    (default 1), and the ceiling (BIG_CEILING=no: none); BIG_GRAPHS=yes: once more with --cuda-graphs.
 # nvidia-smi dmon samples the GPU throughout.
 # SCAN=40x writes both slides as a 40x Aperio scan (0.25 µm/px, levels 4x apart, each side doubled
 # so the tiles at 0.5 µm/px are as many): every tile is then read from level 0 and halved, as on real
@@ -166,6 +166,9 @@ if [ -f "$work/big.tif" ]; then
   # shellcheck disable=SC2086  # $best is empty or flags
   big_ceiling=(--ceiling --ceiling-masks "${CEILING_MASKS:-model}"); [ "${BIG_CEILING:-yes}" = no ] && big_ceiling=()
   throughput 300 throughput-big "$work/big.tif" --repeats "${BIG_REPEATS:-1}" --bare-seconds 4 "${big_ceiling[@]}" $best
+  # the same with the models replayed as CUDA graphs, bare and pipeline alike (BIG_GRAPHS=yes)
+  [ "${BIG_GRAPHS:-no}" = yes ] && throughput 120 throughput-big-graphs "$work/big.tif" --repeats 1 --bare-seconds 4 \
+    --cuda-graphs $best
 fi
 [ -n "${dmon:-}" ] && kill "$dmon" 2>/dev/null
 grep -E "^(==|   [0-9]+ s|train-cam:|$out|imports|python|NVIDIA|name|cpu cores|BIG|pinned|\{\"readers| +(readers|models|whole|bare models),? | +(one slide after another|tissue found ahead):)" "$log"

@@ -245,6 +245,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--streams", type=int, help="batches in the models at once (default: the pipeline's, see inference.streams)")
+    ap.add_argument("--cuda-graphs", action="store_true", help="replay the models as CUDA graphs (inference.cuda_graphs), "
+                    "in the bare measurement and the pipeline alike")
     ap.add_argument("--stitchers", type=int, help="stitching processes (default: the pipeline's, see output.stitchers)")
     ap.add_argument("--bare-seconds", type=float, default=16.0, help="per bare measurement")
     ap.add_argument("--repeats", type=int, default=3, help="bare-model / pipeline pairs; medians are reported")
@@ -260,7 +262,8 @@ def main() -> None:
     cfg = RunConfig.from_dict({
         "classifier": str(args.classifier), "segmenter": str(args.segmenter) if args.segmenter else None,
         "inference": {"batch_size": args.batch_size, "workers": args.workers, "precision": args.precision,
-                      "device": args.device, "threads": args.threads, "streams": args.streams},
+                      "device": args.device, "threads": args.threads, "streams": args.streams,
+                      "cuda_graphs": args.cuda_graphs},
         "output": {"overwrite": True, "stitchers": args.stitchers},
     })
     models = load_models(cfg)

@@ -120,6 +120,41 @@ def test_cuda_streams_give_the_same_results_each_batch_on_its_own_stream(models,
     assert len(set(used)) == 3 and default not in used, "batches did not run on their own CUDA streams"
 
 
+def test_cuda_graphs_are_taken_only_where_the_forward_can_be_replayed():
+    from wsi_medcam.inference import _graphable
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _graphable(InferenceConfig(cuda_graphs=True, certify_fills=("mean", "white", "blur")), cuda)
+    assert not _graphable(InferenceConfig(), cuda), "off unless asked for"
+    assert not _graphable(InferenceConfig(cuda_graphs=True), cpu)
+    assert not _graphable(InferenceConfig(cuda_graphs=True, certify_fills=("mean", "noise")), cuda), "drawn per batch"
+    assert not _graphable(InferenceConfig(cuda_graphs=True, explainer="gradcam"), cuda), "backward passes through hooks"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("streams", [1, 2])
+def test_cuda_graphs_give_what_the_models_give_eagerly(models, monkeypatch, streams):
+    """Batches of the configured size replay each model stream's graph, captured once and kept for
+    the next run; a last, smaller batch runs eagerly. Outputs as eager ones, and two replays alike."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    clf, seg = models
+    batches = [(tiles.pin_memory(), indices) for tiles, indices in _batches(7, size=16) + _batches(1, size=5)]
+    settings = {"device": "cuda", "precision": "fp32", "streams": streams, "batch_size": 16}
+    eager = list(Predictor(clf, seg, InferenceConfig(**settings)).run(batches))
+    graphed = Predictor(clf, seg, InferenceConfig(**settings, cuda_graphs=True))
+    first, second = list(graphed.run(batches)), list(graphed.run(iter(batches)))
+    assert len(graphed._graphs) == streams, "one graph per model stream, reused by the second run"
+    assert [r.indices.tolist() for r in second] == [b[1].tolist() for b in batches]
+    for a, b, c in zip(eager, first, second):
+        np.testing.assert_allclose(b.probs, a.probs, atol=1e-4)
+        assert _level_gap(a.evidence, b.evidence) <= 1
+        np.testing.assert_array_equal(c.probs, b.probs)
+        np.testing.assert_array_equal(c.evidence, b.evidence)
+        assert b.kept.keys() == a.kept.keys() == {"mean", "white"}
+        assert all(np.mean(b.kept[f] == a.kept[f]) >= 0.9 for f in a.kept)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_reserved_pinned_blocks_serve_the_loaders_batches():
     """On CUDA, batches pinned after :func:`reserve_pinned_batches` (as the loader's pin-memory

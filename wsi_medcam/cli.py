@@ -134,6 +134,7 @@ def run(
     precision: Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (per model stream)")] = None,
     streams: Annotated[Optional[int], typer.Option(help="batches in the models at once (default: on a CPU one per core, on CUDA 2, each on its own CUDA stream)")] = None,
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="on CUDA, replay the models as one CUDA graph per model stream (Med-CAM without random certification fills)")] = False,
     mask_mpp: Annotated[Optional[float], typer.Option(help="µm/px of the evidence store's level 0 (default: the slide's)")] = None,
     stitchers: Annotated[Optional[int], typer.Option(help="stitching processes (default: 5/8 of the cores on CUDA, the readers having 3/8; 0 on CPU: stitch in the model process)")] = None,
     explainer: Annotated[Optional[str], typer.Option(help="medcam (needs --segmenter), gradcam, gradcam++, hirescam, layercam, scorecam")] = None,
@@ -161,7 +162,7 @@ def run(
         "inference.batch_size": batch_size, "inference.workers": workers, "inference.device": device,
         "inference.precision": precision, "inference.threads": threads,
         "inference.streams": streams, "inference.explainer": explainer, "inference.refine": refine,
-        "output.mask_mpp": mask_mpp, "output.stitchers": stitchers, "output.overwrite": overwrite or None,
+        "inference.cuda_graphs": cuda_graphs or None, "output.mask_mpp": mask_mpp, "output.stitchers": stitchers, "output.overwrite": overwrite or None,
     }
     try:
         if sum(x is not None for x in (dask, scheduler, slurm)) > 1:

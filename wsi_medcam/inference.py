@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -156,6 +156,11 @@ class Predictor:
         self._cuda_streams = ([torch.cuda.Stream(self.device) for _ in range(self.streams)]
                               if self.device.type == "cuda" and self.streams > 1 else [])
         self._thread = threading.local()  # a model thread's CUDA stream, see _own_stream
+        # per model stream number, its CUDA graph of the forward (see _Graph); kept across runs, whose
+        # model threads are new each time but take the same stream numbers
+        self._graphs: dict[int, _Graph] = {}
+        self._graph_lock = threading.Lock()
+        self._graph_batch = (cfg.batch_size or default_batch_size(self.device)) if _graphable(cfg, self.device) else 0
         self.threads_per_stream = cfg.threads or 1
         self.arch = classifier.config.arch
         self.classifier = classifier.model.to(self.device, memory_format=self.memory_format).eval()
@@ -184,14 +189,28 @@ class Predictor:
         # autocast keeps its bf16 copies of the weights in ONE cache for all threads: a copy made on one
         # CUDA stream would be read on another before it is written (NaN masks, seen on an H200), so
         # with CUDA streams each forward casts the weights on its own stream (~50 MB, microseconds)
-        return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=not self._cuda_streams)
+        # (a CUDA graph's capture takes no cached casts either)
+        return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=not (self._cuda_streams or self._graph_batch))
 
     def predict(self, tiles_uint8: torch.Tensor) -> Outputs:
         """(probabilities (B, C), evidence levels (B, H, W) uint8 or None, kept per fill) for uint8
         tiles (B, 3, H, W). The evidence is rounded to its levels here, on the device: a quarter of
-        float32's bytes to copy back and to hand to the stitchers."""
+        float32's bytes to copy back and to hand to the stitchers. With ``cuda_graphs``, a batch of
+        the configured size replays this model stream's graph of :meth:`forward`."""
+        graph = self._graph(tiles_uint8) if len(tiles_uint8) == self._graph_batch else None
+        if graph is not None:
+            probs, levels, kept = graph.replay(tiles_uint8)
+        else:
+            probs, levels, kept = self.forward(tiles_uint8.to(self.device, non_blocking=True))
+        self._wait_asleep()
+        return (probs.cpu().numpy(), None if levels is None else levels.cpu().numpy(),
+                {fill: v.cpu().numpy() for fill, v in kept.items()})
+
+    def forward(self, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """:meth:`predict`'s work on the device, for uint8 tiles (B, 3, H, W) already there; its
+        outputs stay there."""
         with torch.no_grad():
-            x = tiles_uint8.to(self.device, non_blocking=True).float()
+            x = tiles.float()
             x_cls = ((x - self._mean) / self._std).contiguous(memory_format=self.memory_format)
             with self._autocast():
                 probs = torch.softmax(self.classifier(x_cls).float(), dim=1)
@@ -208,15 +227,25 @@ class Predictor:
         kept: dict[str, torch.Tensor] = {}
         if soft is not None and self.certify_fills:
             with torch.no_grad(), self._autocast():
-                gen = torch.Generator(device=self.device).manual_seed(0)
+                random = set(self.certify_fills) & RANDOM_FILLS
+                gen = torch.Generator(device=self.device).manual_seed(0) if random else None
                 hard = (soft > 0.5).float()[:, None]
                 for fill in self.certify_fills:
                     b = make_fill(fill, x_cls.float(), mean=self._fill_stats[0], std=self._fill_stats[1], generator=gen)
                     kept[fill] = self.classifier(compose(x_cls, hard, b)).argmax(1) == pred
-        levels = None if soft is None else quantise(soft)
-        self._wait_asleep()
-        return (probs.cpu().numpy(), None if levels is None else levels.cpu().numpy(),
-                {fill: v.cpu().numpy() for fill, v in kept.items()})
+        return probs, None if soft is None else quantise(soft), kept
+
+    def _graph(self, tiles: torch.Tensor) -> "_Graph | None":
+        """This model stream's CUDA graph of :meth:`forward`, captured at its first full batch (one
+        capture at a time: one stream's warm-up and capture are not raced by another's); None for
+        tiles laid out otherwise than those it was captured for."""
+        number = getattr(self._thread, "stream", 0)
+        if number not in self._graphs:
+            with self._graph_lock:
+                stream = self._cuda_streams[number] if self._cuda_streams else None
+                self._graphs[number] = _Graph(self.forward, tiles, self.device, stream)
+        graph = self._graphs[number]
+        return graph if graph.takes(tiles) else None
 
     def _wait_asleep(self) -> None:
         """On CUDA, wait for this thread's queued kernels asleep. The copies to the host wait too, but
@@ -286,6 +315,57 @@ class Predictor:
         finally:  # stopped early (an error downstream): skip the batches not started
             for _, result in pending:
                 result.cancel()
+
+
+RANDOM_FILLS = frozenset({"noise", "uniform", "colour"})
+"""Certification fills drawn from a generator (seeded per batch): not captured in CUDA graphs."""
+
+
+def _graphable(cfg: InferenceConfig, device: torch.device) -> bool:
+    """Whether ``cuda_graphs`` applies: on CUDA, to Med-CAM (Grad-CAM runs backward passes through
+    hooks) without random certification fills."""
+    return cfg.cuda_graphs and device.type == "cuda" and cfg.explainer == "medcam" and not set(cfg.certify_fills) & RANDOM_FILLS
+
+
+class _Graph:
+    """:meth:`Predictor.forward` captured as one CUDA graph for batches laid out as ``example``, on
+    ``stream`` (None: a side stream of torch's; replays go to whichever stream is current).
+
+    Eagerly, a batch is ~1,500 operator dispatches (torch.profiler: classifier, segmenter and the
+    certification passes), ~15 ms of Python per batch on the 2-core VM (the models on torch's meta
+    device), all of it holding the model process's GIL, which the other model thread, the writer
+    (stitching hand-over, tile records) and the loader also want. On an H200 the pipeline's batches
+    ran ~10 % below the bare models' pace, the loss going with that work beside the models. A replay
+    is one call. Whether it pays there is not yet measured (``gpu_throughput.sh``, ``BIG_GRAPHS``).
+    The graph keeps its own input and output tensors, and its activations in a memory pool of its
+    own (one per model stream, so two streams replay at once): the outputs are read back before the
+    stream replays again."""
+
+    def __init__(self, forward: Callable[[torch.Tensor], tuple], example: torch.Tensor, device: torch.device,
+                 stream: torch.cuda.Stream | None):
+        self.input = torch.empty_like(example, device=device)  # the loader's channels-last strides kept
+        self.input.copy_(example)
+        side = stream or torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # cuDNN's algorithms and the allocator's first blocks, chosen eagerly
+            for _ in range(2):
+                forward(self.input)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: the other model thread and the loader's pin-memory thread go on meanwhile
+        with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
+            self.outputs = forward(self.input)
+
+    def takes(self, tiles: torch.Tensor) -> bool:
+        """Whether ``tiles`` has the captured input's shape, strides and dtype."""
+        return tiles.shape == self.input.shape and tiles.stride() == self.input.stride() and tiles.dtype == self.input.dtype
+
+    def replay(self, tiles: torch.Tensor) -> tuple:
+        """:meth:`Predictor.forward` of ``tiles`` (on the host, pinned, or on the device), on the
+        current stream; the outputs are the graph's own tensors, valid until the next replay."""
+        self.input.copy_(tiles, non_blocking=True)
+        self.graph.replay()
+        return self.outputs
 
 
 TRIM_SLACK = 192 << 20
