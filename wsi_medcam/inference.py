@@ -149,6 +149,7 @@ class Predictor:
         self.explainer = cfg.explainer
         self.cam_area = cfg.cam_area
         self.certify_fills = tuple(cfg.certify_fills)
+        self._random_fills = bool(set(self.certify_fills) & RANDOM_FILLS)  # a generator per batch
         # Grad-CAM hooks the classifier's modules, so its batches run one at a time
         self.streams = (cfg.streams or default_streams(self.device, cfg.threads)) if cfg.explainer == "medcam" else 1
         # on CUDA one CUDA stream per model thread: a batch's copy in and kernels queue while the batch
@@ -227,8 +228,7 @@ class Predictor:
         kept: dict[str, torch.Tensor] = {}
         if soft is not None and self.certify_fills:
             with torch.no_grad(), self._autocast():
-                random = set(self.certify_fills) & RANDOM_FILLS
-                gen = torch.Generator(device=self.device).manual_seed(0) if random else None
+                gen = torch.Generator(device=self.device).manual_seed(0) if self._random_fills else None
                 hard = (soft > 0.5).float()[:, None]
                 for fill in self.certify_fills:
                     b = make_fill(fill, x_cls.float(), mean=self._fill_stats[0], std=self._fill_stats[1], generator=gen)

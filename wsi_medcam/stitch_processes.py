@@ -317,8 +317,8 @@ def _send_buffers(sock: socket.socket, buffers: list[Any]) -> None:
     Every call that leaves Python releases the GIL and must win it back, which takes up to the
     switch interval (5 ms) while another thread runs Python, as the model threads do on a GPU. A
     batch's masks sent one call each (128 per process) then crawled: 3.7 batches of 256 a second to
-    two processes with one thread of this process busy in Python, against 91 in one call (2-core
-    VM; 210 and 302 with none busy); the GPU needs ~21."""
+    two processes with one thread of this process busy in Python, against 89 in one call (2-core
+    VM; 210 and 316 with none busy); the GPU needs ~21."""
     views = [memoryview(b).cast("B") for b in buffers]
     if not hasattr(sock, "sendmsg"):  # Windows
         for view in views:
