@@ -184,6 +184,33 @@ def test_report_records_slide_models_and_counts(cmu_run):
     assert report["parameters"]["streams"] == (usable_cores() if on_cpu else 2)
 
 
+def test_overview_is_drawn_from_the_finished_outputs(cmu_run, tmp_path):
+    _assert_overview_drawn_from_outputs(cmu_run[0], tmp_path)
+
+
+def _assert_overview_drawn_from_outputs(folder: Path, tmp_path: Path) -> None:
+    """overview.png is drawn beside the run's last stages: its panels must be those of the finished
+    thumbnail, tissue mask, probabilities and evidence pyramid, not of one still being built."""
+    from PIL import Image
+
+    from wsi_medcam.export.overview import class_heatmap, write_overview
+
+    report = json.loads((folder / "report.json").read_text())
+    width0, height0 = report["slide"]["dimensions"]
+    params = report["parameters"]
+    probabilities = zarr.open_group(str(folder / "probabilities.ome.zarr"), mode="r")
+    probs = probabilities["0"][:]
+    rows = min(probs.shape[1], max(1, round(height0 / params["downsample"] / params["stride"])))
+    cols = min(probs.shape[2], max(1, round(width0 / params["downsample"] / params["stride"])))
+    colors = [tuple(int(c["color"][i : i + 2], 16) for i in (0, 2, 4)) for c in probabilities.attrs["omero"]["channels"]]
+    evidence = zarr.open_group(str(folder / "evidence.ome.zarr"), mode="r")
+    coarsest = evidence[evidence.attrs["multiscales"][0]["datasets"][-1]["path"]][0]
+    assert coarsest.any(), "no evidence: the panel would not tell a finished pyramid from an empty one"
+    write_overview(tmp_path / "expected.png", np.asarray(Image.open(folder / "thumbnail.png")),
+                   np.asarray(Image.open(folder / "tissue.png")), class_heatmap(probs[:, :rows, :cols], colors), coarsest)
+    assert np.array_equal(np.asarray(Image.open(folder / "overview.png")), np.asarray(Image.open(tmp_path / "expected.png")))
+
+
 def test_rerun_skips_and_overwrite_redoes(cmu_run):
     folder, clf, seg = cmu_run
     out = folder.parent
@@ -332,6 +359,8 @@ def test_narrow_strips_change_the_tile_order_not_the_outputs(tmp_path, bundles):
     assert sorted(p.name for p in runs["processes"].iterdir()) == sorted(p.name for p in one.iterdir())
     for name in ("thumbnail.png", "tissue.png"):
         assert (runs["processes"] / name).read_bytes() == (one / name).read_bytes(), name
+    # the pyramid's top levels are built after the last tile there, the overview from them
+    _assert_overview_drawn_from_outputs(runs["processes"], tmp_path)
 
 
 def _assert_same_outputs(one: Path, many: Path) -> None:

@@ -234,7 +234,8 @@ def process_slide(
 
     Some writes run beside the slide's main line on a thread of their own (PNG and zarr encoding
     release the GIL): the thumbnails beside tiling and setup (with stitching processes, in a process
-    of their own beside the tiles), the pyramid's top levels beside the GeoJSON. Returning waits for
+    of their own beside the tiles), the pyramid's top levels beside the GeoJSON and then the overview
+    (drawn from the pyramid's coarsest level) beside the probabilities. Returning waits for
     them, failing stops them, so nothing is written into ``work_dir`` afterwards. With ``ahead``,
     the slide's tissue may have been found while the slide before it streamed, and once this
     slide's readers have forked, the next slide's is found meanwhile."""
@@ -390,9 +391,18 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
     attrs = {"slide": path.name, "slide_mpp": slide.mpp.mean, "tile_mpp": mpp, "tile_size": tile_size,
              "classes": class_names, "config": cfg.model_dump(mode="json")}
     evidence_stats: dict[str, Any] = {}
-    evidence_thumb = None
+    rows = min(grid.grid_shape[0], max(1, round(height0 / grid.downsample / grid.stride)))
+    cols = min(grid.grid_shape[1], max(1, round(width0 / grid.downsample / grid.stride)))
+    heatmap = class_heatmap(grid_probs[:, :rows, :cols], colors)
+
+    def draw_overview() -> None:
+        write_overview(work_dir / "overview.png", overview_thumb, overview_tissue, heatmap,
+                       store.coarsest() if store is not None else None)
+
+    overview = None
     if store is not None and stitcher is not None:
         pyramid = beside.submit(store.finalize, attrs)  # beside the GeoJSON (shapely and json)
+        overview = beside.submit(draw_overview)  # from the finished pyramid, beside the probabilities
         with timer.stage("evidence-geojson"):
             n_polygons, per_class = _write_polygons(work_dir / "evidence.geojson", stitcher, encoder, class_names,
                                                     stitchers)
@@ -411,16 +421,12 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
             "store_level0_shape": list(out_shape),
             "store_mpp": out_mpp,
         }
-        evidence_thumb = store.coarsest()
     with timer.stage("probabilities"):
         write_probabilities(work_dir / "probabilities.ome.zarr", grid_probs, pixel_um=grid.stride * mpp,
                             offset_um=(grid.tile_size - grid.stride) / 2 * mpp, class_names=class_names,
                             colors=colors, attrs=attrs)
-    with timer.stage("overview"):
-        rows = min(grid.grid_shape[0], max(1, round(height0 / grid.downsample / grid.stride)))
-        cols = min(grid.grid_shape[1], max(1, round(width0 / grid.downsample / grid.stride)))
-        write_overview(work_dir / "overview.png", overview_thumb, overview_tissue,
-                       class_heatmap(grid_probs[:, :rows, :cols], colors), evidence_thumb)
+    with timer.stage("overview"):  # with evidence: drawn beside, waited for here
+        overview.result() if overview is not None else draw_overview()
     thumbnails.result()  # written by their process meanwhile
     report = {
         "slide": description,
