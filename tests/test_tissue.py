@@ -334,3 +334,19 @@ def test_lookup_by_bands_on_threads_is_the_fancy_index():
     got = _lookup(table, labels, band=8)
     assert got.dtype == table.dtype and got.any() and not got.all()
     np.testing.assert_array_equal(got, table[labels])
+
+
+def test_closing_does_not_bridge_over_ink():
+    """A 3 px ink line (the narrowest that seeds ink: seeds are eroded by 3×3) between two pieces of
+    tissue is a gap the closing would fill: the ink is taken out again after it."""
+    cfg = TissueConfig(median_um=0.0, close_um=32.0, min_object_um2=0.0, min_hole_um2=0.0)
+    rgb = canvas()
+    rgb[40:120, 20:50] = EOSIN_PINK
+    rgb[40:120, 50:53] = BLUE_INK
+    rgb[40:120, 53:90] = EOSIN_PINK
+    mask = tissue_mask_from_rgb(rgb, THUMB_MPP, cfg)
+    assert mask[40:120, 20:50].all() and mask[40:120, 53:90].all()
+    assert not mask[40:120, 50:53].any()
+    pink = canvas()  # the same gap without ink is bridged: the check has teeth
+    pink[40:120, 20:50] = pink[40:120, 53:90] = EOSIN_PINK
+    assert tissue_mask_from_rgb(pink, THUMB_MPP, cfg)[45:115, 50:53].all()
