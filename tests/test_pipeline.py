@@ -254,6 +254,16 @@ def test_failed_slide_is_reported_and_others_run(tmp_path, bundles):
     assert not (tmp_path / "out" / "broken").exists()
 
 
+def test_a_mask_finer_than_the_scan_fails_that_slide_in_one_line(tmp_path, bundles):
+    """Checked once the slide is open, before any work: nothing is left of it."""
+    clf, seg = bundles
+    result = _run(CMU, "--classifier", clf, "--segmenter", seg, "-o", tmp_path / "out", "--workers", "0",
+                  "--mask-mpp", "0.1")
+    assert result.exit_code == 1
+    assert "--mask-mpp 0.1 is finer than the slide's 0.499 µm/px" in result.output and "Traceback" not in result.output
+    assert not [p for p in (tmp_path / "out").iterdir() if p.is_dir()]  # neither the slide's folder nor a .partial
+
+
 def test_tissue_found_a_slide_ahead_gives_the_same_outputs(tmp_path, monkeypatch, bundles, built_pyramid):
     """With ``tissue_ahead`` a slide's tissue is found while the slide before it streams, and used
     when its turn comes: the same outputs as without (the last slide, found ahead, differs from the

@@ -261,6 +261,18 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
         slide = open_configured(path, cfg)
     with slide:
         downsample = slide.downsample_for(mpp, cfg.slide.level_tolerance)
+        slide_key = f"{path.name}:{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
+        out_mpp = cfg.output.mask_mpp or slide.mpp.mean
+        if out_mpp < slide.mpp.mean * (1 - 1e-6):
+            raise WsiMedcamError(f"{path.name}: --mask-mpp {out_mpp} is finer than the slide's {slide.mpp.mean:.4g} µm/px")
+        dimensions = slide.dimensions
+        width0, height0 = dimensions
+        out_shape = (max(1, round(height0 * slide.mpp.mean / out_mpp)), max(1, round(width0 * slide.mpp.mean / out_mpp)))
+        # the evidence store's ~20 zarr arrays (0.16 s on a 100k² slide, 2-core VM) are made beside the tissue
+        creating = (beside.submit(EvidenceStore, work_dir / "evidence.ome.zarr", shape=out_shape, mpp=out_mpp,
+                                  chunk=cfg.output.chunk_size, min_size=cfg.output.min_pyramid_size,
+                                  class_names=class_names, colors=colors, name=path.name)
+                    if models.predictor.explains else None)
         with timer.stage("tissue"):  # with ``ahead``: found while the slide before streamed, or waited for
             tissue = ahead.take(path) if ahead is not None else None
             found_ahead = tissue is not None
@@ -268,7 +280,6 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
                 tissue = detect_tissue(slide, cfg.tissue)
         description = slide.describe()
         ref = SlideRef.of(slide)
-        dimensions = slide.dimensions
     if stitchers:  # the forkserver is up: PNG encoding (~3 s on a 100k² slide) goes beside the tiles
         handed = hand_over(work_dir, thumbnail=tissue.thumbnail, mask=tissue.mask)
         cleanup.callback(shutil.rmtree, handed, ignore_errors=True)  # after the process has stopped
@@ -283,13 +294,7 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
                     "found_ahead": found_ahead}
     overview_thumb, overview_tissue = shrink_for_overview(tissue.thumbnail, tissue.mask)
     del tissue  # full-size thumbnail and mask grow with the slide's area; the overview needs only these
-    with timer.stage("setup"):  # the evidence store and the stitching created (their processes start with the readers)
-        slide_key = f"{path.name}:{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
-        out_mpp = cfg.output.mask_mpp or slide.mpp.mean
-        if out_mpp < slide.mpp.mean * (1 - 1e-6):
-            raise WsiMedcamError(f"{path.name}: --mask-mpp {out_mpp} is finer than the slide's {slide.mpp.mean:.4g} µm/px")
-        width0, height0 = grid.slide_dimensions
-        out_shape = (max(1, round(height0 * slide.mpp.mean / out_mpp)), max(1, round(width0 * slide.mpp.mean / out_mpp)))
+    with timer.stage("setup"):  # the stitching created (its processes start with the readers), the store waited for
         if not processes_ok:
             log.warning("%s: this is a daemonic process (a dask worker without distributed.worker.daemon: False), "
                         "so tiles are read and stitched in it, without reader or stitching processes", path.name)
@@ -297,10 +302,8 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
         # the evidence GeoJSON's polygons: merged, simplified by half a tile px, clipped to the slide
         encoder = EvidenceEncoder(simplify_px=grid.downsample * 0.5, clip=box(0, 0, width0, height0), class_names=class_names,
                                   colors=colors, mpp=slide.mpp.mean, slide_key=slide_key)
-        if models.predictor.explains:
-            store = EvidenceStore(work_dir / "evidence.ome.zarr", shape=out_shape, mpp=out_mpp,
-                                  chunk=cfg.output.chunk_size, min_size=cfg.output.min_pyramid_size,
-                                  class_names=class_names, colors=colors, name=path.name)
+        if creating is not None:
+            store = creating.result()
             # stitching processes encode their polygons while tiles stream; not where refined tiles
             # will cut polygons afterwards (shapes are needed for that)
             stitcher = (StitchingProcesses(grid, store, processes=stitchers, spool_dir=work_dir, strip_px=cfg.output.strip_px,
