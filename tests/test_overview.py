@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import CMU, needs_data
@@ -51,7 +52,16 @@ def test_thumbnails_written_in_their_process_from_arrays_handed_over_as_files(tm
     proc = start_process(write_handed_thumbnails, (tmp_path / "there", handed), name="test-thumbnails")
     proc.join(60)
     assert proc.exitcode == 0
-    for name in ("thumbnail.png", "tissue.png"):
+    for name, image in (("thumbnail.png", tissue.thumbnail), ("tissue.png", tissue.mask.astype(np.uint8) * 255)):
         ours, theirs = (np.asarray(Image.open(tmp_path / d / name)) for d in ("here", "there"))
+        assert np.array_equal(ours, image), name  # the image itself, channels in RGB order
         assert ours.shape == theirs.shape and np.array_equal(ours, theirs), name
     assert not list(handed.iterdir())
+
+
+def test_thumbnails_that_cannot_be_written_fail_in_one_line(tmp_path):
+    from wsi_medcam.errors import OutputError
+    from wsi_medcam.export.overview import write_thumbnails
+
+    with pytest.raises(OutputError, match="cannot write .*thumbnail.png"):
+        write_thumbnails(tmp_path / "missing", np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), bool))
