@@ -20,7 +20,7 @@
 #    stitching processes) instead; REPEATS pipeline runs each (the mid slide has 8 strips of 4096 px, so
 #    at most 8 stitching processes start there);
 #    benchmarks/feed.py on the MID slide (readers alone, readers + models, whole; FEED=no: skipped) and
-#    benchmarks/archive_rate.py on three runs of it (ARCHIVE=no: skipped);
+#    benchmarks/archive_rate.py on three runs of it, and on a run's start (ARCHIVE=no: skipped);
 # 3. throughput.py on the BIG slide with the split whose inference stage was fastest on MID, BIG_REPEATS pipeline runs
 #    (default 1), and the ceiling (BIG_CEILING=no: none); BIG_GRAPHS=yes: once more with --cuda-graphs.
 # nvidia-smi dmon samples the GPU throughout.
@@ -146,9 +146,11 @@ ceiling=(); [ "${CEILING:-no}" = yes ] && ceiling=(--ceiling --ceiling-masks "${
 throughput 120 throughput-mid "$work/mid.tif" --batch-size 256 --repeats "$repeats" --bare-seconds 4 "${ceiling[@]}"
 # readers alone, readers + models, whole: the steady tiles/s each allows (FEED=no: skipped)
 [ "${FEED:-yes}" = yes ] && step 70 python3 benchmarks/feed.py "$work/mid.tif" "${models[@]}" --out "$out/feed-mid.json" >>"$log"
-# three runs of the mid slide one after another, with and without the tissue found a slide ahead (ARCHIVE=no: skipped)
-[ "${ARCHIVE:-yes}" = yes ] && step 70 python3 benchmarks/archive_rate.py "$work/mid.tif" "${models[@]}" --copies 3 \
-  --out "$out/archive-mid.json" >>"$log"
+# three runs of the mid slide one after another, with and without the tissue found a slide ahead, and a run's start
+# (fresh processes, twice each way: the models loaded, then the first slide's tissue; or that tissue found beside them)
+# (ARCHIVE=no: skipped)
+[ "${ARCHIVE:-yes}" = yes ] && step 110 python3 benchmarks/archive_rate.py "$work/mid.tif" "${models[@]}" --copies 3 \
+  --cold 2 --out "$out/archive-mid.json" >>"$log"
 for split in ${SPLITS-8:8 5:11}; do  # SPLITS="": none
   throughput 90 "throughput-mid-${split/:/x}" "$work/mid.tif" --batch-size 256 --repeats "$repeats" --bare-seconds 4 \
     --workers "${split%:*}" --stitchers "${split#*:}"
@@ -171,4 +173,4 @@ if [ -f "$work/big.tif" ]; then
     --cuda-graphs $best
 fi
 [ -n "${dmon:-}" ] && kill "$dmon" 2>/dev/null
-grep -E "^(==|   [0-9]+ s|train-cam:|$out|imports|python|NVIDIA|name|cpu cores|BIG|pinned|\{\"readers| +(readers|models|whole|bare models),? | +(one slide after another|tissue found ahead):)" "$log"
+grep -E "^(==|   [0-9]+ s|train-cam:|$out|imports|python|NVIDIA|name|cpu cores|BIG|pinned|\{\"readers| +(readers|models|whole|bare models),? | +(one slide after another|tissue found ahead|first tissue (after|beside) the models):)" "$log"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -319,6 +320,37 @@ def test_tissue_found_a_slide_ahead_gives_the_same_outputs(tmp_path, monkeypatch
             assert plain.report["tiles"]["count"] == ahead.report["tiles"]["count"] > 0
             assert (plain.output / "tiles.csv").read_bytes() == (ahead.output / "tiles.csv").read_bytes()
             assert (plain.output / "tissue.png").read_bytes() == (ahead.output / "tissue.png").read_bytes()
+
+
+def test_the_first_slides_tissue_is_found_while_the_models_load(tmp_path, monkeypatch, bundles):
+    """run_slides without models finds the first slide's tissue beside load_models (on a GPU, by
+    default): the slide takes it from there, and its outputs are those of a run that found it itself."""
+    from wsi_medcam import pipeline
+    from wsi_medcam.config import RunConfig
+    from wsi_medcam.pipeline import run_slides, start_tissue_ahead
+
+    clf, _ = bundles
+    cfg = RunConfig.from_dict({"classifier": str(clf), "inference": {"device": "cpu", "workers": 0, "precision": "fp32"}})
+    assert start_tissue_ahead([CMU], tmp_path / "cpu", cfg) is None  # a CPU's cores are the models'
+    started, seen_by_models = threading.Event(), []
+    find_tissue, load_models = pipeline.find_tissue, pipeline.load_models
+
+    def finding(*args):
+        started.set()
+        return find_tissue(*args)
+
+    def loading(*args):  # the tissue detection must start while the models are still loading
+        seen_by_models.append(started.wait(60))
+        return load_models(*args)
+
+    monkeypatch.setattr(pipeline, "find_tissue", finding)
+    monkeypatch.setattr(pipeline, "load_models", loading)
+    ahead, = run_slides([CMU], tmp_path / "ahead", cfg, tissue_ahead=True)
+    assert seen_by_models == [True]
+    plain, = run_slides([CMU], tmp_path / "plain", cfg, tissue_ahead=False)
+    assert ahead.report["tissue"]["found_ahead"] and not plain.report["tissue"]["found_ahead"]
+    for name in ("tiles.csv", "tissue.png"):
+        assert (ahead.output / name).read_bytes() == (plain.output / name).read_bytes(), name
 
 
 def test_coarser_mask_mpp_with_overlapping_tiles(tmp_path, bundles, built_pyramid):

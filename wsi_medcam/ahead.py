@@ -24,8 +24,11 @@ class Ahead(Generic[R]):
     :meth:`start_after` is called by the slide before, once its reader processes have forked, and
     :meth:`take` by the next slide before its own readers fork: no process is forked from this one
     while ``work`` runs on the thread (a fork copies only the forking thread, so a lock held there
-    would stay held in the child). A ``work`` that fails gives None: the slide then does the work
-    itself and reports the error as any slide would.
+    would stay held in the child). :meth:`start` begins with the first slide while the models load
+    (:func:`~wsi_medcam.pipeline.start_tissue_ahead`), which starts its helper processes (the
+    forkserver, torch's shared-memory manager) by fork and exec: nothing runs in the child before
+    the exec. A ``work`` that fails gives None: the slide then does the work itself and reports the
+    error as any slide would.
     """
 
     def __init__(self, paths: Sequence[Path], work: Callable[[Path], R]):
@@ -34,11 +37,14 @@ class Ahead(Generic[R]):
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="wsi-medcam-ahead")
         self._pending: dict[Path, Future[R]] = {}
 
+    def start(self, path: Path | None) -> None:
+        """Start the work for ``path`` (None: nothing), unless it is started already."""
+        if path is not None and path not in self._pending:
+            self._pending[path] = self._pool.submit(self._work, path)
+
     def start_after(self, path: Path) -> None:
         """``path``'s readers have forked: start the work for the slide after it, if any."""
-        upcoming = self._next.get(path)
-        if upcoming is not None and upcoming not in self._pending:
-            self._pending[upcoming] = self._pool.submit(self._work, upcoming)
+        self.start(self._next.get(path))
 
     def take(self, path: Path) -> R | None:
         """The work done ahead for ``path`` (waiting for it), or None where there is none or it failed."""

@@ -19,9 +19,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from .ahead import Ahead
 from .config import RunConfig
 from .errors import OutputError, WsiMedcamError
 from .pipeline import Models, ProgressHook, SlideResult, failure_reason, load_models, output_names, run_slide, run_slides
+from .tissue import TissueMask
 
 LOCK_NAME = ".wsi-medcam.lock"
 STATUS_NAME = "status.jsonl"
@@ -126,11 +128,13 @@ def run_archive(
     models: Models | None = None,
     progress: ProgressHook | None = None,
     on_result: Callable[[SlideResult], None] | None = None,
+    ahead: Ahead[TissueMask] | None = None,
 ) -> list[SlideResult]:
     """Process ``paths`` into ``out_root/<name>/`` under the output lock, recording each outcome.
 
     ``client``: a dask ``distributed.Client``: one task per slide, models loaded once per worker;
-    None runs the slides one after another here (``models`` loaded once if not given).
+    None runs the slides one after another here (``models`` loaded once if not given), with
+    ``ahead`` (:func:`~wsi_medcam.pipeline.start_tissue_ahead`) if the caller started one.
     """
     out_root = Path(out_root)
     names = output_names([Path(p) for p in paths])
@@ -145,7 +149,7 @@ def run_archive(
                 on_result(result)
 
         if client is None:
-            run_slides(paths, out_root, cfg, models=models, progress=progress, on_result=record)
+            run_slides(paths, out_root, cfg, models=models, progress=progress, on_result=record, ahead=ahead)
             return results
         from distributed import as_completed
 

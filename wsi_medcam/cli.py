@@ -151,7 +151,7 @@ def run(
     exit status is 1 if any slide failed.
     """
     from .batch import run_archive
-    from .pipeline import load_models
+    from .pipeline import load_models, start_tissue_ahead
     from .slide import read_mpp_csvs
 
     _setup_logging(verbose)
@@ -164,6 +164,7 @@ def run(
         "inference.streams": streams, "inference.explainer": explainer, "inference.refine": refine,
         "inference.cuda_graphs": cuda_graphs or None, "output.mask_mpp": mask_mpp, "output.stitchers": stitchers, "output.overwrite": overwrite or None,
     }
+    ahead = None
     try:
         if sum(x is not None for x in (dask, scheduler, slurm)) > 1:
             raise WsiMedcamError("choose one of --dask, --scheduler, --slurm")
@@ -184,8 +185,12 @@ def run(
 
             logging.getLogger("distributed").setLevel(logging.WARNING)  # importing it applied dask's INFO
             client = client_for(dask_spec=dask, scheduler=scheduler, slurm=slurm)
+        # the first slide's tissue found while the models load (on a GPU; see start_tissue_ahead)
+        ahead = None if client else start_tissue_ahead(paths, out, cfg)
         models = None if client else load_models(cfg)
     except WsiMedcamError as exc:
+        if ahead is not None:
+            ahead.close()
         raise _fail(str(exc)) from None
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -205,10 +210,12 @@ def run(
                                   soft_wrap=True)
 
             results = run_archive(paths, out, cfg, client=client, models=models, progress=on_progress,
-                                  on_result=on_result)
+                                  on_result=on_result, ahead=ahead)
     except WsiMedcamError as exc:
         raise _fail(str(exc)) from None
     finally:
+        if ahead is not None:  # where the slides did not start (run_slides closes it)
+            ahead.close()
         if client is not None:
             client.close()
     failed = [r for r in results if r.status == "failed"]
