@@ -149,7 +149,7 @@ class Predictor:
         self.explainer = cfg.explainer
         self.cam_area = cfg.cam_area
         self.certify_fills = tuple(cfg.certify_fills)
-        self._random_fills = bool(set(self.certify_fills) & RANDOM_FILLS)  # a generator per batch
+        self._random_fills = _draws_random(self.certify_fills)  # a generator per batch
         # Grad-CAM hooks the classifier's modules, so its batches run one at a time
         self.streams = (cfg.streams or default_streams(self.device, cfg.threads)) if cfg.explainer == "medcam" else 1
         # on CUDA one CUDA stream per model thread: a batch's copy in and kernels queue while the batch
@@ -324,7 +324,12 @@ RANDOM_FILLS = frozenset({"noise", "uniform", "colour"})
 def _graphable(cfg: InferenceConfig, device: torch.device) -> bool:
     """Whether ``cuda_graphs`` applies: on CUDA, to Med-CAM (Grad-CAM runs backward passes through
     hooks) without random certification fills."""
-    return cfg.cuda_graphs and device.type == "cuda" and cfg.explainer == "medcam" and not set(cfg.certify_fills) & RANDOM_FILLS
+    return cfg.cuda_graphs and device.type == "cuda" and cfg.explainer == "medcam" and not _draws_random(cfg.certify_fills)
+
+
+def _draws_random(fills: Iterable[str]) -> bool:
+    """Whether any of these certification fills is drawn from a generator (:data:`RANDOM_FILLS`)."""
+    return not RANDOM_FILLS.isdisjoint(fills)
 
 
 class _Graph:

@@ -429,7 +429,10 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
                             offset_um=(grid.tile_size - grid.stride) / 2 * mpp, class_names=class_names,
                             colors=colors, attrs=attrs)
     with timer.stage("overview"):  # with evidence: drawn beside, waited for here
-        overview.result() if overview is not None else draw_overview()
+        if overview is not None:
+            overview.result()
+        else:
+            draw_overview()
     thumbnails.result()  # written by their process meanwhile
     report = {
         "slide": description,
