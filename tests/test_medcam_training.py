@@ -40,11 +40,11 @@ def trained(tmp_path_factory, sources):
     root = tmp_path_factory.mktemp("medcam")
     data = planted_tiles(sources, 400, tile_size=TILE, seed=0)
     cfg = ClassifierConfig(arch="resnet10t", class_names=["plain", "marker"], mpp=0.5, tile_size=TILE)
-    result = train_classifier(data.images, data.labels, cfg, epochs=8, lr=3e-3, seed=0)
+    result = train_classifier(data.images, data.labels, cfg, epochs=6, lr=3e-3, seed=0)
     clf_dir = save_bundle(result.model, cfg.model_copy(update={"val_accuracy": result.val_accuracy}), root / "clf")
     classifier = load_classifier(clf_dir)
-    seg_dir, summary = train_segmenter(classifier, data.images, CamTrainConfig(steps=200, val_every=100,
-                                                                                checkpoint_every=100), root / "cam")
+    seg_dir, summary = train_segmenter(classifier, data.images, CamTrainConfig(steps=120, val_every=60,
+                                                                                checkpoint_every=60), root / "cam")
     return classifier, load_segmenter(seg_dir), summary, result.val_accuracy, root
 
 
