@@ -59,9 +59,24 @@ def slide_set(tmp_path_factory, cmu_pixels):
     return [CMU, SLIDES / "OS-1-detail.ome.tif", root / "a" / "part.tif", root / "b" / "part.tif"]
 
 
-def test_local_cluster_matches_one_process(tmp_path, bundles, slide_set):
+def _model_args(bundles: tuple[Path, Path]) -> list[str]:
+    """Classifier and segmenter, fp32, no reader processes: what the reference and the runs it checks share."""
     clf, seg = bundles
-    common = ["--classifier", str(clf), "--segmenter", str(seg), "--precision", "fp32", "--workers", "0"]
+    return ["--classifier", str(clf), "--segmenter", str(seg), "--precision", "fp32", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, bundles, slide_set) -> Path:
+    """Outputs of one uninterrupted run over the first three slides, against which interrupted and
+    failed runs are checked (per slide folder, so any of them may check one slide of the three)."""
+    out = tmp_path_factory.mktemp("reference")
+    result = runner.invoke(app, ["run", *map(str, slide_set[:3]), "-o", str(out), *_model_args(bundles)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_local_cluster_matches_one_process(tmp_path, bundles, slide_set):
+    common = _model_args(bundles)
     single = runner.invoke(app, ["run", *map(str, slide_set), "-o", str(tmp_path / "single"), *common])
     assert single.exit_code == 0, single.output
     start = time.perf_counter()
@@ -154,13 +169,9 @@ def test_a_daemonic_dask_worker_runs_slides_without_child_processes(tmp_path, bu
     assert (tmp_path / CMU.stem / "evidence.ome.zarr").is_dir()
 
 
-def test_kill_9_then_rerun_redoes_only_the_interrupted_slide(tmp_path, bundles, slide_set):
-    clf, seg = bundles
+def test_kill_9_then_rerun_redoes_only_the_interrupted_slide(tmp_path, bundles, slide_set, reference):
     slides = [str(p) for p in slide_set[:3]]
-    args = [sys.executable, "-m", "wsi_medcam.cli", "run", *slides, "--classifier", str(clf), "--segmenter", str(seg),
-            "--precision", "fp32", "--workers", "0"]
-    reference = subprocess.run([*args, "-o", str(tmp_path / "ref")], capture_output=True, text=True)
-    assert reference.returncode == 0, reference.stderr
+    args = [sys.executable, "-m", "wsi_medcam.cli", "run", *slides, *_model_args(bundles)]
     out = tmp_path / "out"
     proc = subprocess.Popen([*args, "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -182,8 +193,10 @@ def test_kill_9_then_rerun_redoes_only_the_interrupted_slide(tmp_path, bundles, 
     assert second[Path(slides[0]).name] == "skipped"
     assert all(second[Path(s).name] == "done" for s in slides[1:])
     assert not [p for p in out.iterdir() if p.name.endswith(".partial")]
-    for name in (p.name for p in (tmp_path / "ref").iterdir() if p.is_dir()):
-        _same_outputs(tmp_path / "ref" / name, out / name)
+    names = sorted(p.name for p in reference.iterdir() if p.is_dir())
+    assert names == sorted(p.name for p in out.iterdir() if p.is_dir()) and len(names) == 3
+    for name in names:
+        _same_outputs(reference / name, out / name)
 
 
 def test_hostile_inputs_each_fail_alone_with_one_line(tmp_path, bundles, cmu_pixels):
@@ -308,21 +321,17 @@ def _private_mount_prefix(probe_dir: Path) -> list[str] | None:
     return None
 
 
-def test_disk_full_fails_the_slide_cleanly_and_a_rerun_with_space_completes(tmp_path, bundles):
+def test_disk_full_fails_the_slide_cleanly_and_a_rerun_with_space_completes(tmp_path, bundles, reference):
     """A real full filesystem (a 256 KiB tmpfs): the slide fails with ENOSPC in one line, nothing is
     left half-written or marked done; after the filesystem grows, the rerun redoes it and matches a
     run that never ran out of space."""
-    clf, seg = bundles
     out, keep = tmp_path / "out", tmp_path / "keep"
     out.mkdir()
     keep.mkdir()
     prefix = _private_mount_prefix(out)
     if prefix is None:
         pytest.skip("needs a private mount namespace (root or user namespaces) to mount a small tmpfs")
-    args = [sys.executable, "-m", "wsi_medcam.cli", "run", str(CMU), "--classifier", str(clf), "--segmenter", str(seg),
-            "--precision", "fp32", "--workers", "0"]
-    reference = subprocess.run([*args, "-o", str(tmp_path / "ref")], capture_output=True, text=True)
-    assert reference.returncode == 0, reference.stderr
+    args = [sys.executable, "-m", "wsi_medcam.cli", "run", str(CMU), *_model_args(bundles)]
     run = " ".join(f"'{a}'" for a in args) + f" -o '{out}'"
     script = f"""
 mount -t tmpfs -o size=256k tmpfs '{out}' || exit 99
@@ -343,7 +352,7 @@ cp -r '{out}/.' '{keep}/final'
     assert (keep / "second.rc").read_text().strip() == "0", (keep / "second.log").read_text()
     second = [json.loads(line) for line in (keep / "final" / "status.jsonl").read_text().splitlines()]
     assert [r["status"] for r in second] == ["failed", "done"]
-    _same_outputs(tmp_path / "ref" / CMU.stem, keep / "final" / CMU.stem)
+    _same_outputs(reference / CMU.stem, keep / "final" / CMU.stem)
 
 
 def _chattr(flag: str, *paths: Path) -> bool:
