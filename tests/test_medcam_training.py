@@ -268,7 +268,10 @@ def test_run_refine_rewrites_only_the_refined_tiles(stitchers, tmp_path, trained
     slide = tmp_path / "planted.tif"
     build_slide(slide, sources, tile_size=TILE, grid=5, mpp=0.5, seed=4)
     config = tmp_path / "strips.yaml"
-    config.write_text("output:\n  chunk_size: 128\n  strip_px: 128\n" if stitchers else "{}\n")
+    # 10 per-image steps, not the default 40: what is tested is where refined masks are written, not
+    # how good they are (test_per_image_refinement_localises); all 4 chosen tiles change in 10 (or 40)
+    strips = "output:\n  chunk_size: 128\n  strip_px: 128\n" if stitchers else ""
+    config.write_text(strips + "inference:\n  refine_steps: 10\n")
     common = ["--classifier", str(root / "clf"), "--segmenter", str(root / "cam" / "segmenter"), "--precision", "fp32",
               "--workers", "0", "--stitchers", str(stitchers), "--config", str(config)]
     for name, extra in {"plain": [], "refined": ["--refine", "2"]}.items():
