@@ -16,7 +16,7 @@ from pathlib import Path
 from wsi_medcam.batch import run_archive
 from wsi_medcam.inputs import expand_slides
 from wsi_medcam.config import RunConfig
-from wsi_medcam.distributed import client_for
+from wsi_medcam.distributed import client_for, close_client
 
 
 def main() -> int:
@@ -37,9 +37,11 @@ def main() -> int:
                  "slide.mpp_csv": [str(m) for m in manifests]}
     cfg = RunConfig.from_yaml(args.config, overrides)
     client = client_for(dask_spec=args.dask, scheduler=args.scheduler, slurm=args.slurm)
-    with client:
+    try:
         results = run_archive(paths, args.out, cfg, client=client,
                               on_result=lambda r: print(f"{r.status:8} {r.path}  {r.reason}", flush=True))
+    finally:
+        close_client(client)
     failed = sum(r.status == "failed" for r in results)
     print(f"{len(results) - failed} ok, {failed} failed; status in {args.out / 'status.jsonl'}")
     return 1 if failed else 0

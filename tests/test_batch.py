@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import zarr
 from typer.testing import CliRunner
@@ -79,10 +80,15 @@ def test_local_cluster_matches_one_process(tmp_path, bundles, slide_set):
     common = _model_args(bundles)
     single = runner.invoke(app, ["run", *map(str, slide_set), "-o", str(tmp_path / "single"), *common])
     assert single.exit_code == 0, single.output
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     start = time.perf_counter()
     result = runner.invoke(app, ["run", *map(str, slide_set), "-o", str(tmp_path / "dask"), *common, "--dask", "local:2"])
     assert result.exit_code == 0, result.output
     print(f"\nLocalCluster(2) over {len(slide_set)} slides: {time.perf_counter() - start:.1f} s")
+    # the cluster the run started went with it: no worker process (each holding the models) is left
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()
+            and p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())]
+    assert not left, [" ".join(p.cmdline())[:100] for p in left]
     folders = sorted(p.name for p in (tmp_path / "single").iterdir() if p.is_dir())
     assert folders == sorted(p.name for p in (tmp_path / "dask").iterdir() if p.is_dir())
     assert len(folders) == 4  # the two part.tif got distinct folders

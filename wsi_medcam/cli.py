@@ -181,7 +181,7 @@ def run(
         cfg = RunConfig.from_yaml(config, {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()})
         read_mpp_csvs(cfg.slide.mpp_csv)  # an unreadable or malformed CSV: one line now, not one per slide
         if dask or scheduler or slurm:  # dask is imported only when asked for (memory of plain runs)
-            from .distributed import client_for
+            from .distributed import client_for, close_client
 
             logging.getLogger("distributed").setLevel(logging.WARNING)  # importing it applied dask's INFO
             client = client_for(dask_spec=dask, scheduler=scheduler, slurm=slurm)
@@ -217,7 +217,7 @@ def run(
         if ahead is not None:  # where the slides did not start (run_slides closes it)
             ahead.close()
         if client is not None:
-            client.close()
+            close_client(client)
     failed = [r for r in results if r.status == "failed"]
     summary = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
     console.print(f"{summary['done']} done, {summary['skipped']} skipped, {summary['failed']} failed → {out} "

@@ -92,9 +92,22 @@ def slurm_client(cfg: SlurmConfig) -> Client:
     return Client(cluster)
 
 
+def close_client(client: Client) -> None:
+    """Close ``client`` and the cluster it was made on, where this module started one (LocalCluster,
+    SLURMCluster): ``Client(cluster).close()`` leaves the cluster running, and so did each run with
+    ``--dask local:N`` (its worker processes, each holding the models, lived on until the process
+    ended) and with ``--slurm`` (its jobs until their walltime or the process's exit). A client of an
+    existing scheduler (``client.cluster`` is None) only disconnects."""
+    cluster = client.cluster
+    client.close()
+    if cluster is not None:
+        cluster.close()
+
+
 def client_for(*, dask_spec: str | None = None, scheduler: str | None = None, slurm: Path | None = None) -> Client | None:
     """The client for the first of ``scheduler``, ``slurm`` (a YAML path) and ``dask_spec``
-    (``local[:N]``) that is given; None (run in this process) when none is."""
+    (``local[:N]``) that is given; None (run in this process) when none is. Close it with
+    :func:`close_client`."""
     if scheduler:
         return scheduler_client(scheduler)
     if slurm:
