@@ -6,11 +6,13 @@ import json
 import uuid
 from pathlib import Path
 
+from shapely.geometry import LinearRing
+
 OBJECT_TYPES = {"annotation", "detection", "tile", "cell"}
 
 
 def check_qupath_geojson(path: Path, *, width: int, height: int) -> list[dict]:
-    """Return the features after asserting every rule QuPath's parser applies."""
+    """Return the features after asserting every rule QuPath's parser applies, and GeoJSON's winding."""
     doc = json.loads(Path(path).read_text())
     assert doc["type"] == "FeatureCollection"
     ids = set()
@@ -27,10 +29,12 @@ def check_qupath_geojson(path: Path, *, width: int, height: int) -> list[dict]:
         assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in props["measurements"].values())
         geom = feat["geometry"]
         assert geom["type"] in {"Polygon", "MultiPolygon"}
-        rings = geom["coordinates"] if geom["type"] == "Polygon" else [r for p in geom["coordinates"] for r in p]
-        for ring in rings:
+        polygons = [geom["coordinates"]] if geom["type"] == "Polygon" else geom["coordinates"]
+        for polygon in polygons:  # RFC 7946's winding: exterior counter-clockwise, holes clockwise
+            assert [LinearRing(ring).is_ccw for ring in polygon] == [True] + [False] * (len(polygon) - 1)
+        for ring in (r for p in polygons for r in p):
             assert ring[0] == ring[-1] and len(ring) >= 4
             for x, y in ring:  # level-0 pixel coordinates of this slide
-                assert -1 <= x <= width + 1 and -1 <= y <= height + 1
+                assert 0 <= x <= width and 0 <= y <= height
     assert len(ids) == len(doc["features"])
     return doc["features"]

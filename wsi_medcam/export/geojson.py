@@ -128,8 +128,10 @@ def encode(value: Any) -> str:
 
 def polygon_coordinates(polys: np.ndarray, ndigits: int = 1) -> list[list[np.ndarray]]:
     """Per shapely polygon, its GeoJSON rings (exterior first) as (n, 2) arrays rounded to
-    ``ndigits`` (level-0 px), taken from all the polygons at once."""
-    rings, owner = shapely.get_rings(polys, return_index=True)
+    ``ndigits`` (level-0 px), taken from all the polygons at once. Exteriors wind counter-clockwise
+    and holes clockwise, as RFC 7946 asks and as the tiles' squares do; OpenCV's traced outlines
+    come the other way round."""
+    rings, owner = shapely.get_rings(shapely.orient_polygons(polys), return_index=True)
     coords, ring = shapely.get_coordinates(rings, return_index=True)
     coords = np.round(coords, ndigits)
     per_ring = np.split(coords, np.flatnonzero(np.diff(ring)) + 1) if len(coords) else []
