@@ -369,6 +369,10 @@ def test_coarser_mask_mpp_with_overlapping_tiles(tmp_path, bundles, built_pyrami
     assert report["parameters"]["stride"] == 224 - 32
     assert root["0"][0].any()
     check_qupath_geojson(folder / "evidence.geojson", width=width, height=height)
+    # the grid's last row reaches past the slide (the CSV keeps the square read), its QuPath tiles are cut to it
+    tiles = _tiles(folder)
+    assert max(int(t["y"]) + float(t["size"]) for t in tiles) > height
+    assert len(check_qupath_geojson(folder / "tiles.geojson", width=width, height=height)) == len(tiles)
 
 
 def test_narrow_strips_change_the_tile_order_not_the_outputs(tmp_path, bundles):

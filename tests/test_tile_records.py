@@ -23,8 +23,12 @@ def test_object_ids_are_uuid5_of_slide_kind_and_index():
     assert object_id("a", "evidence", 3) == str(uuid.uuid5(_NAMESPACE, "a/evidence/3"))
 
 
+EXTENT = (90_100, 90_200)  # level-0 px: ~1 in 20 tiles of :func:`_batches` overhang it
+
+
 def _reference(slide_key, batch, fills):
-    """Rows and features as the writer made them one tile at a time, from dicts."""
+    """Rows and features as the writer made them one tile at a time, from dicts; the squares cut to
+    :data:`EXTENT` in the GeoJSON, whole in the CSV."""
     rows, feats = [], []
     for k, i in enumerate(batch.indices):
         probs, pred = batch.probs[k], int(batch.predictions[k])
@@ -40,7 +44,8 @@ def _reference(slide_key, batch, fills):
         for f, v in kept.items():
             measurements[f"evidence keeps class ({f} fill)"] = float(v)
         x, y, s = batch.x[k], batch.y[k], batch.size
-        ring = [[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]
+        x1, y1 = min(x + s, float(EXTENT[0])), min(y + s, float(EXTENT[1]))
+        ring = [[x, y], [x1, y], [x1, y1], [x, y1], [x, y]]
         feats.append(encode(feature({"type": "Polygon", "coordinates": [ring]}, fid=object_id(slide_key, "tile", i),
                                     object_type="tile", name=CLASSES[pred], color=COLORS[pred], measurements=measurements)))
     return rows, feats
@@ -51,7 +56,7 @@ def _batches(rng, sizes=((5, True), (1, False), (300, True))):
     for n, with_evidence in sizes:
         probs = rng.dirichlet([1, 1, 1], n).astype(np.float32)
         batches.append(TileBatch(
-            indices=rng.permutation(10_000)[:n], x=rng.integers(0, 90_000, n).tolist(), y=rng.integers(0, 90_000, n).tolist(),
+            indices=rng.permutation(10_000)[:n], x=rng.integers(80_000, 90_000, n).tolist(), y=rng.integers(80_000, 90_000, n).tolist(),
             size=224 * 1.9871, tissue_fraction=rng.random(n), probs=probs, predictions=probs.argmax(1),
             evidence_fraction=rng.random(n) / 7 if with_evidence else None,
             kept={"mean": rng.random(n) < 0.5} if with_evidence else {}))
@@ -68,7 +73,7 @@ def test_batches_write_the_bytes_of_the_feature_encoder(tmp_path, own_process):
     fills = ("mean", "white")
     batches = _batches(rng)
     csv_path, geo_path = tmp_path / "tiles.csv", tmp_path / "tiles.geojson"
-    with tile_records(tmp_path, own_process, slide_key="s:1", class_names=CLASSES, colors=COLORS,
+    with tile_records(tmp_path, own_process, slide_key="s:1", extent=EXTENT, class_names=CLASSES, colors=COLORS,
                       certify_fills=fills) as write:
         for b in batches:
             write(b)
@@ -82,7 +87,12 @@ def test_batches_write_the_bytes_of_the_feature_encoder(tmp_path, own_process):
     assert got_rows[1:] == want_rows
     text = geo_path.read_text()
     assert text == '{"type": "FeatureCollection", "features": [\n' + ",\n".join(want_feats) + "\n]}\n"
-    assert len(json.loads(text)["features"]) == 306
+    features = json.loads(text)["features"]
+    assert len(features) == 306
+    # the last row's and column's squares overhang the slide (the CSV's x + size): cut to it here
+    overhang = [k for b in batches for k in range(len(b.indices)) if max(b.x[k] - EXTENT[0], b.y[k] - EXTENT[1]) > -b.size]
+    assert overhang and max(x for f in features for x, _ in f["geometry"]["coordinates"][0]) == EXTENT[0]
+    assert max(y for f in features for _, y in f["geometry"]["coordinates"][0]) == EXTENT[1]
 
 
 def test_evidence_features_hold_each_polygon_rounded_with_its_measurements(tmp_path):
@@ -151,7 +161,7 @@ def test_a_killed_tile_records_process_fails_the_slide_in_one_line(tmp_path):
     batches = _batches(np.random.default_rng(1), sizes=((50, True),) * 40)
     with pytest.raises(OutputError, match=r"^writing tiles.csv and tiles.geojson failed in process wsi-medcam-tiles "
                                           r"\(exit code -9\)$"):
-        with tile_records(tmp_path, True, slide_key="s:1", class_names=CLASSES, colors=COLORS) as write:
+        with tile_records(tmp_path, True, slide_key="s:1", extent=EXTENT, class_names=CLASSES, colors=COLORS) as write:
             write(batches[0])
             proc, = [p for p in multiprocessing.active_children() if p.name == "wsi-medcam-tiles"]
             os.kill(proc.pid, signal.SIGKILL)

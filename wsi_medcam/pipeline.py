@@ -336,7 +336,7 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
     done = 0
     first_at = last_at = stage_at = time.perf_counter()  # when the first and last batch's outputs were taken in
     with timer.stage("inference+stitching"), tile_records(
-        work_dir, bool(stitchers), slide_key=slide_key, class_names=class_names, colors=colors,
+        work_dir, bool(stitchers), slide_key=slide_key, extent=dimensions, class_names=class_names, colors=colors,
         certify_fills=tuple(cfg.inference.certify_fills) if models.predictor.explains else ()
     ) as write_tiles:
 

@@ -39,6 +39,7 @@ class TileBatch:
 
 class TileWriter:
     """Writes each :class:`TileBatch` to the CSV and the GeoJSON at once; a context manager.
+    ``extent``: the slide's level-0 (width, height), px.
 
     It runs beside the models in the model process, one row and one feature per tile, so it is
     written for speed: values leave numpy once per batch, and each feature is filled into a
@@ -47,9 +48,10 @@ class TileWriter:
     on the 2-core VM, where the model process's GIL limits a GPU's pace).
     """
 
-    def __init__(self, csv_path: Path, geojson_path: Path, *, slide_key: str, class_names: list[str],
-                 colors: list[tuple[int, int, int]], certify_fills: tuple[str, ...] = ()):
+    def __init__(self, csv_path: Path, geojson_path: Path, *, slide_key: str, extent: tuple[int, int],
+                 class_names: list[str], colors: list[tuple[int, int, int]], certify_fills: tuple[str, ...] = ()):
         self.csv_path, self.geojson_path = Path(csv_path), Path(geojson_path)
+        self.extent = extent
         self.slide_key = slide_key
         self.class_names = class_names
         self.certify_fills = certify_fills
@@ -79,6 +81,7 @@ class TileWriter:
         evidence = [None] * n if batch.evidence_fraction is None else np.asarray(batch.evidence_fraction, np.float64).tolist()
         kept = [[f in batch.kept and bool(batch.kept[f][k]) for f in self.certify_fills] for k in range(n)]
         size = float(batch.size)
+        width, height = map(float, self.extent)
         ids = object_ids(self.slide_key, "tile", indices)
         rows, features = [], []
         for k in range(n):
@@ -92,7 +95,9 @@ class TileWriter:
                 measurements.append(f'"evidence fraction":{_number(evidence[k])}')
             measurements += [f"{key}:{_number(float(v))}" for f, key, v in zip(self.certify_fills, self._kept_keys, kept[k])
                              if f in batch.kept]
-            x1, y1 = x + size, y + size
+            # the square cut to the slide, as the evidence polygons are, and as QuPath cuts its own
+            # tiles; the CSV keeps the whole square read (a last row or column may overhang)
+            x1, y1 = min(x + size, width), min(y + size, height)
             ring = f"[{x},{y}],[{_number(x1)},{y}],[{_number(x1)},{_number(y1)}],[{x},{_number(y1)}],[{x},{y}]"
             features.append(f'{{"type":"Feature","id":"{ids[k]}","geometry":{{"type":"Polygon","coordinates":[[{ring}]]}},'
                             f'"properties":{{"objectType":"tile","classification":{self._classification[pred]},'
