@@ -142,3 +142,65 @@ def test_train_cam_device_is_checked_before_tiles_are_sampled(tmp_path):
         result = runner.invoke(app, [*common, "--device", "cuda"])
         assert result.exit_code == 2 and "--device cuda: no CUDA device here" in result.output
         assert "tiles of" not in result.output  # refused before sampling
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory):
+    from wsi_medcam.bundles import ClassifierConfig, import_classifier
+
+    return import_classifier(ClassifierConfig(arch="resnet10t", class_names=["a", "b"], mpp=0.5, tile_size=32),
+                             tmp_path_factory.mktemp("tiny") / "clf")
+
+
+def _one_error_line(result, *wanted: str) -> str:
+    """The run's single ``error:`` line, after checking its exit status and that it names ``wanted``."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and all(w in lines[0] for w in wanted), result.output
+    return lines[0]
+
+
+def test_bad_explain_and_eval_input_is_one_line_before_any_work(tmp_path, tiny_classifier):
+    from PIL import Image
+
+    for folder in ("a", "b"):  # two images named x.png: their outputs would overwrite each other
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (32, 32), (200, 100, 150)).save(tmp_path / folder / "x.png")
+    common = ["--classifier", str(tiny_classifier), "-o", str(tmp_path / "out")]
+    same = runner.invoke(app, ["explain", str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png"), *common, "--per-image",
+                               "--steps", "1"])
+    _one_error_line(same, "a/x.png", "b/x.png")
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    one = [str(tmp_path / "a" / "x.png"), *common, "--per-image"]
+    _one_error_line(runner.invoke(app, ["explain", *one, "--preset", "nonsense"]), "unknown preset 'nonsense'", "minimal")
+    _one_error_line(runner.invoke(app, ["explain", *one, "--steps", "0"]), "steps")
+    # an output whose folder is a file: refused before the evaluation, not after it
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    bad_out = runner.invoke(app, ["eval", "--classifier", str(tiny_classifier), "--tiles", str(tmp_path / "a"),
+                                  "-o", str(blocker / "report.json"), "--baselines", "gradcam"])
+    _one_error_line(bad_out, "a-file")
+    nothing = runner.invoke(app, ["eval", "--classifier", str(tiny_classifier), "--tiles", str(tmp_path / "a"),
+                                  "-o", str(tmp_path / "r.json"), "--baselines", ""])
+    _one_error_line(nothing, "nothing to evaluate")
+
+
+def test_validation_errors_name_the_field(tmp_path):
+    line = _one_error_line(runner.invoke(app, ["make-segmenter", "-o", str(tmp_path / "s"), "--tile-size", "0"]))
+    assert "tile_size" in line
+    line = _one_error_line(runner.invoke(app, ["import-classifier", "--arch", "resnet10t", "--untrained", "--classes", "a,b",
+                                               "--mpp", "0.5", "--tile-size", "8", "-o", str(tmp_path / "c")]))
+    assert "tile_size" in line
+
+
+def test_names_in_brackets_and_colour_codes_reach_the_terminal_as_written(tmp_path):
+    """Slide names and messages are text, not rich markup: ``case [red].svs`` keeps its brackets;
+    terminal colour codes in a library's message (torch's refusals) are dropped."""
+    from wsi_medcam.cli import _error_line
+
+    broken = tmp_path / "case [red].svs"
+    broken.write_bytes(b"not a slide")
+    result = runner.invoke(app, ["info", str(broken)])
+    assert result.exit_code == 1 and "case [red].svs" in result.output, result.output
+    assert _error_line(RuntimeError("\x1b[1mWeights only load failed.\x1b[0m\nmore")) == "Weights only load failed."

@@ -6,16 +6,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .config import RunConfig
+from .config import RunConfig, format_validation_error
 from .errors import WsiMedcamError
 from .inputs import expand_slides
 
@@ -30,8 +33,20 @@ out_console = Console()
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _error_line(exc: BaseException) -> str:
+    """One line a user can act on: a pydantic error's fields, or the first line of the message
+    without terminal colour codes (torch's refusals carry them)."""
+    if isinstance(exc, ValidationError):
+        return format_validation_error(exc)
+    lines = [line for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -55,7 +70,7 @@ def demo(
         summary = run_demo(out, epochs=epochs, cam_steps=steps,
                            step=lambda msg: console.print(f"[bold]•[/bold] {msg}", highlight=False))
     except (WsiMedcamError, ValueError, OSError, RuntimeError) as exc:
-        raise _fail(str(exc).splitlines()[0]) from None
+        raise _fail(_error_line(exc)) from None
     table = Table(title="evidence vs the planted truth", title_justify="left")
     for col in ("method", "IoU", "pointing game", "evidence area", "truth area", "certified (mean fill)", "outputs"):
         table.add_column(col)
@@ -91,14 +106,14 @@ def info(
             failed += 1
             described.append({"path": str(path), "error": str(exc)})
             if not as_json:
-                console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+                console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
     if as_json:
         out_console.print_json(json.dumps(described if len(described) > 1 else described[0]))
     else:
         for d in described:
             if "error" in d:
                 continue
-            table = Table(title=f"{Path(d['path']).name}", title_justify="left", show_header=True)
+            table = Table(title=escape(Path(d["path"]).name), title_justify="left", show_header=True)
             table.add_column("level")
             table.add_column("width × height")
             table.add_column("downsample")
@@ -191,7 +206,7 @@ def run(
     except WsiMedcamError as exc:
         if ahead is not None:
             ahead.close()
-        raise _fail(str(exc)) from None
+        raise _fail(_error_line(exc)) from None
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
@@ -206,13 +221,13 @@ def run(
             def on_result(result) -> None:  # noqa: ANN001
                 bar.advance(overall)
                 colour = {"done": "green", "skipped": "yellow", "failed": "red"}[result.status]
-                bar.console.print(f"[{colour}]{result.status}[/{colour}] {result.path}  {result.reason}", highlight=False,
+                bar.console.print(f"[{colour}]{result.status}[/{colour}] {escape(f'{result.path}  {result.reason}')}", highlight=False,
                                   soft_wrap=True)
 
             results = run_archive(paths, out, cfg, client=client, models=models, progress=on_progress,
                                   on_result=on_result, ahead=ahead)
     except WsiMedcamError as exc:
-        raise _fail(str(exc)) from None
+        raise _fail(_error_line(exc)) from None
     finally:
         if ahead is not None:  # where the slides did not start (run_slides closes it)
             ahead.close()
@@ -252,7 +267,7 @@ def export_tiff_cmd(
                                progress=lambda rows, total, task=task: bar.update(task, advance=rows, total=total))
                 bar.console.print(f"[green]written[/green] {target}", highlight=False)
     except WsiMedcamError as exc:
-        raise _fail(str(exc)) from None
+        raise _fail(_error_line(exc)) from None
 
 
 @app.command("import-classifier")
@@ -277,7 +292,7 @@ def import_classifier_cmd(
                                tile_size=tile_size, mean=_floats(mean), std=_floats(std))
         path = import_classifier(cfg, out, weights=weights)
     except (WsiMedcamError, ValueError) as exc:
-        raise _fail(str(exc).splitlines()[0] if isinstance(exc, WsiMedcamError) else _pydantic_line(exc)) from None
+        raise _fail(_error_line(exc)) from None
     console.print(f"classifier bundle written to {path}")
 
 
@@ -314,7 +329,7 @@ def train_classifier_cmd(
         cfg = cfg.model_copy(update={"val_accuracy": result.val_accuracy, "train_tiles": int(len(labels))})
         save_bundle(result.model, cfg, out)
     except (WsiMedcamError, ValueError, OSError) as exc:
-        raise _fail(str(exc).splitlines()[0]) from None
+        raise _fail(_error_line(exc)) from None
     console.print(f"{len(labels)} tiles, {len(classes)} classes, validation accuracy {result.val_accuracy:.3f} → {out}")
 
 
@@ -333,10 +348,8 @@ def train_cam_cmd(
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Train the amortised Med-CAM segmenter label-free against a frozen classifier (resumes if interrupted)."""
-    from pydantic import ValidationError
-
     from .bundles import load_classifier
-    from .config import format_validation_error, read_yaml_mapping
+    from .config import read_yaml_mapping
     from .inference import resolve_device
     from .medcam.data import tiles_from_folder, tiles_from_slides
     from .slide import MppOverrides
@@ -367,10 +380,8 @@ def train_cam_cmd(
                 bar.update(task, completed=step, description=f"loss {terms['total']:.2f} area {terms['area']:.3f}")
 
             path, summary = train_segmenter(bundle, images, cfg, out, on_step=on_step)
-    except ValidationError as exc:
-        raise _fail(format_validation_error(exc)) from None
-    except (WsiMedcamError, ValueError, OSError) as exc:
-        raise _fail(str(exc).splitlines()[0]) from None
+    except (WsiMedcamError, ValueError, OSError) as exc:  # a pydantic ValidationError is a ValueError
+        raise _fail(_error_line(exc)) from None
     console.print(f"segmenter bundle written to {path}; validation: {json.dumps(summary['validation'])}")
 
 
@@ -400,11 +411,11 @@ def explain(
             raise WsiMedcamError(f"no such image: {missing[0]}")
         records = explain_files(clf, images, out, segmenter=seg, per_image=options)
     except (WsiMedcamError, ValueError, OSError) as exc:
-        raise _fail(str(exc).splitlines()[0]) from None
+        raise _fail(_error_line(exc)) from None
     for rec in records:
         kept = ", ".join(f"{f}:{'yes' if v else 'no'}" for f, v in rec["keeps_prediction"].items())
-        out_console.print(f"{Path(rec['image']).name}: {rec['prediction']} ({rec['probability']:.2f}), "
-                          f"mask area {rec['mask_area']:.3f}, evidence keeps it [{kept}]", highlight=False)
+        out_console.print(escape(f"{Path(rec['image']).name}: {rec['prediction']} ({rec['probability']:.2f}), "
+                                 f"mask area {rec['mask_area']:.3f}, evidence keeps it [{kept}]"), highlight=False)
 
 
 @app.command("eval")
@@ -423,16 +434,19 @@ def eval_cmd(
     from .medcam.evaluate import evaluate
     from .medcam.explain import PerImageOptions
 
+    methods = [b for b in baselines.split(",") if b]
+    if segmenter is None and not per_image and not methods:
+        raise _fail("nothing to evaluate: give --segmenter, --per-image or --baselines")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)  # an unusable -o is refused before the evaluation, not after
         clf = load_classifier(classifier)
         seg = load_segmenter(segmenter) if segmenter else None
         images = tiles_from_folder(tiles, clf.config.tile_size)
-        report = evaluate(clf, images, segmenter=seg, baselines=[b for b in baselines.split(",") if b],
+        report = evaluate(clf, images, segmenter=seg, baselines=methods,
                           per_image=PerImageOptions(steps=steps) if per_image else None)
+        out.write_text(json.dumps(report, indent=2) + "\n")
     except (WsiMedcamError, ValueError, OSError) as exc:
-        raise _fail(str(exc).splitlines()[0]) from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+        raise _fail(_error_line(exc)) from None
     out_console.print(metrics_table(report))
 
 
@@ -462,8 +476,8 @@ def make_segmenter_cmd(
 
     try:
         path = make_segmenter(SegmenterConfig(encoder=encoder, tile_size=tile_size), out)
-    except WsiMedcamError as exc:
-        raise _fail(str(exc)) from None
+    except (WsiMedcamError, ValueError) as exc:
+        raise _fail(_error_line(exc)) from None
     console.print(f"segmenter bundle written to {path}")
 
 
@@ -472,14 +486,6 @@ def _floats(text: str) -> tuple[float, float, float]:
     if len(values) != 3:
         raise ValueError(f"expected three comma-separated numbers, got '{text}'")
     return values  # type: ignore[return-value]
-
-
-def _pydantic_line(exc: ValueError) -> str:
-    from pydantic import ValidationError
-
-    from .config import format_validation_error
-
-    return format_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
 
 
 if __name__ == "__main__":

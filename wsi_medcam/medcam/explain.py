@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from ..bundles import Bundle
+from ..errors import WsiMedcamError
 from ..classifier_training import to_input
 from .layers import deep_only, layer_preset
 from .loss import WEIGHT_PRESETS, MedCamObjective
@@ -38,6 +39,12 @@ class PerImageOptions:
     preset: str = "minimal"
     threshold_noise: float = 0.25
     deep_layers: bool = True
+
+    def __post_init__(self) -> None:
+        if self.preset not in WEIGHT_PRESETS:
+            raise WsiMedcamError(f"unknown preset '{self.preset}': use one of {', '.join(WEIGHT_PRESETS)}")
+        if self.steps < 1:
+            raise WsiMedcamError(f"per-image steps must be at least 1, not {self.steps}")
 
 
 def explain_batch(
@@ -95,7 +102,13 @@ def explain_files(
     per_image: PerImageOptions | None = None,
     batch_size: int = 16,
 ) -> list[dict]:
-    """Write ``<name>.mask.png`` (0/255), ``<name>.soft.png`` (0–255) and ``<name>.json`` per image."""
+    """Write ``<name>.mask.png`` (0/255), ``<name>.soft.png`` (0–255) and ``<name>.json`` per image;
+    images whose names would share those files are refused before anything is written."""
+    stems: dict[str, Path] = {}
+    for path in paths:
+        if (other := stems.setdefault(Path(path).stem, Path(path))) != Path(path):
+            raise WsiMedcamError(f"{other} and {path} would write the same {Path(path).stem}.* files: "
+                                 "explain them into separate folders")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     size = classifier.config.tile_size
