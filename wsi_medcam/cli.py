@@ -94,7 +94,10 @@ def info(
 
     if backend not in BACKENDS:
         raise _fail(f"--backend {backend}: use {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
-    paths, _ = expand_slides(slides)
+    try:
+        paths, _ = expand_slides(slides)
+    except WsiMedcamError as exc:  # a manifest that cannot be read
+        raise _fail(_error_line(exc)) from None
     if not paths:
         raise _fail("no slides matched")
     described, failed = [], 0

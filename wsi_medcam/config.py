@@ -138,9 +138,22 @@ class RunConfig(_Frozen):
             raise ConfigError(format_validation_error(exc)) from None
 
     @classmethod
+    def sections(cls) -> list[str]:
+        """The fields that are sections of settings (``slide``, ``tissue`` ...), not single values."""
+        return [name for name, field in cls.model_fields.items()
+                if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)]
+
+    @classmethod
     def from_yaml(cls, path: Path | None = None, overrides: dict[str, Any] | None = None) -> "RunConfig":
-        """Load ``path`` (or the defaults), then apply dotted ``overrides`` such as ``{"tiling.overlap": 32}``."""
+        """Load ``path`` (or the defaults), then apply dotted ``overrides`` such as ``{"tiling.overlap": 32}``.
+        A section left empty (``inference:`` with nothing under it, which YAML reads as null) means
+        its defaults; a section that is not a mapping (``inference: 5``) is one line naming it."""
         data = read_yaml_mapping(path) if path is not None else {}
+        for section in cls.sections():
+            if section in data and data[section] is None:
+                del data[section]
+            elif section in data and not isinstance(data[section], dict):
+                raise ConfigError(f"config {path}: {section} must be a mapping of {section} settings, not {data[section]!r}")
         for dotted, value in (overrides or {}).items():
             if value is None:
                 continue

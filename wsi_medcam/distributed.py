@@ -11,6 +11,8 @@ an existing scheduler may be daemonic; slides still run there, without child pro
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from distributed import Client, LocalCluster
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import format_validation_error, read_yaml_mapping
-from .errors import ConfigError
+from .errors import ConfigError, WsiMedcamError
 
 
 class SlurmConfig(BaseModel):
@@ -63,8 +65,14 @@ def local_client(n_workers: int) -> Client:
 
 
 def scheduler_client(address: str) -> Client:
-    """Connect to an existing dask scheduler, e.g. ``tcp://host:8786``."""
-    return Client(address)
+    """Connect to an existing dask scheduler, e.g. ``tcp://host:8786``. One that cannot be reached
+    within dask's connect timeout (``distributed.comm.timeouts.connect``), or a malformed address,
+    is one line naming the address instead of distributed's traceback."""
+    try:
+        return Client(address)
+    except (OSError, ValueError) as exc:  # OSError covers TimeoutError: "Timed out trying to connect"
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise WsiMedcamError(f"cannot connect to the dask scheduler at {address}: {reason}") from None
 
 
 def slurm_cluster(cfg: SlurmConfig) -> Any:
@@ -86,10 +94,35 @@ def slurm_cluster(cfg: SlurmConfig) -> Any:
 
 
 def slurm_client(cfg: SlurmConfig) -> Client:
-    """:func:`slurm_cluster` with ``cfg.jobs`` jobs submitted."""
+    """:func:`slurm_cluster` with ``cfg.jobs`` jobs submitted, once SLURM has accepted the job
+    script: dask-jobqueue submits in a background task and only logs a failed ``sbatch`` (not
+    installed, unknown partition or account), and the run then waited forever for workers that
+    never came. A job that SLURM accepts but takes long to start is waited for (a busy queue may
+    legitimately take hours): the progress bar shows the run at 0 slides meanwhile."""
+    if shutil.which("sbatch") is None:
+        raise WsiMedcamError("--slurm needs SLURM's sbatch on PATH: run wsi-medcam on a login node of the cluster")
     cluster = slurm_cluster(cfg)
+    try:
+        check_job_script(cluster.job_script())
+    except BaseException:  # the cluster's scheduler (and Ctrl-C during sbatch) must not outlive the refusal
+        cluster.close()
+        raise
     cluster.scale(jobs=cfg.jobs)
     return Client(cluster)
+
+
+def check_job_script(script: str, timeout_s: float = 120) -> None:
+    """Ask SLURM whether it would accept ``script`` (``sbatch --test-only``, which validates the
+    partition, account, resources and time limit without submitting anything); raise
+    :class:`ConfigError` with sbatch's reason if it would not."""
+    try:
+        proc = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True, text=True,
+                              timeout=timeout_s, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise WsiMedcamError(f"cannot check the SLURM job script with sbatch --test-only: {exc}") from None
+    if proc.returncode != 0:
+        lines = [line.strip() for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
+        raise ConfigError(f"SLURM refuses the worker job: {lines[-1] if lines else f'sbatch exit status {proc.returncode}'}")
 
 
 def close_client(client: Client) -> None:

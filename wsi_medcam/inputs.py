@@ -6,26 +6,28 @@ import csv
 import glob
 from pathlib import Path
 
+from .errors import ConfigError
+
 SLIDE_SUFFIXES: set[str] = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".dcm", ".svslide"}
 
 
 def expand_slides(items: list[str]) -> tuple[list[Path], list[Path]]:
     """Paths, globs, folders (their slide files, recursively) and manifest CSVs (``path[,mpp]`` rows)
-    → (unique slide paths in the given order, the manifests that were read)."""
+    → (unique slide paths in the given order, the manifests that were read). However a DICOM file
+    was named (folder, glob, list, manifest), only one file per series is kept: see
+    :func:`one_file_per_dicom_series`."""
     found: list[Path] = []
     manifests: list[Path] = []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
-            found.extend(one_file_per_dicom_series(files))
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES))
         elif path.suffix.lower() == ".csv" and path.is_file():
             manifests.append(path)
-            with open(path, newline="") as fh:
-                for row in csv.reader(fh):
-                    if row and row[0].strip() and row[0].strip().lower() != "path":
-                        entry = Path(row[0].strip())
-                        found.append(entry if entry.is_absolute() else path.parent / entry)
+            for row in read_csv_rows(path, "manifest"):
+                if row and row[0].strip() and row[0].strip().lower() != "path":
+                    entry = Path(row[0].strip())
+                    found.append(entry if entry.is_absolute() else path.parent / entry)
         elif any(ch in item for ch in "*?[") and not path.exists():
             found.extend(Path(p) for p in sorted(glob.glob(item, recursive=True)))
         else:
@@ -33,7 +35,21 @@ def expand_slides(items: list[str]) -> tuple[list[Path], list[Path]]:
     unique: dict[Path, None] = {}
     for p in found:
         unique.setdefault(p, None)
-    return list(unique), manifests
+    return one_file_per_dicom_series(list(unique)), manifests
+
+
+def read_csv_rows(path: Path, what: str) -> list[list[str]]:
+    """The rows of the CSV ``path`` (a ``what``, for the message). Read as ``utf-8-sig``: Excel's
+    "CSV UTF-8" starts with a byte-order mark, which would otherwise be part of the first cell and
+    hide the ``path`` header. A file that cannot be read, or is not UTF-8, is one
+    :class:`ConfigError` line naming it."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            return list(csv.reader(fh))
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot read the {what} {path}: it is not UTF-8 text (save it as CSV UTF-8)") from None
+    except (OSError, csv.Error) as exc:
+        raise ConfigError(f"cannot read the {what} {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def one_file_per_dicom_series(paths: list[Path]) -> list[Path]:

@@ -153,16 +153,27 @@ def tile_geometry(cfg: RunConfig, classifier: Bundle, *, quiet: bool = False) ->
 
 
 def output_names(paths: Sequence[Path]) -> dict[Path, str]:
-    """Output folder name per slide: its stem, plus a short hash of its folder when stems collide."""
+    """Output folder name per slide: its stem, or, where another slide of the run has the same stem
+    (``a/x.svs`` and ``b/x.svs``, or ``x.tif`` beside ``x.svs``), the stem plus a short hash of the
+    slide's own resolved path (of its folder, x.tif and x.svs shared one folder, and the second was
+    then skipped as done). A name depends on the other slides only through such a collision, and the
+    same list always gives the same names. A name still taken (a slide whose own stem is another's
+    hashed name, or two hashes alike) gets -2, -3 ... in the order given, so no two slides share a folder."""
     stems: dict[str, int] = {}
     for p in paths:
         stems[_stem(p)] = stems.get(_stem(p), 0) + 1
-    names = {}
+    names: dict[Path, str] = {}
+    taken: set[str] = set()
     for p in paths:
-        stem = _stem(p)
-        if stems[stem] > 1:
-            stem = f"{stem}-{hashlib.sha1(str(p.resolve().parent).encode()).hexdigest()[:8]}"
-        names[p] = stem
+        name = _stem(p)
+        if stems[name] > 1:
+            name = f"{name}-{hashlib.sha1(str(p.resolve()).encode()).hexdigest()[:8]}"
+        unique, n = name, 1
+        while unique in taken:
+            n += 1
+            unique = f"{name}-{n}"
+        taken.add(unique)
+        names[p] = unique
     return names
 
 

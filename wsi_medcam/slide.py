@@ -8,7 +8,6 @@ Handles are never pickled: :class:`SlideRef` carries the path and opens lazily i
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ import numpy as np
 
 from .cpus import usable_cores
 from .errors import ConfigError, MissingMetadataError, ResolutionError, SlideOpenError, SlideReadError
+from .inputs import read_csv_rows
 from .tiff_tiles import TiffTiles
 
 Backend = Literal["openslide", "tiffslide"]
@@ -143,13 +143,8 @@ def read_mpp_csvs(paths: Sequence[Path]) -> dict[str, float]:
 def read_mpp_csv(path: Path) -> dict[str, float]:
     """Read a ``path,mpp`` CSV (header optional; relative paths are relative to the CSV) into
     {resolved path: mpp} plus {file name: mpp} as a fallback key. Rows without an mpp are skipped."""
-    try:
-        with open(path, newline="") as fh:
-            rows = list(csv.reader(fh))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise ConfigError(f"cannot read the mpp CSV {path}: {getattr(exc, 'strerror', None) or exc}") from None
     table: dict[str, float] = {}
-    for row in rows:
+    for row in read_csv_rows(path, "mpp CSV"):
         if len(row) < 2 or not row[0].strip() or not row[1].strip() or row[0].strip().lower() == "path":
             continue
         value = _as_float(row[1])
