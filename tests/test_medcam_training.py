@@ -222,6 +222,12 @@ def test_demo_end_to_end_small(tmp_path):
     assert (tmp_path / "classifier" / "model.safetensors").is_file()
     assert (tmp_path / "medcam" / "segmenter" / "model.safetensors").is_file()
     assert any("classifier validation accuracy" in m for m in messages)
+    # run again into the same folder, with another classifier: Med-CAM is trained anew for it, not
+    # resumed from the first run's checkpoint (which is refused for another classifier)
+    again = run_demo(tmp_path, tile_size=64, grid=4, train_tiles=64, epochs=1, cam_steps=3, seed=1)
+    assert set(again["methods"]) == {"medcam", "gradcam"}
+    log = [json.loads(line) for line in (tmp_path / "medcam" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "validation" not in r] == [1, 2, 3]
 
 
 def test_optimised_run_matches_plain_run(tmp_path, trained, sources):

@@ -114,9 +114,20 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load with one readable line listing what does not fit."""
+def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, *,
+                     new_head: bool = False) -> None:
+    """Strict load with one readable line listing what does not fit.
+
+    ``new_head``: a timm classifier's classification head (``get_classifier()``) may be missing from
+    the file or shaped for another number of classes; it keeps the model's fresh initialisation.
+    Every other tensor must still match exactly.
+    """
     own = model.state_dict()
+    if new_head:
+        head = model.get_classifier()
+        prefix = next(name for name, module in model.named_modules() if module is head) + "."
+        state = {**state, **{k: v for k, v in own.items()
+                             if k.startswith(prefix) and (k not in state or state[k].shape != v.shape)}}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
@@ -162,20 +173,47 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def save_bundle(model: torch.nn.Module, config: BaseModel, out_dir: Path) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` into ``out_dir`` atomically (temp dir, then rename)."""
+def check_bundle_target(out_dir: Path) -> None:
+    """Refuse an ``out_dir`` that :func:`save_bundle` may not replace: anything but a missing folder,
+    an empty one, or a bundle (only ``config.json`` / ``model.safetensors``). Call it before a long
+    training run so that the refusal comes first."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    target = out_dir.resolve()
+    if not target.exists():
+        return
+    if not target.is_dir():
+        reason = "it is a file"
+    else:
+        foreign = sorted(p.name for p in target.iterdir() if p.name not in (CONFIG_NAME, WEIGHTS_NAME) or not p.is_file())
+        if not foreign:
+            return
+        reason = f"it holds {foreign[0]}" + (f" and {len(foreign) - 1} more" if len(foreign) > 1 else "")
+    raise BundleError(f"{out_dir} exists and is not a bundle ({reason}): refusing to overwrite it; choose another output folder")
+
+
+def save_bundle(model: torch.nn.Module, config: BaseModel, out_dir: Path) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` as the folder ``out_dir``, never half-written.
+
+    The files go into a temporary sibling folder that is renamed into place when complete. An
+    existing ``out_dir`` is replaced only when it is an earlier bundle (see
+    :func:`check_bundle_target`); nothing else is ever deleted.
+    """
+    out_dir = Path(out_dir)
+    check_bundle_target(out_dir)
+    target = out_dir.resolve()  # "." has no name to put a sibling beside; a link keeps pointing at the bundle
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        new = work / "new"
+        new.mkdir()
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_NAME))
-        (tmp / CONFIG_NAME).write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        save_file(state, str(new / WEIGHTS_NAME))
+        (new / CONFIG_NAME).write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
+        if target.exists():  # an earlier bundle: moved aside, then deleted with the work folder
+            os.replace(target, work / "old")
+        os.replace(new, target)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     return out_dir
 
 
@@ -205,7 +243,7 @@ def _load(bundle_dir: Path, kind: str, config_cls: type[BaseModel], build: Any) 
         raise BundleError(f"{bundle_dir / CONFIG_NAME}: {format_validation_error(exc)}") from None
     model = build(cfg)
     weights = Path(bundle_dir) / WEIGHTS_NAME
-    _load_state_into(model, read_state_dict(weights), str(bundle_dir))
+    load_state_into(model, read_state_dict(weights), str(bundle_dir))
     return Bundle(Path(bundle_dir), cfg, model.eval(), _file_sha256(weights))
 
 
@@ -223,7 +261,7 @@ def import_classifier(cfg: ClassifierConfig, out_dir: Path, *, weights: Path | N
     """Make a classifier bundle from a user's checkpoint, or randomly initialised when ``weights`` is None."""
     model = build_classifier(cfg)
     if weights is not None:
-        _load_state_into(model, read_state_dict(weights), str(weights))
+        load_state_into(model, read_state_dict(weights), str(weights))
     return save_bundle(model, cfg, out_dir)
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .bundles import ClassifierConfig, build_classifier, read_state_dict
+from .bundles import ClassifierConfig, build_classifier, load_state_into, read_state_dict
 from .inference import cpu_supports_bf16
 
 log = logging.getLogger("wsi_medcam")
@@ -83,6 +83,9 @@ def to_input(images: np.ndarray, cfg: ClassifierConfig) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ClassifierTraining:
+    """The trained model and its held-out accuracy (0–1; NaN when nothing was held out, which a
+    bundle's ``config.json`` records as null)."""
+
     model: torch.nn.Module
     val_accuracy: float
     history: list[dict[str, float]]
@@ -109,20 +112,23 @@ def train_classifier(
     init_weights: Path | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> ClassifierTraining:
-    """Train ``cfg.arch`` on uint8 tiles; returns the model (eval mode) and held-out accuracy."""
+    """Train ``cfg.arch`` on uint8 tiles; returns the model (eval mode) and held-out accuracy.
+
+    ``val_fraction`` of the tiles (at least one, unless it is 0 or there are 4 tiles or fewer) is held
+    out. ``init_weights`` must fit ``cfg.arch`` except for the classification head, which is trained
+    anew where it was made for another number of classes.
+    """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     n = len(labels)
     order = torch.randperm(n, generator=gen)
-    n_val = max(1, int(round(n * val_fraction))) if n > 4 else 0
+    n_val = max(1, int(round(n * val_fraction))) if n > 4 and val_fraction > 0 else 0
     val_idx, train_idx = order[:n_val], order[n_val:]
     x_all = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     y_all = torch.as_tensor(labels, dtype=torch.long)
     model = build_classifier(cfg)
     if init_weights is not None:
-        state = read_state_dict(init_weights)
-        head = {k for k, v in model.state_dict().items() if k in state and state[k].shape != v.shape}
-        model.load_state_dict({k: v for k, v in state.items() if k not in head}, strict=False)
+        load_state_into(model, read_state_dict(init_weights), str(init_weights), new_head=True)
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = max(1, epochs * -(-len(train_idx) // batch_size))

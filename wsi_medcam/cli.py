@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -314,10 +315,11 @@ def train_classifier_cmd(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Train a timm classifier (from scratch unless --weights) on labelled tiles and write its bundle."""
-    from .bundles import ClassifierConfig, save_bundle
+    from .bundles import ClassifierConfig, check_bundle_target, save_bundle
     from .classifier_training import load_image_folder, train_classifier
 
     try:
+        check_bundle_target(out)  # refused before training, not after it
         images, labels, classes = load_image_folder(data, tile_size)
         cfg = ClassifierConfig(arch=arch, class_names=classes, mpp=mpp, tile_size=tile_size)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -325,7 +327,7 @@ def train_classifier_cmd(
             task = bar.add_task("epochs", total=epochs)
 
             def on_epoch(rec: dict[str, float]) -> None:
-                bar.update(task, advance=1, description=f"loss {rec['loss']:.3f} val acc {rec['val_accuracy']:.3f}")
+                bar.update(task, advance=1, description=f"loss {rec['loss']:.3f} {_accuracy(rec['val_accuracy'])}")
 
             result = train_classifier(images, labels, cfg, epochs=epochs, batch_size=batch_size, lr=lr,
                                       val_fraction=val_fraction, seed=seed, init_weights=weights, on_epoch=on_epoch)
@@ -333,7 +335,7 @@ def train_classifier_cmd(
         save_bundle(result.model, cfg, out)
     except (WsiMedcamError, ValueError, OSError) as exc:
         raise _fail(_error_line(exc)) from None
-    console.print(f"{len(labels)} tiles, {len(classes)} classes, validation accuracy {result.val_accuracy:.3f} → {out}")
+    console.print(f"{len(labels)} tiles, {len(classes)} classes, {_accuracy(result.val_accuracy)} → {out}")
 
 
 @app.command("train-cam")
@@ -365,7 +367,6 @@ def train_cam_cmd(
         data = read_yaml_mapping(config) if config else {}
         data.update({k: v for k, v in {"steps": steps, "batch_size": batch_size, "preset": preset, "device": device}.items() if v is not None})
         cfg = CamTrainConfig.model_validate(data)
-        cfg.loss_weights()
         resolve_device(cfg.device)  # a missing GPU is refused before any tile is sampled
         bundle = load_classifier(classifier)
         size, tile_mpp = bundle.config.tile_size, bundle.config.mpp
@@ -482,6 +483,11 @@ def make_segmenter_cmd(
     except (WsiMedcamError, ValueError) as exc:
         raise _fail(_error_line(exc)) from None
     console.print(f"segmenter bundle written to {path}")
+
+
+def _accuracy(value: float) -> str:
+    """Held-out accuracy for the console; NaN where no tile was held out (``--val-fraction 0``)."""
+    return "no validation tiles" if math.isnan(value) else f"validation accuracy {value:.3f}"
 
 
 def _floats(text: str) -> tuple[float, float, float]:

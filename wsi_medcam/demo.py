@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -106,6 +107,13 @@ def run_demo(out: Path, *, tile_size: int = 96, grid: int = 10, train_tiles: int
     classifier: Bundle = load_classifier(classifier_dir)
     step(f"classifier validation accuracy {trained.val_accuracy:.3f}; training Med-CAM ({cam_steps} steps, label-free)")
     cam_cfg = CamTrainConfig(steps=cam_steps, val_every=cam_steps, checkpoint_every=cam_steps, seed=seed)
+    # the classifier was trained anew, so an earlier demo's Med-CAM training is not resumed (it
+    # would be refused if the classifier's weights differ at all): its checkpoint and log go
+    for earlier in (out / "medcam" / "checkpoint", out / "medcam" / "train_log.jsonl"):
+        if earlier.is_dir():
+            shutil.rmtree(earlier)
+        elif earlier.is_file():
+            earlier.unlink()
     segmenter_dir, cam_summary = train_segmenter(classifier, data.images, cam_cfg, out / "medcam")
     step("building a 3-level demo slide with planted evidence")
     slide = out / "demo-slide.tif"

@@ -24,12 +24,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from safetensors.torch import load_file, save_file
 
-from ..bundles import Bundle, SegmenterConfig, build_segmenter, save_bundle
+from ..bundles import Bundle, SegmenterConfig, build_segmenter, check_bundle_target, save_bundle
 from ..classifier_training import augment, normalise
 from ..config import check_device_name
+from ..errors import BundleError
 from ..inference import bf16_supported, resolve_device
 from .fills import FILL_KINDS
 from .layers import LayerSpec, deep_only, layer_preset
@@ -45,7 +46,7 @@ class CamTrainConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     preset: str = Field("minimal", description="loss weight preset (see WEIGHT_PRESETS)")
-    weights: dict[str, float] = Field(default_factory=dict, description="overrides of single loss weights")
+    weights: dict[str, float] = Field(default_factory=dict, description="overrides of single loss weights (LossWeights fields)")
     layers: str = Field("deep", description="'preset' (all layers of the family preset) or 'deep' (deep ones only)")
     fill: str = Field("mean", description="training fill")
     heldout_fill: str = Field("white", description="fill used only for validation")
@@ -67,10 +68,23 @@ class CamTrainConfig(BaseModel):
     def _known_device(cls, value: str) -> str:
         return check_device_name(value)
 
+    @model_validator(mode="after")
+    def _known_loss_weights(self) -> "CamTrainConfig":
+        self.loss_weights()  # a typo in a weight's name must fail here, not be trained with the default
+        return self
+
     def loss_weights(self) -> LossWeights:
+        """The preset's weights with ``weights`` overriding single terms, validated like any LossWeights."""
         if self.preset not in WEIGHT_PRESETS:
             raise ValueError(f"unknown preset '{self.preset}', expected one of {', '.join(WEIGHT_PRESETS)}")
-        return WEIGHT_PRESETS[self.preset].model_copy(update=self.weights) if self.weights else WEIGHT_PRESETS[self.preset]
+        try:
+            return LossWeights.model_validate({**WEIGHT_PRESETS[self.preset].model_dump(), **self.weights})
+        except ValidationError as exc:
+            raise ValueError("; ".join(
+                f"weights.{'.'.join(map(str, err['loc']))}: "
+                + (f"unknown loss weight, expected one of {', '.join(LossWeights.model_fields)}"
+                   if err["type"] == "extra_forbidden" else err["msg"])
+                for err in exc.errors())) from None
 
     def layer_specs(self, model: torch.nn.Module, arch: str) -> list[LayerSpec]:
         specs = layer_preset(model, arch)
@@ -124,6 +138,16 @@ def _checkpoint_paths(out_dir: Path) -> tuple[Path, Path, Path]:
     return ckpt / "segmenter.safetensors", ckpt / "optimizer.pt", ckpt / "state.json"
 
 
+def _check_resumable(state: dict[str, Any], identity: dict[str, Any], state_path: Path) -> None:
+    """Refuse a checkpoint trained against another classifier, tile size or encoder: its masks
+    would explain a model they were never trained for (checkpoints without the record included)."""
+    for key, value in identity.items():
+        if state.get(key) != value:
+            ckpt = state_path.parent
+            raise BundleError(f"{ckpt} was made for another classifier, tile size or encoder: its {key} is "
+                              f"{state.get(key, 'unrecorded')}, now {value}; choose a new -o or delete {ckpt}")
+
+
 def train_segmenter(
     classifier: Bundle,
     tiles: np.ndarray,
@@ -134,13 +158,15 @@ def train_segmenter(
 ) -> tuple[Path, dict[str, Any]]:
     """Train the amortised segmenter on uint8 tiles (N, S, S, 3); write its bundle to ``out_dir``.
 
-    Resumes from ``out_dir/checkpoint`` when present. Every loss term is appended to
+    Resumes from ``out_dir/checkpoint`` when present; one made against another classifier, tile size
+    or encoder is refused (BundleError). Every loss term is appended to
     ``out_dir/train_log.jsonl``. Returns the bundle path and the final validation figures.
     """
     for fill in (cfg.fill, cfg.heldout_fill):
         if fill not in FILL_KINDS:
             raise ValueError(f"unknown fill '{fill}', expected one of {', '.join(FILL_KINDS)}")
     out_dir = Path(out_dir)
+    check_bundle_target(out_dir / "segmenter")  # before training, not after it
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
@@ -164,11 +190,13 @@ def train_segmenter(
     segmenter.to(device)
     opt = torch.optim.Adam(segmenter.parameters(), lr=cfg.lr)
     seg_path, opt_path, state_path = _checkpoint_paths(out_dir)
+    identity = {"classifier_sha256": classifier.sha256, "tile_size": tile_size, "encoder": cfg.encoder}
     step = 0
     if state_path.is_file():
+        state = json.loads(state_path.read_text())
+        _check_resumable(state, identity, state_path)
         segmenter.load_state_dict(load_file(str(seg_path)))
         opt.load_state_dict(torch.load(opt_path, weights_only=True))
-        state = json.loads(state_path.read_text())
         step = int(state["step"])
         gen.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
         if dev_gen is not gen and "device_generator" in state:
@@ -203,7 +231,7 @@ def train_segmenter(
                 seg_path.parent.mkdir(exist_ok=True)
                 save_file({k: v.detach().cpu().contiguous() for k, v in segmenter.state_dict().items()}, str(seg_path))
                 torch.save(opt.state_dict(), opt_path)
-                state = {"step": step, "generator": gen.get_state().tolist()}
+                state = {**identity, "step": step, "generator": gen.get_state().tolist()}
                 if dev_gen is not gen:
                     state["device_generator"] = dev_gen.get_state().tolist()
                 state_path.write_text(json.dumps(state))
