@@ -73,6 +73,15 @@ def test_pickled_objects_are_refused_not_executed(tmp_path, monkeypatch):
         import_classifier(CFG, tmp_path / "b", weights=full_model)
 
 
+def test_a_file_that_is_no_checkpoint_says_so(tmp_path):
+    """Text, or a slide given by mistake, is not a checkpoint: said in those words (the unpickler's
+    message was ': 101' for a text file)."""
+    for name, data in (("notes.pth", b"hello\n"), ("slide.pt", b"II*\x00" + bytes(60))):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(BundleError, match=f"{name}: not a PyTorch checkpoint"):
+            import_classifier(CFG, tmp_path / "b", weights=tmp_path / name)
+
+
 def test_bad_bundles(tmp_path):
     clf = import_classifier(CFG, tmp_path / "clf")
     seg = make_segmenter(SegmenterConfig(encoder="resnet18", tile_size=64), tmp_path / "seg")

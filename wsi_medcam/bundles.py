@@ -158,6 +158,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
             raise BundleError(f"{path.name}: not a valid safetensors file ({exc})") from None
+    with open(path, "rb") as fh:  # torch.save writes a zip archive (a pickle before torch 1.6)
+        head = fh.read(4)
+    if head[:2] != b"PK" and head[:1] != b"\x80":
+        raise BundleError(f"{path.name}: not a PyTorch checkpoint (.pth/.pt) nor a .safetensors file")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - UnpicklingError for anything but tensors
