@@ -91,6 +91,13 @@ def test_an_unreachable_scheduler_is_one_line():
         client_for(scheduler="tcp://127.0.0.1:9")
     with pytest.raises(WsiMedcamError, match="cannot connect to the dask scheduler at nohost:port"):
         client_for(scheduler="nohost:port")
+    # and no half-started client is left for the garbage collector to close at some later moment,
+    # under the lock every loop runner shares (it deadlocked a later test's SLURMCluster for 900 s)
+    import gc
+
+    from distributed import Client
+
+    assert not [c for c in gc.get_objects() if type(c) is Client and c.status not in ("closed", "newly-created")]
 
 
 def _slurm_yaml(tmp_path: Path) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +69,16 @@ def scheduler_client(address: str) -> Client:
     """Connect to an existing dask scheduler, e.g. ``tcp://host:8786``. One that cannot be reached
     within dask's connect timeout (``distributed.comm.timeouts.connect``), or a malformed address,
     is one line naming the address instead of distributed's traceback."""
+    client = Client.__new__(Client)  # kept, to close it here if it fails half-started
     try:
-        return Client(address)
+        client.__init__(address)
+        return client
     except (OSError, ValueError) as exc:  # OSError covers TimeoutError: "Timed out trying to connect"
+        # a malformed address leaves the client half-started; left to its __del__, it is closed
+        # whenever the garbage collector runs, and that takes the one lock all of distributed's loop
+        # runners share: run inside another's start, it deadlocked (a test hung for 900 s)
+        with suppress(Exception):
+            client.close()
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise WsiMedcamError(f"cannot connect to the dask scheduler at {address}: {reason}") from None
 
