@@ -21,7 +21,7 @@ from ..bundles import Bundle
 from ..errors import WsiMedcamError
 from ..classifier_training import to_input
 from .layers import deep_only, layer_preset
-from .loss import WEIGHT_PRESETS, MedCamObjective
+from .loss import MedCamObjective, preset_weights
 from .metrics import sufficiency
 from .per_image import optimise_masks
 
@@ -41,8 +41,7 @@ class PerImageOptions:
     deep_layers: bool = True
 
     def __post_init__(self) -> None:
-        if self.preset not in WEIGHT_PRESETS:
-            raise WsiMedcamError(f"unknown preset '{self.preset}': use one of {', '.join(WEIGHT_PRESETS)}")
+        preset_weights(self.preset)
         if self.steps < 1:
             raise WsiMedcamError(f"per-image steps must be at least 1, not {self.steps}")
 
@@ -67,7 +66,7 @@ def explain_batch(
     if per_image is not None:
         specs = layer_preset(clf, ccfg.arch)
         specs = deep_only(specs) if per_image.deep_layers else specs
-        objective = MedCamObjective(clf, specs, WEIGHT_PRESETS[per_image.preset], mean=ccfg.mean, std=ccfg.std,
+        objective = MedCamObjective(clf, specs, preset_weights(per_image.preset), mean=ccfg.mean, std=ccfg.std,
                                     threshold_noise=per_image.threshold_noise)
         result = optimise_masks(objective, x, steps=per_image.steps, lr=per_image.lr, patience=per_image.patience,
                                 min_steps=per_image.min_steps,

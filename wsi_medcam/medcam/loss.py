@@ -314,6 +314,14 @@ WEIGHT_PRESETS: dict[str, LossWeights] = {
 }
 
 
+def preset_weights(name: str) -> LossWeights:
+    """The loss weights of the preset ``name``; an unknown name is a ValueError listing the presets
+    (train-cam's config and per-image mode share it)."""
+    if name not in WEIGHT_PRESETS:
+        raise ValueError(f"unknown preset '{name}', expected one of {', '.join(WEIGHT_PRESETS)}")
+    return WEIGHT_PRESETS[name]
+
+
 # ---------------------------------------------------------------------------------------- objective
 
 

@@ -34,7 +34,7 @@ from ..errors import BundleError
 from ..inference import bf16_supported, resolve_device
 from .fills import FILL_KINDS
 from .layers import LayerSpec, deep_only, layer_preset
-from .loss import WEIGHT_PRESETS, LossWeights, MedCamObjective
+from .loss import LossWeights, MedCamObjective, preset_weights
 from .metrics import null_mask_sufficiency, sufficiency
 
 log = logging.getLogger("wsi_medcam")
@@ -75,10 +75,9 @@ class CamTrainConfig(BaseModel):
 
     def loss_weights(self) -> LossWeights:
         """The preset's weights with ``weights`` overriding single terms, validated like any LossWeights."""
-        if self.preset not in WEIGHT_PRESETS:
-            raise ValueError(f"unknown preset '{self.preset}', expected one of {', '.join(WEIGHT_PRESETS)}")
+        preset = preset_weights(self.preset)
         try:
-            return LossWeights.model_validate({**WEIGHT_PRESETS[self.preset].model_dump(), **self.weights})
+            return LossWeights.model_validate({**preset.model_dump(), **self.weights})
         except ValidationError as exc:
             raise ValueError("; ".join(
                 f"weights.{'.'.join(map(str, err['loc']))}: "
