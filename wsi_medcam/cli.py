@@ -166,8 +166,7 @@ def run(
 ) -> None:
     """Tissue → tiles → classifier (+ segmenter) → OME-Zarr evidence, GeoJSON, CSV, overview and report per slide.
 
-    Finished slides are skipped on a rerun; a failed slide is reported and the others go on; the
-    exit status is 1 if any slide failed.
+    Finished slides are skipped on a rerun; a failed slide is reported and the others go on; the exit status is 1 if any slide failed.
     """
     from .batch import run_archive
     from .pipeline import load_models, start_tissue_ahead
