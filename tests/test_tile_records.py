@@ -105,7 +105,7 @@ def test_evidence_features_hold_each_polygon_rounded_with_its_measurements(tmp_p
     from shapely.geometry import Polygon, box, shape
 
     from wsi_medcam.export.geojson import EvidenceEncoder, encode_evidence, write_evidence
-    from wsi_medcam.stitching import finish_polygons
+    from wsi_medcam.evidence_polygons import finish_polygons
 
     ring = Polygon([(0, 0), (40.3, 0), (40.3, 30), (0, 30)], [[(10, 10), (20, 10), (20, 20), (10, 20)]])
     bar = Polygon([(50, 5), (130.25, 5), (130.25, 7.75), (50, 7.75)])  # cut in two by the clip's notch

@@ -8,7 +8,9 @@ import pytest
 
 from wsi_medcam.config import TilingConfig
 from wsi_medcam.export.ome_zarr import _halve_mean, _halve_nearest
-from wsi_medcam.stitching import EvidenceStitcher, _group_firsts, _merge_touching, _simplify, _trace
+from wsi_medcam.evidence_polygons import _group_firsts, _merge_touching, _simplify
+from wsi_medcam.stitching import EvidenceStitcher
+from wsi_medcam.tracing import trace_labels
 from wsi_medcam.tiling import plan_tiles
 
 from conftest import needs_data
@@ -159,7 +161,7 @@ def test_stitcher_matches_dense_reference(downsample, out_scale, overlap, tracer
 
 def _assert_traced_as_gdal(label: np.ndarray, x0: int = 0, y0: int = 0, scale: float = 1.0, *,
                            open_left: bool = True, open_right: bool = True) -> int:
-    """``_trace`` gives exactly the polygons GDAL's polygonize traces (rasterio, 4-connected: the
+    """``trace_labels`` gives exactly the polygons GDAL's polygonize traces (rasterio, 4-connected: the
     reference), valid, at the span's offset and scale, with the right border flags; their count."""
     import shapely
     from rasterio import features
@@ -167,7 +169,7 @@ def _assert_traced_as_gdal(label: np.ndarray, x0: int = 0, y0: int = 0, scale: f
     from shapely.geometry import shape
 
     h, w = label.shape
-    got = list(zip(*_trace(label, x0, y0, scale, open_left=open_left, open_right=open_right)))
+    got = list(zip(*trace_labels(label, x0, y0, scale, open_left=open_left, open_right=open_right)))
     want = [(int(v), affine_transform(shape(g), [scale, 0, 0, scale, x0 * scale, y0 * scale]))
             for g, v in features.shapes(label, mask=label > 0, connectivity=4)]
     assert len(got) == len(want)
@@ -292,7 +294,7 @@ def test_simplified_polygons_stay_valid_and_keep_every_speck():
 
     rng = np.random.default_rng(3)
     hard = (ndimage.gaussian_filter(rng.random((160, 160)), 1.0) > 0.5).astype(np.uint8)
-    traced = _trace(hard, 0, 0, 1.0)[1]
+    traced = trace_labels(hard, 0, 0, 1.0)[1]
     assert len(traced) > 50
     plain = shapely.simplify(traced, 1.0, preserve_topology=False)
     assert shapely.is_empty(plain).any(), "no speck here that plain Douglas-Peucker would drop"
@@ -597,12 +599,12 @@ def test_evidence_geojson_encoded_in_processes_is_the_file_written_here(tmp_path
 
     from wsi_medcam.export.geojson import EvidenceEncoder
     from wsi_medcam.pipeline import _write_polygons
-    from wsi_medcam.stitching import EvidencePolygons
+    from wsi_medcam.evidence_polygons import EvidencePolygons
 
     rng = np.random.default_rng(5)
     classes = np.kron(rng.integers(1, 4, (30, 40)), np.ones((10, 10), int))
     label = (ndimage.gaussian_filter(rng.random((300, 400)), 2.0) > 0.52) * classes
-    traced = list(zip(*_trace(label.astype(np.uint8), -5, 0, 2.0)))
+    traced = list(zip(*trace_labels(label.astype(np.uint8), -5, 0, 2.0)))
     names = ["a", "b", "c"]
     options = {"simplify_px": 1.0, "clip": box(0, 0, 800, 600), "class_names": names,
                "colors": [(255, 0, 0), (0, 255, 0), (0, 0, 255)], "mpp": 0.25, "slide_key": "slide.svs:abc"}

@@ -43,9 +43,10 @@ import shapely
 
 from .cpus import usable_cores
 from .errors import OutputError
+from .evidence_polygons import PolygonEncoder
 from .export.ome_zarr import EvidenceStore
 from .levels import as_levels
-from .stitching import EvidenceStitcher, PolygonEncoder
+from .stitching import EvidenceStitcher
 from .tiling import TileGrid
 
 _POLL_S = 0.5  # how often a blocked send or wait checks that the processes are alive

@@ -14,7 +14,7 @@ canvas exists.
 
 Chunk resampling and writing (numpy, Blosc compression and file writes, which release the GIL) run
 on a small thread pool and the pyramid on its own thread, a few chunk rows behind; tracing (OpenCV's
-contours, exactly GDAL's polygonize at 3-12× its speed: :func:`_trace`) runs in worker processes on
+contours, exactly GDAL's polygonize at 3-12× its speed: :func:`wsi_medcam.tracing.trace_labels`) runs in worker processes on
 many-core machines. Even so, a stitcher costs its process ~2 CPU ms per tile (2-core VM, Med-CAM-like
 masks of ~6-9 polygons per tile; ~4 when GDAL traced): to keep pace with a GPU,
 :mod:`wsi_medcam.stitch_processes` runs several stitchers, each on every N-th strip (``shard``).
@@ -25,26 +25,23 @@ from __future__ import annotations
 import heapq
 import math
 import multiprocessing
-import struct
-import tempfile
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol
+from typing import Protocol
 
-import cv2
 import numpy as np
 import shapely
-from shapely.geometry import Polygon, box
-from shapely.geometry.base import BaseGeometry
-from shapely.ops import unary_union
+from shapely.geometry import box
 
 from .cpus import may_start_processes, usable_cores
+from .evidence_polygons import EvidencePolygons, PolygonEncoder
 from .heap import release_freed_memory
-from .levels import HARD, as_levels
+from .levels import HARD, as_levels, repeat_across
 from .tiling import TileGrid
+from .tracing import trace_labels
 
 
 class ChunkWriter(Protocol):
@@ -94,444 +91,6 @@ class _Block:
             return self.total[src]
         weight = self.weight[src].astype(np.uint32)
         return ((2 * self.total[src].astype(np.uint32) + weight) // np.maximum(2 * weight, 1)).astype(np.uint8)
-
-
-def _polygon_parts(geom: BaseGeometry) -> list[Polygon]:
-    """The non-empty polygons of a (multi)polygon or collection."""
-    return [g for g in getattr(geom, "geoms", [geom]) if isinstance(g, Polygon) and not g.is_empty]
-
-
-def _trace(label: np.ndarray, x0: int, y0: int, scale: float, *, open_left: bool = True,
-           open_right: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(values, polygons in level-0 px, may continue beyond the array) for the 4-connected regions of
-    non-zero ``label`` (uint8), whose pixel (0, 0) lies at canvas px (``x0``, ``y0``); ``scale`` is
-    level-0 px per canvas px. A region may continue where it touches the top or bottom edge, and the
-    left or right edge unless ``open_left`` / ``open_right`` says nothing lies beyond it. The
-    polygons are those GDAL's polygonize traces (4-connected, pixel edges), at a fraction of its cost
-    (:func:`_region_rings`)."""
-    label = np.asarray(label, np.uint8)  # OpenCV's dtype (a no-op for the stitcher's labels)
-    h, w = label.shape
-    top = int(label.max())
-    values, parts = [], []
-    for value in range(1, top + 1):  # each class on its own lines: classes often hold apart
-        traced = _trace_mask(label if top == 1 else (label == value).view(np.uint8))
-        parts.extend(traced)
-        values.extend(np.full(np.count_nonzero(parent < 0), value, np.int64) for _, _, parent in traced)
-    if not parts:
-        return np.zeros(0, np.int64), np.zeros(0, object), np.zeros(0, bool)
-    points, lengths, parent = (np.concatenate(a) for a in zip(*_offset_parents(parts)))
-    xs, ys = points[:, 0], points[:, 1]
-    shells = np.flatnonzero(parent < 0)
-    firsts = np.cumsum(lengths) - lengths
-    lo_x, hi_x = np.minimum.reduceat(xs, firsts)[shells], np.maximum.reduceat(xs, firsts)[shells]
-    lo_y, hi_y = np.minimum.reduceat(ys, firsts)[shells], np.maximum.reduceat(ys, firsts)[shells]
-    on_border = (lo_y <= 0) | (hi_y >= h) | (open_left & (lo_x <= 0)) | (open_right & (hi_x >= w))
-    coords = (np.column_stack((xs, ys)) + (x0, y0)) * float(scale)
-    return np.concatenate(values), _polygons(coords, lengths, parent), on_border
-
-
-def _trace_mask(mask: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """:func:`_region_rings` of the regions of a 0/1 uint8 ``mask``, their points mapped to the
-    mask's pixel edges. Only the lines (rows, columns) with evidence are traced, with one empty line
-    per gap between them: the cost follows the area traced, evidence usually covers a small part of
-    a span, and one empty line keeps regions apart as all of the gap did (every adjacency is kept,
-    so the polygons are those of the whole mask, their edges mapped back exactly)."""
-    h, w = mask.shape
-    rows, cols = _lines_to_trace(mask.any(1)), _lines_to_trace(mask.any(0))
-    if not len(rows):
-        return []
-    if len(rows) < h // 2 or len(cols) < w // 2:
-        sparse = mask[np.ix_(rows, cols)]
-    else:  # little to drop: the bounding box
-        rows, cols = np.arange(rows[0], rows[-1] + 1), np.arange(cols[0], cols[-1] + 1)
-        sparse = np.ascontiguousarray(mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
-    # edge k of the traced array lies on edge edge_x[k] (edge_y[k]) of the mask
-    edge_x, edge_y = np.append(cols, cols[-1] + 1), np.append(rows, rows[-1] + 1)
-    out = []
-    for part in _apart(sparse):
-        traced = _region_rings(part)
-        if traced is not None:
-            points, lengths, parent = traced
-            out.append((np.column_stack((edge_x[points[:, 0]], edge_y[points[:, 1]])), lengths, parent))
-    return out
-
-
-def _region_rings(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(points (n, 2) as pixel-edge x, y; points per ring; each ring's shell, -1 for a shell) of the
-    regions of a 0/1 uint8 ``mask`` in which no two regions touch only at a corner; None if empty.
-
-    OpenCV traces the boundary *pixels* of 8-connected regions (its background 4-connected), not the
-    pixel edges. On the mask doubled (each px a 2×2 block) a boundary pixel at doubled coordinate c
-    is the half of px c // 2 facing the border, so the edge it marks is c / 2 for even c (the px's
-    left or top edge), (c + 1) / 2 for odd c: ⌈c / 2⌉, the rings of the pixel edges, holes
-    included. Without corner-only contacts between regions, 8-connected regions are the
-    4-connected ones GDAL traces (:func:`_apart`)."""
-    h, w = mask.shape
-    dtype, spread = _SPREAD[2]
-    wide = (mask.astype(dtype) * spread).view(np.uint8)  # each px twice across (7× cv2.resize's speed)
-    doubled = np.stack((wide, wide), axis=1).reshape(2 * h, 2 * w)
-    contours, hierarchy = cv2.findContours(doubled, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-    if not contours:
-        return None
-    points = np.concatenate(contours)[:, 0, :]
-    return (points + 1) >> 1, np.array([len(c) for c in contours]), hierarchy[0][:, 3]
-
-
-def _apart(mask: np.ndarray) -> list[np.ndarray]:
-    """``mask`` (0/1 uint8) as masks of its 4-connected regions in which no two regions touch only
-    at a corner (one mask, itself, unless some do: then the regions are coloured so that no two of
-    a colour touch, one mask per colour). A region touching *itself* at a corner stays whole: there
-    the corner closes a hole, as under 4-connectivity."""
-    if min(mask.shape) < 2:
-        return [mask]
-    # 2×2 windows set on one diagonal only: each px differs from its neighbours across and down
-    # (OpenCV's elementwise operations: 10× numpy's on these views, 3× a hit-or-miss per diagonal)
-    across = cv2.bitwise_xor(mask[:, :-1], mask[:, 1:])
-    down = cv2.bitwise_xor(mask[:-1], mask[1:])
-    checker = cv2.bitwise_and(cv2.bitwise_and(across[:-1], across[1:]), cv2.bitwise_and(down[:, :-1], down[:, 1:]))
-    corners = _set_px(checker)
-    if not len(corners):
-        return [mask]
-    n, region = cv2.connectedComponents(mask, connectivity=4)
-    y, x = corners.T  # each window's top-left px: set, the diagonal down-right is; else down-left
-    falling = mask[y, x] == 1
-    first = np.where(falling, region[y, x], region[y, x + 1])
-    second = np.where(falling, region[y + 1, x + 1], region[y + 1, x])
-    contact = first != second
-    if not contact.any():
-        return [mask]
-    neighbours: dict[int, set[int]] = {}
-    for p, q in zip(first[contact].tolist(), second[contact].tolist()):
-        neighbours.setdefault(p, set()).add(q)
-        neighbours.setdefault(q, set()).add(p)
-    colour = np.zeros(n, np.uint8)  # greedy colouring, most contacts first: a handful of colours
-    colour[0] = 255  # the background
-    given: dict[int, int] = {}
-    for node in sorted(neighbours, key=lambda k: -len(neighbours[k])):
-        used = {given[q] for q in neighbours[node] if q in given}
-        given[node] = colour[node] = next(k for k in range(len(used) + 1) if k not in used)
-    per_px = colour[region]
-    return [(per_px == k).view(np.uint8) for k in range(max(given.values()) + 1)]
-
-
-def _set_px(image: np.ndarray) -> np.ndarray:
-    """(y, x) of the non-zero px of a uint8 ``image`` (n, 2): OpenCV's search, ~10× numpy's on a
-    mostly empty image."""
-    found = cv2.findNonZero(image) if image.size and cv2.countNonZero(image) else None  # the count: 30× faster
-    return np.zeros((0, 2), np.int64) if found is None else found.reshape(-1, 2)[:, ::-1].astype(np.int64)
-
-
-def _offset_parents(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Iterator[tuple[np.ndarray, ...]]:
-    """:func:`_region_rings` results with each ring's shell index counted across all of them."""
-    offset = 0
-    for points, lengths, parent in parts:
-        yield points, lengths, np.where(parent < 0, -1, parent + offset)
-        offset += len(lengths)
-
-
-def _polygons(coords: np.ndarray, lengths: np.ndarray, parent: np.ndarray) -> np.ndarray:
-    """Polygons from rings (``lengths`` points each, in order, in ``coords``), a shell (``parent`` -1)
-    with the holes naming it, built at once; repeated points (two doubled px on one edge) dropped."""
-    ends = np.cumsum(lengths)
-    previous = np.arange(len(coords)) - 1
-    previous[ends - lengths] = ends - 1  # a ring's first point follows its last
-    keep = (coords != coords[previous]).any(1)
-    ring = np.repeat(np.arange(len(lengths)), lengths)
-    rings = shapely.linearrings(coords[keep], indices=ring[keep])
-    shell = np.where(parent < 0, np.arange(len(lengths)), parent)
-    order = np.lexsort((parent >= 0, shell))  # each shell, then its holes
-    _, polygon = np.unique(shell[order], return_inverse=True)
-    return shapely.polygons(rings[order], indices=polygon)
-
-
-def _lines_to_trace(occupied: np.ndarray) -> np.ndarray:
-    """Indices of the ``occupied`` lines from the first to the last, with the first empty line of
-    each gap between them."""
-    lines = np.flatnonzero(occupied)
-    if not len(lines):
-        return lines
-    run = occupied[lines[0] : lines[-1] + 1]
-    return lines[0] + np.flatnonzero(run | np.r_[False, run[:-1]])
-
-
-class PolygonEncoder(Protocol):
-    """Finishes and encodes final polygons where they are spooled (e.g.
-    :class:`wsi_medcam.export.geojson.EvidenceEncoder`)."""
-
-    per_class: dict[int, tuple[int, float]]  # per class index: (polygons, area) written so far
-
-    def write(self, out: IO[bytes], classes: np.ndarray, geoms: np.ndarray) -> None:
-        """Append a batch of final polygons (class indices, shapely) to ``out``, encoded."""
-
-
-class EvidencePolygons:
-    """Traced hard-mask polygons per class index, in level-0 px, merged and spooled as rows finish.
-
-    A polygon traced inside one span of blocks (not touching an edge it may continue across) is
-    final at once. Border pieces stay *open* until :meth:`close_rows` says no later piece can reach
-    them: then the open pieces are merged (shared edges dissolve) and every merged polygon out of
-    reach of what is still to be traced is final too. Final polygons go to a temporary spool file
-    (WKB), so memory depends on the slide's width, never on how many polygons it has. ``cuts`` are
-    regions whose polygons were superseded (refined tiles); ``patches`` are the polygons that
-    replace them.
-
-    When other processes trace the strips beside some of ours, a polygon that cannot grow here but
-    touches one of their ``seams`` (level-0 x) is *held* instead of final: the process that gathers
-    every part merges it with theirs (:meth:`adopt`). ``spool_path`` names the spool file (kept
-    for that process) instead of an anonymous one. With an ``encoder`` (and a ``spool_path``), that
-    process spools its final polygons encoded, as a part of the GeoJSON (:class:`PolygonEncoder`),
-    so that they are finished while tiles stream; the gathering process lists such parts in
-    :attr:`encoded_parts` instead of reading them back.
-    """
-
-    _RECORD = struct.Struct("<HI")  # class index, WKB length
-
-    def __init__(self, spool_dir: Path | None = None, *, flush_every: int = 4096, seams: Sequence[float] = (),
-                 spool_path: Path | None = None, encoder: PolygonEncoder | None = None):
-        if encoder is not None and spool_path is None:
-            raise ValueError("encoded polygons are spooled to a named part file: give spool_path")
-        self.spool_dir = spool_dir
-        self.flush_every = flush_every
-        self.seams = np.sort(np.asarray(seams, np.float64))
-        self.spool_path = spool_path
-        self.encoder = encoder
-        self.encoded_parts: list[tuple[Path, dict[int, tuple[int, float]]]] = []  # adopted: (file, per class)
-        self.open: dict[int, list[Polygon]] = {}
-        self._merged: dict[int, int] = {}  # per class: how many open pieces (the first) are merged already
-        self.held: list[tuple[int, Polygon]] = []
-        self.cuts: list[Polygon] = []
-        self.patches: dict[int, list[Polygon]] = {}
-        self._final: list[tuple[int, Polygon]] = []
-        self._spool: IO[bytes] | None = None
-        self._adopted: list[Path] = []
-
-    def add(self, class_index: int, polygon: Polygon, *, on_border: bool = True) -> None:
-        if on_border:
-            self.open.setdefault(class_index, []).append(polygon)
-        else:
-            self._finalise([(class_index, polygon)])
-
-    def close_rows(self, y: float, x_from: float = -math.inf, seam: float = math.inf) -> None:
-        """Finalise what cannot grow: from now on, pieces are traced only at ``x >= x_from`` below
-        ``y``, or right of ``seam`` (level-0 px; a strip and the strips after it)."""
-        for class_index, pieces in list(self.open.items()):
-            merged = _merge_touching(np.array(pieces, dtype=object), self._merged.get(class_index, 0))
-            bounds = shapely.bounds(merged) if len(merged) else np.zeros((0, 4))
-            reaches = ((bounds[:, 3] >= y - 1e-6) & (bounds[:, 2] >= x_from - 1e-6)) | (bounds[:, 2] >= seam - 1e-6)
-            done = merged[~reaches]
-            held = self._touches_seam(bounds[~reaches])
-            self.held.extend((class_index, g) for g in done[held])
-            self._finalise([(class_index, g) for g in done[~held]])
-            self.open[class_index] = list(merged[reaches])
-            self._merged[class_index] = len(self.open[class_index])
-
-    def _close_all(self) -> None:
-        """Finalise every open piece, as :meth:`close_rows` at the end would, except that a group of
-        touching pieces is finalised as one MultiPolygon of its pieces, which
-        :func:`finish_polygons` dissolves: in the process that gathers the stitching processes'
-        parts, the unions of what waited at their seams were half of the GeoJSON step (2-core VM),
-        and there they are done wherever the batches are finished (in as many processes)."""
-        if len(self.seams):
-            raise RuntimeError("pieces held for another process's seams cannot be closed here")
-        for class_index, open_pieces in self.open.items():
-            pieces = np.array(open_pieces, dtype=object)
-            groups = _touching_groups(pieces, self._merged.get(class_index, 0))
-            self._finalise([(class_index, pieces[g[0]] if len(g) == 1 else shapely.multipolygons(pieces[g])) for g in groups])
-        self.open, self._merged = {}, {}
-
-    def _touches_seam(self, bounds: np.ndarray) -> np.ndarray:
-        """Per polygon, from its ``bounds`` (n, 4): does it reach one of :attr:`seams`."""
-        if not len(self.seams) or not len(bounds):
-            return np.zeros(len(bounds), bool)
-        nearest = np.searchsorted(self.seams, bounds[:, 0] - 1e-6)  # first seam right of each left edge
-        return (nearest < len(self.seams)) & (self.seams[np.minimum(nearest, len(self.seams) - 1)] <= bounds[:, 2] + 1e-6)
-
-    def adopt(self, spool: Path | None, held: Iterable[tuple[int, Polygon]],
-              encoded: dict[int, tuple[int, float]] | None = None) -> None:
-        """Take over another process's final polygons (its ``spool_path``, read and deleted by
-        :meth:`merged`; or listed in :attr:`encoded_parts` if ``encoded`` gives the polygons and area
-        per class its encoder wrote there) and its held ones, which are merged with what touches them."""
-        if spool is not None and encoded is not None:
-            self.encoded_parts.append((spool, encoded))
-        elif spool is not None:
-            self._adopted.append(spool)
-        for class_index, polygon in held:
-            self.add(class_index, polygon)
-
-    def release(self) -> list[tuple[int, Polygon]]:
-        """In a stitching process that is done: close every row, write every final polygon to
-        :attr:`spool_path`, and return the held ones (what :meth:`adopt` takes, with that file)."""
-        self.close_rows(math.inf)
-        self._flush()
-        if self._spool is not None:
-            self._spool.close()
-            self._spool = None
-        return self.held
-
-    def replace_region(self, region: Polygon, class_index: int, polygons: list[Polygon]) -> None:
-        """Drop what was traced inside ``region`` and use ``polygons`` there instead."""
-        self.cuts.append(region)
-        self.patches.setdefault(class_index, []).extend(polygons)
-
-    def merged(self, simplify_px: float = 0.0, clip: Polygon | None = None) -> Iterator[tuple[int, Polygon]]:
-        """All polygons after merging across block and tile borders, simplified by ``simplify_px``
-        (level-0 px) and clipped to ``clip``, read back batch by batch."""
-        for classes, geoms in self.final_batches():
-            yield from finish_polygons(classes, geoms, simplify_px, clip)
-
-    def final_batches(self, *, wkb: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(class indices, polygons) after merging across block and tile borders, batch by batch,
-        before :func:`finish_polygons` (what :meth:`merged` yields, for callers that finish the
-        batches elsewhere, e.g. in other processes); ``wkb``: as WKB, so that polygons read back
-        from a spool go on as they were stored, never decoded here. Pieces still open are grouped
-        here but dissolved by :func:`finish_polygons` (:meth:`_close_all`)."""
-        self._close_all()
-        cut = unary_union(self.cuts) if self.cuts else None
-        redo: dict[int, list[Polygon]] = {c: list(p) for c, p in self.patches.items()}
-        for classes, geoms in self._batches(decode=cut is not None or not wkb):
-            if cut is not None:  # what the cut region touches is re-merged with what replaces it
-                hit = shapely.intersects(geoms, cut)
-                for c, g in zip(classes[hit], shapely.difference(geoms[hit], cut)):
-                    redo.setdefault(int(c), []).append(g)
-                classes, geoms = classes[~hit], geoms[~hit]
-                geoms = shapely.to_wkb(geoms) if wkb else geoms
-            yield classes, geoms
-        for class_index in sorted(redo):
-            geoms = np.array(_polygon_parts(unary_union(redo[class_index])), dtype=object)
-            yield np.full(len(geoms), class_index), shapely.to_wkb(geoms) if wkb else geoms
-
-    def _finalise(self, items: list[tuple[int, Polygon]]) -> None:
-        self._final.extend(items)
-        if len(self._final) >= self.flush_every:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self._final:
-            return
-        if self._spool is None:
-            self._spool = (open(self.spool_path, "wb+") if self.spool_path is not None  # noqa: SIM115 - kept open
-                           else tempfile.TemporaryFile(dir=self.spool_dir, prefix="evidence-polygons-"))
-        geoms = np.array([g for _, g in self._final], dtype=object)
-        if self.encoder is not None:
-            self.encoder.write(self._spool, np.array([c for c, _ in self._final]), geoms)
-        else:
-            wkbs = shapely.to_wkb(geoms)
-            self._spool.write(b"".join(self._RECORD.pack(c, len(w)) + w for (c, _), w in zip(self._final, wkbs)))
-        self._final = []
-
-    def _batches(self, decode: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(class indices, polygons, or their WKB unless ``decode``) read back from the spool and
-        the adopted ones, in batches (everything is flushed first); adopted spools are deleted once read."""
-        self._flush()
-        if self._spool is not None:
-            yield from self._read_spool(self._spool, decode)
-            self._spool.close()
-            self._spool = None
-        while self._adopted:
-            path = self._adopted.pop(0)
-            with open(path, "rb") as spool:
-                yield from self._read_spool(spool, decode)
-            path.unlink()
-
-    def _read_spool(self, spool: IO[bytes], decode: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        spool.seek(0)
-        head = self._RECORD.size
-        while True:
-            classes, wkbs = [], []
-            while len(wkbs) < self.flush_every and (record := spool.read(head)):
-                c, n = self._RECORD.unpack(record)
-                classes.append(c)
-                wkbs.append(spool.read(n))
-            if not wkbs:
-                break
-            wkb = np.array(wkbs, dtype=object)
-            yield np.array(classes), shapely.from_wkb(wkb) if decode else wkb
-
-
-def _group_firsts(pieces: np.ndarray, merged: int = 0) -> np.ndarray:
-    """Per piece, the index of the first piece of its group of touching pieces (its own where it
-    touches none). The first ``merged`` pieces came out of a merge (none of them touch), so only the
-    others are looked up: pieces that wait at a strip's seam pile up, and looking all of them up
-    again for every band cost a third of what merging did. Groups are found by propagating the
-    lowest index along the touching pairs, halving the paths each round: a band's few dozen pieces
-    take a round or two, where scipy's connected components cost ~1.5 ms per band in checks and
-    conversions alone (a stitching process, 2-core VM)."""
-    n = len(pieces)
-    first = np.arange(n)
-    if n - merged < 1 or n < 2:
-        return first
-    a, b = shapely.STRtree(pieces).query(pieces[merged:], predicate="intersects")
-    a += merged
-    apart = a != b
-    a, b = a[apart], b[apart]
-    while len(a):
-        before = first.copy()
-        low = np.minimum(first[a], first[b])
-        np.minimum.at(first, a, low)
-        np.minimum.at(first, b, low)
-        first = first[first]
-        if np.array_equal(first, before):
-            break
-    return first
-
-
-def _touching_groups(pieces: np.ndarray, merged: int = 0) -> list[np.ndarray]:
-    """The groups of touching pieces (indices into ``pieces``, ascending), singletons included, in
-    the order of their first piece (:func:`_group_firsts`)."""
-    first = _group_firsts(pieces, merged)
-    order = np.argsort(first, kind="stable")
-    starts = np.flatnonzero(np.diff(first[order], prepend=-1))
-    return np.split(order, starts[1:])
-
-
-def _merge_touching(pieces: np.ndarray, merged: int = 0) -> np.ndarray:
-    """Polygons of ``pieces`` with every group of touching pieces dissolved into one, in the order
-    of the groups' first pieces; only groups are unioned (a union of all pieces at once costs far
-    more when most touch nothing); the first ``merged`` are known apart (:func:`_group_firsts`)."""
-    first = _group_firsts(pieces, merged)
-    heads = np.flatnonzero(first == np.arange(len(pieces)))
-    if len(heads) == len(pieces):
-        return pieces
-    sizes = np.bincount(first, minlength=len(pieces))[heads]
-    out: list[Polygon] = list(pieces[heads])
-    for k in np.flatnonzero(sizes > 1)[::-1]:  # from the last, so the earlier positions hold
-        out[k : k + 1] = _polygon_parts(unary_union(pieces[first == heads[k]]))
-    return np.array(out, dtype=object)
-
-
-def _simplify(geoms: np.ndarray, tolerance: float) -> np.ndarray:
-    """Douglas-Peucker within ``tolerance`` (level-0 px); where that leaves an invalid or empty
-    polygon (specks and 1-px lines collapse), the topology-preserving variant instead. On traced
-    evidence (pixel staircases) the plain one is ~14× faster (blob masks of 20 % area: 1.83 ->
-    0.13 s for 9,038 polygons, 1.2 M vertices) and keeps the rest valid."""
-    out = shapely.simplify(geoms, tolerance, preserve_topology=False)
-    redo = shapely.is_empty(out) | ~shapely.is_valid(out)
-    if redo.any():
-        out[redo] = shapely.simplify(geoms[redo], tolerance, preserve_topology=True)
-    return out
-
-
-def finish_polygons(classes: np.ndarray, geoms: np.ndarray, simplify_px: float,
-                    clip: Polygon | None) -> Iterator[tuple[int, Polygon]]:
-    """Dissolve the groups of touching pieces among a batch of final polygons (MultiPolygons, see
-    :meth:`EvidencePolygons._close_all`), then simplify (level-0 px) and clip each polygon; one
-    (class, polygon) per part."""
-    groups = np.flatnonzero(shapely.get_type_id(geoms) == shapely.GeometryType.MULTIPOLYGON) if len(geoms) else []
-    if len(groups):
-        parts = [[g] for g in geoms]
-        for k in groups:
-            parts[k] = _polygon_parts(shapely.union_all(geoms[k]))
-        classes = np.repeat(classes, [len(p) for p in parts])
-        geoms = np.array([g for p in parts for g in p], dtype=object)
-    if simplify_px > 0 and len(geoms):
-        geoms = _simplify(geoms, simplify_px)
-    if clip is not None and len(geoms):
-        bounds, (cx0, cy0, cx1, cy1) = shapely.bounds(geoms), clip.bounds
-        outside = (bounds[:, 0] < cx0) | (bounds[:, 1] < cy0) | (bounds[:, 2] > cx1) | (bounds[:, 3] > cy1)
-        geoms[outside] = shapely.intersection(geoms[outside], clip)
-    for class_index, geom in zip(classes, geoms):
-        for part in _polygon_parts(geom):
-            yield int(class_index), part
 
 
 @dataclass(frozen=True)
@@ -806,7 +365,7 @@ class EvidenceStitcher:
             tile = evidence[np.ix_(rows, cols)]
             self.writer.patch(int(ys[0]), int(xs[0]), tile, np.where(tile >= HARD, class_index + 1, 0).astype(np.uint8))
         ds = self.grid.downsample
-        polys = list(_trace((evidence >= HARD).astype(np.uint8), x0, y0, ds)[1])
+        polys = list(trace_labels((evidence >= HARD).astype(np.uint8), x0, y0, ds)[1])
         self.polygons.replace_region(box(x0 * ds, y0 * ds, (x0 + size) * ds, (y0 + size) * ds), class_index, polys)
 
     # -- reading the accumulator ----------------------------------------------------------------
@@ -942,7 +501,7 @@ class EvidenceStitcher:
                 jobs.append(self._tracers.submit(_trace_wkb, *args, **sides))
             else:
                 jobs.append(Future())
-                jobs[-1].set_result(_trace(*args, **sides))
+                jobs[-1].set_result(trace_labels(*args, **sides))
         seam = math.inf if last else strip.trace1 * ds
         self._traces_in_flight.append((((block_row + 1) * b * ds, strip.start * ds, seam), jobs))
 
@@ -991,12 +550,8 @@ def _nearest(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarra
         return image[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     out = image.take(rows, 0)  # whole rows: cheap
     k = _repeats(cols)
-    if k in _SPREAD and len(cols) == k * image.shape[1]:
-        # each pixel repeated k times across (an integer upsampling, e.g. tiles at 0.5 µm/px written
-        # at a 0.25 µm/px slide's level 0): a k-byte integer v·0x0101… holds k copies of byte v,
-        # whatever the byte order; 10× faster than a gather on a 1024² chunk
-        dtype, spread = _SPREAD[k]
-        return (out.astype(dtype) * spread).view(np.uint8)
+    if k > 1 and len(cols) == k * image.shape[1]:  # each pixel repeated k times across
+        return repeat_across(out, k)
     return out.take(cols, 1)
 
 
@@ -1005,17 +560,14 @@ def _is_range(index: np.ndarray) -> bool:
     return int(index[-1]) - int(index[0]) == len(index) - 1 and np.array_equal(index, np.arange(index[0], index[0] + len(index)))
 
 
-_SPREAD = {k: (np.dtype(f"u{k}"), np.array(int("01" * k, 16), f"u{k}")) for k in (2, 4, 8)}
-
-
 _Traced = tuple[np.ndarray, np.ndarray, np.ndarray]
 """Per traced region: label values, polygons (or their WKB), may continue beyond the traced span."""
 
 
 def _trace_wkb(label: np.ndarray, x0: int, y0: int, scale: float, *, open_left: bool, open_right: bool) -> _Traced:
-    """:func:`_trace` of one span in a tracing process, its polygons as WKB, which cross process
+    """:func:`~wsi_medcam.tracing.trace_labels` of one span in a tracing process, its polygons as WKB, which cross process
     boundaries cheaply."""
-    values, polygons, on_border = _trace(label, x0, y0, scale, open_left=open_left, open_right=open_right)
+    values, polygons, on_border = trace_labels(label, x0, y0, scale, open_left=open_left, open_right=open_right)
     return values, shapely.to_wkb(polygons), on_border
 
 

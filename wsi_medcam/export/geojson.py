@@ -30,7 +30,7 @@ import orjson
 import shapely
 from shapely.geometry import Polygon
 
-from ..stitching import finish_polygons
+from ..evidence_polygons import finish_polygons
 
 _NAMESPACE = uuid.UUID("5d6f1f8e-8d3c-4d52-9a55-6f0c1f4b6a01")
 
@@ -151,7 +151,7 @@ def encode_evidence(classes: np.ndarray, geoms: np.ndarray, *, simplify_px: floa
                     class_names: list[str], colors: list[tuple[int, int, int]], mpp: float,
                     slide_key: str) -> list[Encoded]:
     """A batch of final polygons (shapely, or WKB from another process) finished by
-    :func:`~wsi_medcam.stitching.finish_polygons` (``simplify_px``, ``clip``: level-0 px; one
+    :func:`~wsi_medcam.evidence_polygons.finish_polygons` (``simplify_px``, ``clip``: level-0 px; one
     feature per part) and encoded as QuPath annotations; ``mpp``: the slide's µm/px. A feature's id
     is the :func:`object_id` of its JSON without the id: the same polygon gets the same id whatever
     process encodes it and wherever it lands in the file (distinct polygons of a class never have
