@@ -28,10 +28,20 @@ class TileDataset(Dataset):
     unless ``order`` says otherwise (the stitcher's). Normalisation happens on the device.
 
     Tiles come with channels-last strides (the pixels stay as decoded, RGB per pixel): the models
-    run channels-last, so no reader or device spends a copy on transposing them."""
+    run channels-last, so no reader or device spends a copy on transposing them.
 
-    def __init__(self, ref: SlideRef, grid: TileGrid, *, tolerance: float = 0.02, order: np.ndarray | None = None):
-        self.ref = ref
+    Batches are read whole (:meth:`__getitems__`, one buffer per batch), which torch's default
+    collation cannot take apart: load with :func:`make_loader`, or give a ``DataLoader`` the
+    collation ``collate_fn=lambda batch: batch``. ``slide`` may be an open :class:`Slide` (only its
+    path, backend and µm/px are kept) or a :class:`SlideRef`; the dataset opens its own handle in
+    each process that reads, closed by :meth:`close` (or when the dataset is collected).
+    """
+
+    def __init__(self, slide: Slide | SlideRef, grid: TileGrid, *, tolerance: float = 0.02,
+                 order: np.ndarray | None = None):
+        if not isinstance(slide, (Slide, SlideRef)):
+            raise TypeError(f"expected a Slide or SlideRef, got {type(slide).__name__}")
+        self.ref = SlideRef.of(slide) if isinstance(slide, Slide) else slide
         self.grid = grid
         self.tolerance = tolerance
         self.order = order
@@ -39,6 +49,12 @@ class TileDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.grid)
+
+    def close(self) -> None:
+        """Close this process's handle on the slide (reading again reopens it)."""
+        if self._slide is not None:
+            self._slide.close()
+            self._slide = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

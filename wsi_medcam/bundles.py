@@ -245,7 +245,8 @@ def _load(bundle_dir: Path, kind: str, config_cls: type[BaseModel], build: Any) 
         cfg = config_cls.model_validate(data)
     except ValidationError as exc:
         raise BundleError(f"{bundle_dir / CONFIG_NAME}: {format_validation_error(exc)}") from None
-    model = build(cfg)
+    with torch.random.fork_rng(devices=[]):  # the random initial weights, overwritten, leave the caller's stream alone
+        model = build(cfg)
     weights = Path(bundle_dir) / WEIGHTS_NAME
     load_state_into(model, read_state_dict(weights), str(bundle_dir))
     return Bundle(Path(bundle_dir), cfg, model.eval(), _file_sha256(weights))

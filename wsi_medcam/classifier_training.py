@@ -75,10 +75,26 @@ def normalise(x01: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
     return (x01 - m) / s
 
 
+def uint8_tiles(images: np.ndarray) -> torch.Tensor:
+    """uint8 tiles (N, H, W, 3) as a uint8 tensor (N, 3, H, W) sharing their memory (a copy where
+    the array is read-only, e.g. from PIL, which torch would only warn about).
+
+    Raises
+    ------
+    TypeError
+        for anything but uint8 (N, H, W, 3): floats (already scaled or normalised) would be scaled
+        again and read as near-black tiles without a word; one tile needs its batch axis.
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise TypeError(f"expected uint8 RGB tiles (N, H, W, 3), got {images.dtype} {images.shape}")
+    images = np.ascontiguousarray(images)
+    return torch.from_numpy(images if images.flags.writeable else images.copy()).permute(0, 3, 1, 2)
+
+
 def to_input(images: np.ndarray, cfg: ClassifierConfig) -> torch.Tensor:
-    """uint8 (N, H, W, 3) → normalised float (N, 3, H, W)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
-    return normalise(x, cfg.mean, cfg.std)
+    """uint8 (N, H, W, 3) → normalised float (N, 3, H, W); see :func:`uint8_tiles`."""
+    return normalise(uint8_tiles(images).float() / 255, cfg.mean, cfg.std)
 
 
 @dataclass(frozen=True)
@@ -124,7 +140,7 @@ def train_classifier(
     order = torch.randperm(n, generator=gen)
     n_val = max(1, int(round(n * val_fraction))) if n > 4 and val_fraction > 0 else 0
     val_idx, train_idx = order[:n_val], order[n_val:]
-    x_all = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    x_all = uint8_tiles(images)
     y_all = torch.as_tensor(labels, dtype=torch.long)
     model = build_classifier(cfg)
     if init_weights is not None:

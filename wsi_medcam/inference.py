@@ -197,8 +197,20 @@ class Predictor:
         """(probabilities (B, C), evidence levels (B, H, W) uint8 or None, kept per fill) for uint8
         tiles (B, 3, H, W). The evidence is rounded to its levels here, on the device: a quarter of
         float32's bytes to copy back and to hand to the stitchers. With ``cuda_graphs``, a batch of
-        the configured size replays this model stream's graph of :meth:`forward`."""
-        graph = self._graph(tiles_uint8) if len(tiles_uint8) == self._graph_batch else None
+        the configured size replays this model stream's graph of :meth:`forward`.
+
+        Raises
+        ------
+        TypeError
+            for anything but a uint8 tensor (B, 3, H, W): pixels as read, not normalised (a float
+            input would be normalised a second time and give wrong outputs without a word).
+        """
+        if not isinstance(tiles_uint8, torch.Tensor) or tiles_uint8.dtype != torch.uint8 \
+                or tiles_uint8.ndim != 4 or tiles_uint8.shape[1] != 3:
+            got = (f"{tiles_uint8.dtype} tensor {tuple(tiles_uint8.shape)}" if isinstance(tiles_uint8, torch.Tensor)
+                   else type(tiles_uint8).__name__)
+            raise TypeError(f"predict takes uint8 tiles (B, 3, H, W) as read from the slide, got {got}")
+        graph = self._graph(tiles_uint8) if self._graph_batch and len(tiles_uint8) == self._graph_batch else None
         if graph is not None:
             probs, levels, kept = graph.replay(tiles_uint8)
         else:

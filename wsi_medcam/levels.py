@@ -31,8 +31,18 @@ def quantise(soft: Masks) -> Masks:
 
 
 def as_levels(mask: np.ndarray) -> np.ndarray:
-    """``mask`` as uint8 levels: as given if it already is, else soft evidence in [0, 1] quantised."""
-    return mask if mask.dtype == np.uint8 else quantise(mask)
+    """``mask`` as uint8 levels: as given if it already is, else soft evidence in [0, 1] quantised.
+
+    Raises
+    ------
+    ValueError
+        for soft evidence outside [0, 1] (e.g. a heatmap in 0–255 as float, which would wrap around).
+    """
+    if mask.dtype == np.uint8:
+        return mask
+    if mask.size and not (mask.min() >= 0 and mask.max() <= 1):  # NaN fails both
+        raise ValueError(f"soft evidence must lie in [0, 1], got values in [{mask.min()}, {mask.max()}]")
+    return quantise(mask)
 
 
 _SPREAD = {k: (np.dtype(f"u{k}"), np.array(int("01" * k, 16), f"u{k}")) for k in (2, 4, 8)}

@@ -183,6 +183,7 @@ class Slide:
         self.backend = backend
         self._handle = handle
         self.mpp = mpp
+        self.closed = False
 
     def __enter__(self) -> "Slide":
         return self
@@ -191,6 +192,10 @@ class Slide:
         self.close()
 
     def close(self) -> None:
+        """Close the file (again: nothing). The geometry and resolution stay readable; regions do not."""
+        if self.closed:
+            return
+        self.closed = True
         if self.__dict__.get("_tiles") is not None:
             self._tiles.close()
         self._handle.close()
@@ -246,7 +251,10 @@ class Slide:
         return self._backend_read((x * ds, y * ds), level, (width, height))
 
     def read_level(self, xy_level0: tuple[int, int], level: int, size_level: tuple[int, int]) -> np.ndarray:
-        """Raw region at ``level``: location in level-0 px, size in that level's px; RGB on white."""
+        """Raw region at ``level``: location in level-0 px, size (width, height) in that level's px;
+        RGB on white, (height, width, 3)."""
+        if not 0 <= level < len(self.level_dimensions):
+            raise ValueError(f"{self.path.name}: no level {level}, the slide has {len(self.level_dimensions)}")
         x0, y0 = (int(v) for v in xy_level0)
         ds = self.level_downsamples[level]
         k = round(ds)
@@ -258,6 +266,8 @@ class Slide:
 
     def _backend_read(self, xy_level0: tuple[int, int], level: int, size_level: tuple[int, int]) -> np.ndarray:
         """:meth:`read_level` through OpenSlide or tiffslide."""
+        if self.closed:
+            raise SlideReadError(f"{self.path.name}: the slide is closed")
         try:
             region = self._handle.read_region(tuple(int(v) for v in xy_level0), level, tuple(int(v) for v in size_level))
         except Exception as exc:  # noqa: BLE001 - both backends raise their own hierarchies
@@ -272,18 +282,25 @@ class Slide:
     def read_region_at(
         self, xy_level0: tuple[int, int], size_px: int | tuple[int, int], mpp: float, *, tolerance: float = 0.02
     ) -> np.ndarray:
-        """Read ``size_px`` pixels at ``mpp`` µm/px starting at level-0 ``xy_level0``.
+        """Read ``size_px`` pixels at ``mpp`` µm/px starting at level-0 ``xy_level0`` (x, y).
 
-        The finest level that needs no upsampling is read and reduced with an area (box) filter.
+        ``size_px`` is one side of a square or (width, height); the result is RGB uint8
+        (height, width, 3) on white. The finest level that needs no upsampling is read and reduced
+        with an area (box) filter.
 
         Raises
         ------
+        ValueError
+            if a size is not a positive integer or ``mpp`` is not positive.
         ResolutionError
             if ``mpp`` is finer than the scan (upsampling is refused).
         SlideReadError
             if the backend fails to decode the region.
         """
-        width, height = (size_px, size_px) if isinstance(size_px, int) else size_px
+        width, height = (size_px, size_px) if np.ndim(size_px) == 0 else size_px
+        if not all(isinstance(v, (int, np.integer)) and v > 0 for v in (width, height)) or not mpp > 0:
+            raise ValueError(f"need positive integer sizes and µm/px, got size {size_px!r} at {mpp!r} µm/px")
+        width, height = int(width), int(height)
         downsample = self.downsample_for(mpp, tolerance)
         level = self.best_level(downsample, tolerance)
         scale = downsample / self.level_downsamples[level]

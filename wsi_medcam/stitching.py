@@ -182,6 +182,7 @@ class EvidenceStitcher:
         self._rows_in_flight: deque[tuple[int, tuple[int, int], list[Future[bool]]]] = deque()
         width0, height0 = grid.slide_dimensions
         out_h, out_w = writer.shape
+        _check_proportions((width0, height0), (out_h, out_w))
         # canvas px per output px, per axis
         self._fy = height0 / out_h / grid.downsample
         self._fx = width0 / out_w / grid.downsample
@@ -244,10 +245,13 @@ class EvidenceStitcher:
     def add(self, i: int, mask: np.ndarray, class_index: int, confidence: float) -> None:
         """Add tile ``i``'s evidence (tile_size², uint8 levels, or floats in [0, 1]); tiles must
         come in :meth:`order`."""
+        if mask.shape != (self.grid.tile_size,) * 2:
+            raise ValueError(f"tile {i}: a mask of {mask.shape}, expected the tile's {(self.grid.tile_size,) * 2}")
         x0, y0 = self.grid.xy_canvas(i)
         home = int(self._home(x0))
         if home < self._strip or (home == self._strip and y0 < self._last_row) or home % self.shard[1] != self.shard[0]:
-            raise ValueError(f"tile {i} came out of order: tiles must come in EvidenceStitcher.order()")
+            raise ValueError(f"tile {i} came out of order: tiles must come in EvidenceStitcher.order() (strip by "
+                             "strip, so that memory stays bounded; read them so: TileDataset(..., order=stitcher.order()))")
         while self._strip < home:
             self._close_strip()
             self._open_strip(self._strip + self.shard[1])
@@ -519,6 +523,22 @@ class EvidenceStitcher:
                 for value, poly, open_piece in zip(values, polygons, on_border):
                     self.polygons.add(int(value) - 1, poly, on_border=bool(open_piece))
             self.polygons.close_rows(*closing)
+
+
+def _check_proportions(slide_dimensions: tuple[int, int], shape: tuple[int, int]) -> None:
+    """Refuse an output level 0 of ``shape`` (rows, cols) that cannot cover the slide's level-0
+    (width, height) with square pixels, each side rounded either way (e.g. (width, height) given
+    as the shape)."""
+    width0, height0 = slide_dimensions
+    out_h, out_w = shape
+
+    def downsamples(extent: int, out: int) -> tuple[float, float]:  # those for which out px cover extent ± 1 px
+        return extent / (out + 1), extent / (out - 1) if out > 1 else math.inf
+
+    (lo_x, hi_x), (lo_y, hi_y) = downsamples(width0, out_w), downsamples(height0, out_h)
+    if max(lo_x, lo_y) >= min(hi_x, hi_y):
+        raise ValueError(f"an output of {out_h} rows × {out_w} columns cannot cover the slide's {width0} × {height0} "
+                         "(width × height) level-0 px with square pixels: the shape is (rows, columns)")
 
 
 def _strips(out_w: int, chunk: int, fx: float, canvas_w: int, strip_px: int) -> list[_Strip]:

@@ -87,7 +87,9 @@ class TiffTiles:
     """
 
     def __init__(self, path: Path, levels: dict[int, _Level], reference: Reference, *, cache_bytes: int = 32 << 20):
-        self._fd = os.open(path, os.O_RDONLY)
+        # a file object, not a bare descriptor: closing it twice is harmless, and one dropped without
+        # close() is closed when collected (a bare fd closed twice could close a file opened since)
+        self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - held for the reader's life
         self._levels = levels
         self._reference = reference
         self._trusted: set[int] = set()
@@ -124,7 +126,7 @@ class TiffTiles:
         """Close the file and drop the decoded tiles: a closed slide may be kept for its geometry
         (a run keeps it through the slide, in the model process that read the thumbnail through it,
         and so held up to ``cache_bytes`` of tiles there while the tiles streamed)."""
-        os.close(self._fd)
+        self._file.close()
         with self._lock:
             self._cache.clear()
             self._cached = 0
@@ -175,7 +177,7 @@ class TiffTiles:
         size = int(lv.counts[index])
         tile = None
         if size:
-            data = os.pread(self._fd, size, int(lv.offsets[index]))
+            data = os.pread(self._file.fileno(), size, int(lv.offsets[index]))  # fileno: ValueError once closed
             # libjpeg only warns about a truncated tile and fills it in, which imagecodecs accepts
             # silently, where OpenSlide raises: refuse what a truncation leaves behind
             if len(data) < size or (lv.jpeg and not data.rstrip(b"\0").endswith(b"\xff\xd9")):

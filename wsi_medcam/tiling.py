@@ -95,14 +95,21 @@ def plan_tiles(
     Parameters
     ----------
     slide_dimensions : level-0 (width, height), px.
-    downsample : level-0 px per tile px.
-    tissue : bool tissue mask covering the whole slide at any coarse resolution.
-    cfg : grid options (overlap, minimum tissue fraction); its mpp/tile_size are already resolved
-        into ``mpp`` and ``tile_size``.
+    downsample : level-0 px per tile px: ``mpp`` / the slide's µm/px (``Slide.downsample_for``).
+    tissue : bool tissue mask covering the whole slide at any coarse resolution (e.g.
+        :attr:`wsi_medcam.tissue.TissueMask.mask`).
+    cfg : grid options (overlap, minimum tissue fraction); its mpp/tile_size, where set, must be
+        ``mpp`` and ``tile_size`` (resolved from it and the classifier).
 
     The fraction is measured over the whole tile area, so tiles overhanging the slide edge count
     the missing part as background. An integral image makes it O(grid), independent of tile size.
     """
+    if (cfg.mpp is not None and not math.isclose(cfg.mpp, mpp)) or (cfg.tile_size is not None and cfg.tile_size != tile_size):
+        raise ConfigError(f"the config's tiles ({cfg.tile_size} px at {cfg.mpp} µm/px) are not the ones asked for "
+                          f"({tile_size} px at {mpp} µm/px)")
+    tissue = np.asarray(tissue)
+    if tissue.ndim != 2 or 0 in tissue.shape:
+        raise ValueError(f"tissue must be a non-empty 2-D mask, got shape {tissue.shape}")
     if cfg.overlap >= tile_size:
         raise ConfigError(f"tile overlap {cfg.overlap} px must be smaller than the tile size {tile_size} px")
     stride = tile_size - cfg.overlap

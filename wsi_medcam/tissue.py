@@ -124,6 +124,9 @@ def tissue_mask_from_rgb(rgb: np.ndarray, mpp: float, cfg: TissueConfig) -> np.n
     """
     if not mpp > 0:
         raise ValueError(f"mpp must be positive, got {mpp}")
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] not in (3, 4) or 0 in rgb.shape:
+        raise ValueError(f"expected a non-empty HxWx3 or HxWx4 uint8 image, got {rgb.dtype} {rgb.shape}")
     sat, sat8, value, sure, maybe = _colour_planes(rgb)
     pen = _grow_ink(sure, maybe) if cfg.reject_pen else np.zeros(sat.shape, dtype=bool)
 

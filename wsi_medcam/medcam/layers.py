@@ -213,7 +213,10 @@ def layer_preset(model: nn.Module, arch: str) -> list[LayerSpec]:
     """
     name = arch.split(".")[0].lower()
     build = next((f for pattern, f in _FAMILIES if pattern.match(name)), generic_preset)
-    specs = build(model)
+    try:
+        specs = build(model)
+    except AttributeError as exc:  # a family's preset reads modules (e.g. ``blocks``) that another model lacks
+        raise ValueError(f"the {type(model).__name__} model does not have the layers of the '{arch}' preset ({exc})") from None
     check_specs(model, specs)
     return specs
 

@@ -110,8 +110,9 @@ def optimise_masks(
         soft = torch.cat([r[0] for r in results])
         used = torch.cat([r[1] for r in results])
     else:
-        torch.manual_seed(seed)
-        net = GroupedUNet(len(x), widths, mask_bias)
+        with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+            torch.manual_seed(seed)
+            net = GroupedUNet(len(x), widths, mask_bias)
         soft, used = _optimise(objective, x, net, steps, lr, patience, area_tol, target, seed, min_steps)
     return PerImageResult(soft, used, time.perf_counter() - start)
 
