@@ -158,7 +158,9 @@ def read_mpp_csv(path: Path) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class MppOverrides:
-    """User-supplied resolutions: one for the run (``--mpp``) and/or per slide (CSV)."""
+    """User-supplied resolutions, one for the run (``--mpp``) and/or per slide (CSV), for slides
+    whose metadata and TIFF resolution tags give no plausible one: the last link of the lookup chain
+    (a slide's own value is never replaced; where one was used, ``Slide.mpp.source`` says so)."""
 
     run: float | None = None
     per_slide: dict[str, float] = field(default_factory=dict)
