@@ -204,3 +204,30 @@ def test_names_in_brackets_and_colour_codes_reach_the_terminal_as_written(tmp_pa
     result = runner.invoke(app, ["info", str(broken)])
     assert result.exit_code == 1 and "case [red].svs" in result.output, result.output
     assert _error_line(RuntimeError("\x1b[1mWeights only load failed.\x1b[0m\nmore")) == "Weights only load failed."
+
+
+@needs_data
+def test_train_cam_slides_take_folders_globs_and_manifests(tmp_path, tiny_classifier):
+    """``--slides`` names slides as ``run`` does (a shell-expanded glob gave 'unexpected extra
+    argument'); a manifest's mpp column is the µm/px of slides without one."""
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for name in ("a.svs", "b.svs"):
+        (archive / name).symlink_to(SLIDES / "CMU-1-Small-Region.svs")
+    config = tmp_path / "cam.yaml"
+    config.write_text("steps: 1\nbatch_size: 2\ntiles_per_slide: 3\n")
+    common = ["train-cam", "--classifier", str(tiny_classifier), "--config", str(config), "--device", "cpu"]
+    for k, slides in enumerate((["--slides", str(archive)], ["--slides", str(archive / "*.svs")],
+                                ["--slides", str(archive / "a.svs"), "--slides", str(archive / "b.svs")])):
+        result = runner.invoke(app, [*common, *slides, "-o", str(tmp_path / f"cam{k}")])
+        assert result.exit_code == 0, result.output
+        assert "6 tiles of 32 px" in result.output  # 3 from each slide
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"path,mpp\n{archive / 'a.svs'},0.25\n")  # the slide's own 0.499 µm/px stays
+    result = runner.invoke(app, [*common, "--slides", str(manifest), "-o", str(tmp_path / "cam-manifest")])
+    assert result.exit_code == 0 and "3 tiles of 32 px" in result.output, result.output
+    result = runner.invoke(app, [*common, "--slides", str(tmp_path / "none" / "*.svs"), "-o", str(tmp_path / "x")])
+    assert _one_error_line(result, "no slides matched")
+    config.write_text("steps: 1\nencoder: resnet10t\n")  # a timm name, not an smp encoder: refused before sampling
+    result = runner.invoke(app, [*common, "--slides", str(archive), "-o", str(tmp_path / "y")])
+    assert "tiles of" not in result.output and _one_error_line(result, "encoder", "resnet10t", "e.g. resnet18")

@@ -184,3 +184,19 @@ def test_a_layer_preset_for_another_architecture_is_a_value_error(small_classifi
     model = load_classifier(small_classifier).model
     with pytest.raises(ValueError, match="vit_small_patch16_224"):
         layer_preset(model, "vit_small_patch16_224")
+
+
+def test_a_segmenter_with_its_own_normalisation_explains_tiles_as_run_does(small_classifier, tmp_path):
+    """``explain``/``eval``/``--refine`` (explain_batch) feed a segmenter with its own mean/std the
+    tiles normalised with them, as the run's Predictor does."""
+    from wsi_medcam.bundles import SegmenterConfig, load_segmenter, make_segmenter
+
+    torch.manual_seed(0)
+    own = make_segmenter(SegmenterConfig(encoder="resnet18", tile_size=TILE, mean=(0.2, 0.3, 0.4), std=(0.5, 0.4, 0.3)),
+                         tmp_path / "segmenter")
+    classifier, segmenter = load_classifier(small_classifier), load_segmenter(own)
+    images = np.random.default_rng(1).integers(0, 256, (3, TILE, TILE, 3), dtype=np.uint8)
+    soft, _ = explain_batch(classifier, images, segmenter=segmenter, fills=("mean",))
+    predictor = Predictor(classifier, segmenter, InferenceConfig(device="cpu", precision="fp32", certify_fills=()))
+    _, levels, _ = predictor.predict(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
+    assert np.abs(np.rint(soft[:, 0].numpy() * 255) - levels.astype(int)).max() <= 1

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from safetensors.torch import load_file, save_file
 
 from .config import format_validation_error
@@ -63,6 +63,18 @@ class ClassifierConfig(BaseModel):
         return [palette[i % len(palette)] for i in range(len(self.class_names))]
 
 
+def check_encoder(name: str) -> str:
+    """``name`` if segmentation-models-pytorch has that encoder (or it names a timm one, ``tu-…``,
+    which smp checks when it builds); else a ValueError that says so in one line (smp's own lists
+    all 76 names)."""
+    from segmentation_models_pytorch.encoders import encoders
+
+    if name.startswith("tu-") or name in encoders:
+        return name
+    raise ValueError(f"unknown segmentation-models-pytorch encoder '{name}' (e.g. resnet18, resnet34, "
+                     "efficientnet-b0, mobilenet_v2, mit_b0, or tu-<timm model name>)")
+
+
 class SegmenterConfig(BaseModel):
     """``config.json`` of a Med-CAM segmenter bundle."""
 
@@ -74,6 +86,8 @@ class SegmenterConfig(BaseModel):
     tile_size: int = Field(ge=16)
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+
+    _known_encoder = field_validator("encoder")(check_encoder)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from pydantic import ValidationError
@@ -22,6 +22,9 @@ from rich.table import Table
 from .config import RunConfig, format_validation_error
 from .errors import WsiMedcamError
 from .inputs import expand_slides
+
+if TYPE_CHECKING:
+    from .slide import MppOverrides
 
 app = typer.Typer(
     help="Med-CAM minimal-evidence explanations for patch classifiers on whole-slide images.",
@@ -48,6 +51,15 @@ def _error_line(exc: BaseException) -> str:
         return format_validation_error(exc)
     lines = [line for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
+
+
+def _slides_and_resolutions(items: list[str], mpp: float | None) -> tuple[list[Path], MppOverrides]:
+    """The slides that files, globs, folders and manifests name, and the µm/px for those without
+    one: ``mpp`` (``--mpp``) and the manifests' mpp column."""
+    from .slide import MppOverrides, read_mpp_csvs  # cv2 and numpy: not for --help
+
+    paths, manifests = expand_slides(items)
+    return paths, MppOverrides(mpp, read_mpp_csvs(manifests))
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -91,12 +103,12 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON document on stdout")] = False,
 ) -> None:
     """Show vendor, backend, levels, microns per pixel (and where it came from) and associated images."""
-    from .slide import BACKENDS, MppOverrides, open_slide
+    from .slide import BACKENDS, open_slide
 
     if backend not in BACKENDS:
         raise _fail(f"--backend {backend}: use {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
     try:
-        paths, _ = expand_slides(slides)
+        paths, overrides = _slides_and_resolutions(slides, mpp)
     except WsiMedcamError as exc:  # a manifest that cannot be read
         raise _fail(_error_line(exc)) from None
     if not paths:
@@ -104,7 +116,7 @@ def info(
     described, failed = [], 0
     for path in paths:
         try:
-            with open_slide(path, backend=backend, overrides=MppOverrides(mpp)) as slide:  # type: ignore[arg-type]
+            with open_slide(path, backend=backend, overrides=overrides) as slide:  # type: ignore[arg-type]
                 described.append(slide.describe())
         except WsiMedcamError as exc:
             failed += 1
@@ -341,7 +353,8 @@ def train_classifier_cmd(
 def train_cam_cmd(
     classifier: Annotated[Path, typer.Option(help="classifier bundle (frozen during training)")],
     out: Annotated[Path, typer.Option("-o", "--out", help="training folder: log, checkpoint, and segmenter/ bundle")],
-    slides: Annotated[Optional[list[Path]], typer.Option("--slides", help="sample tissue tiles from these slides")] = None,
+    slides: Annotated[Optional[list[str]], typer.Option("--slides", help="sample tissue tiles from these slides: files, "
+                      "quoted globs, folders or manifest CSVs (repeat --slides for more)")] = None,
     tiles: Annotated[Optional[Path], typer.Option(help="or read tiles from this folder (any layout)")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML training config (see configs/train-cam.yaml)")] = None,
     steps: Annotated[Optional[int], typer.Option(help="optimisation steps")] = None,
@@ -356,12 +369,17 @@ def train_cam_cmd(
     from .config import read_yaml_mapping
     from .inference import resolve_device
     from .medcam.data import tiles_from_folder, tiles_from_slides
-    from .slide import MppOverrides
     from .medcam.train import CamTrainConfig, train_segmenter
 
     _setup_logging(verbose)
     if bool(slides) == bool(tiles):
-        raise _fail("give either --slides S... or --tiles DIR")
+        raise _fail("give either --slides (a folder, a quoted glob or a file; repeatable) or --tiles DIR")
+    try:
+        paths, overrides = _slides_and_resolutions(slides or [], mpp)
+    except WsiMedcamError as exc:  # a manifest that cannot be read
+        raise _fail(_error_line(exc)) from None
+    if slides and not paths:
+        raise _fail(f"no slides matched {' '.join(slides)}")
     try:
         data = read_yaml_mapping(config) if config else {}
         data.update({k: v for k, v in {"steps": steps, "batch_size": batch_size, "preset": preset, "device": device}.items() if v is not None})
@@ -372,8 +390,8 @@ def train_cam_cmd(
         if tiles:
             images = tiles_from_folder(tiles, size)
         else:
-            images = tiles_from_slides(slides or [], mpp=tile_mpp, tile_size=size, per_slide=cfg.tiles_per_slide,
-                                       overrides=MppOverrides(mpp), seed=cfg.seed)
+            images = tiles_from_slides(paths, mpp=tile_mpp, tile_size=size, per_slide=cfg.tiles_per_slide,
+                                       overrides=overrides, seed=cfg.seed)
         console.print(f"{len(images)} tiles of {size} px; training {cfg.steps} steps")
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TimeRemainingColumn(), console=console) as bar:
@@ -428,7 +446,7 @@ def eval_cmd(
     out: Annotated[Path, typer.Option("-o", "--out", help="report JSON to write")],
     segmenter: Annotated[Optional[Path], typer.Option(help="amortised Med-CAM segmenter bundle")] = None,
     baselines: Annotated[str, typer.Option(help="comma-separated: gradcam, gradcam++, hirescam, layercam, scorecam; empty for none")] = "gradcam,gradcam++",
-    per_image: Annotated[bool, typer.Option("--per-image", help="also run per-image Med-CAM (slow)")] = False,
+    per_image: Annotated[bool, typer.Option("--per-image", help="also run per-image Med-CAM (slow): refining the segmenter when one is given, else from scratch")] = False,
     steps: Annotated[int, typer.Option(help="per-image: maximum steps")] = 880,
 ) -> None:
     """Area, sufficiency under several fills, necessity, deletion/insertion AUC and runtime per method."""

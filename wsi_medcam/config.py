@@ -33,9 +33,9 @@ class SlideConfig(_Frozen):
     """How slides are opened and how their resolution is established."""
 
     backend: Literal["auto", "openslide", "tiffslide"] = "auto"
-    mpp: float | None = Field(None, gt=0, description="µm/px override for every slide of the run")
-    mpp_csv: tuple[Path, ...] = Field((), description="CSVs of path,mpp overrides per slide (manifests too); the "
-                                      "first that gives a slide an mpp wins")
+    mpp: float | None = Field(None, gt=0, description="µm/px for every slide of the run whose metadata gives none")
+    mpp_csv: tuple[Path, ...] = Field((), description="CSVs of path,mpp per slide, for slides whose metadata "
+                                      "gives none (manifests too); the first that gives a slide an mpp wins")
     level_tolerance: float = Field(0.02, ge=0, le=0.25, description="relative slack when matching a level downsample")
 
     @field_validator("mpp_csv", mode="before")
@@ -65,7 +65,8 @@ class TilingConfig(_Frozen):
     mpp: float | None = Field(None, gt=0, description="tile resolution, µm/px")
     tile_size: int | None = Field(None, ge=16, le=4096, description="tile edge, px at the tile resolution")
     overlap: int = Field(0, ge=0, description="overlap between neighbouring tiles, px at the tile resolution")
-    min_tissue: float = Field(0.25, ge=0, le=1, description="minimum tissue fraction for a tile to be kept")
+    min_tissue: float = Field(0.25, ge=0, le=1, description="minimum tissue fraction for a tile to be kept (at 0, any "
+                              "tissue: a tile without any is never kept)")
 
 
 class InferenceConfig(_Frozen):

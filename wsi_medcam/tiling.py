@@ -90,7 +90,8 @@ def plan_tiles(
     mpp: float,
     tile_size: int,
 ) -> TileGrid:
-    """Lay a grid over the slide at ``mpp`` and keep tiles whose tissue fraction >= ``cfg.min_tissue``.
+    """Lay a grid over the slide at ``mpp`` and keep tiles whose tissue fraction >= ``cfg.min_tissue``
+    (and > 0: a tile without tissue is never kept).
 
     Parameters
     ----------

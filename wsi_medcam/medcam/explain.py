@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from ..bundles import Bundle
 from ..errors import WsiMedcamError
@@ -46,6 +47,30 @@ class PerImageOptions:
             raise WsiMedcamError(f"per-image steps must be at least 1, not {self.steps}")
 
 
+class _Renormalised(nn.Module):
+    """A segmenter with a normalisation of its own, fed the classifier's normalised input: x·(σ_c/σ_s)
+    + (μ_c − μ_s)/σ_s is the tile normalised with the segmenter's μ_s, σ_s (as ``run`` feeds it)."""
+
+    def __init__(self, net: nn.Module, classifier: tuple[tuple[float, ...], tuple[float, ...]],
+                 own: tuple[tuple[float, ...], tuple[float, ...]]):
+        super().__init__()
+        self.net = net
+        (c_mean, c_std), (s_mean, s_std) = (tuple(torch.tensor(v).view(1, 3, 1, 1) for v in pair) for pair in (classifier, own))
+        self.register_buffer("scale", c_std / s_std)
+        self.register_buffer("shift", (c_mean - s_mean) / s_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x * self.scale + self.shift)
+
+
+def _segmenter_on(segmenter: Bundle, classifier: Bundle) -> nn.Module:
+    """The segmenter's network, for input normalised like the classifier's."""
+    scfg, ccfg = segmenter.config, classifier.config
+    if scfg.mean is None or scfg.std is None:
+        return segmenter.model
+    return _Renormalised(segmenter.model, (ccfg.mean, ccfg.std), (scfg.mean, scfg.std))
+
+
 def explain_batch(
     classifier: Bundle,
     images: np.ndarray,
@@ -54,7 +79,10 @@ def explain_batch(
     per_image: PerImageOptions | None = None,
     fills: Sequence[str] = EVAL_FILLS,
 ) -> tuple[torch.Tensor, list[dict]]:
-    """Soft masks (B, 1, S, S) and one record per image for uint8 tiles (B, S, S, 3) at the tile size."""
+    """Soft masks (B, 1, S, S) and one record per image for uint8 tiles (B, S, S, 3) at the tile size.
+
+    A segmenter whose bundle gives its own ``mean``/``std`` sees the tiles normalised with them (as
+    in ``run``), also when per-image mode refines it."""
     ccfg = classifier.config
     clf = classifier.model.eval()
     x = to_input(images, ccfg)
@@ -70,11 +98,11 @@ def explain_batch(
                                     threshold_noise=per_image.threshold_noise)
         result = optimise_masks(objective, x, steps=per_image.steps, lr=per_image.lr, patience=per_image.patience,
                                 min_steps=per_image.min_steps,
-                                init=segmenter.model if segmenter else None)
+                                init=_segmenter_on(segmenter, classifier) if segmenter else None)
         soft, steps = result.soft, result.steps
     elif segmenter is not None:
         with torch.no_grad():
-            soft = torch.sigmoid(segmenter.model.eval()(x))
+            soft = torch.sigmoid(_segmenter_on(segmenter, classifier).eval()(x))
     else:
         raise ValueError("give a segmenter, per-image mode, or both")
     seconds = (time.perf_counter() - start) / max(len(x), 1)

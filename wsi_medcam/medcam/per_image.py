@@ -1,8 +1,9 @@
 """Per-image Med-CAM (the paper's mode): a fresh mask network per image, optimised on that image alone.
 
-Many images are optimised at once without sharing anything: :class:`GroupedUNet` is the
-notebook's small U-Net (DoubleConv blocks, max-pool down, transposed-conv up, skip concatenation,
-1×1 head) with every convolution grouped by image, so image i only ever sees the weights of group i,
+Many images are optimised at once without sharing anything: :class:`GroupedUNet` has the
+notebook U-Net's shape (DoubleConv blocks, max-pool down, transposed-conv up, skip concatenation,
+1×1 head), narrower by default (widths 16-32-64-128; the notebook's are 32-64-128-256 and a 512
+bottleneck), with every convolution grouped by image, so image i only ever sees the weights of group i,
 and Adam's element-wise updates keep the networks independent. Refinement (``init`` given) starts
 each image from a copy of the amortised segmenter instead.
 

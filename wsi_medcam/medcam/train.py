@@ -27,7 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from safetensors.torch import load_file, save_file
 
-from ..bundles import Bundle, SegmenterConfig, build_segmenter, check_bundle_target, save_bundle
+from ..bundles import Bundle, SegmenterConfig, build_segmenter, check_bundle_target, check_encoder, save_bundle
 from ..classifier_training import augment, normalise
 from ..config import check_device_name
 from ..errors import BundleError
@@ -67,6 +67,8 @@ class CamTrainConfig(BaseModel):
     @classmethod
     def _known_device(cls, value: str) -> str:
         return check_device_name(value)
+
+    _known_encoder = field_validator("encoder")(check_encoder)  # before any tile is sampled
 
     @model_validator(mode="after")
     def _known_loss_weights(self) -> "CamTrainConfig":
