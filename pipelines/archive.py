@@ -5,6 +5,7 @@
 
 The same as ``wsi-medcam run`` with a cluster flag, as a script to copy and adapt for a study
 (e.g. to choose slides by a clinical table before submitting). It only composes the package's API.
+Exit status: 0 when every slide is done or skipped, 1 when any failed, 2 for a usage error.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import sys
 from pathlib import Path
 
 from wsi_medcam.batch import run_archive
-from wsi_medcam.inputs import expand_slides
 from wsi_medcam.config import RunConfig
-from wsi_medcam.distributed import client_for, close_client
+from wsi_medcam.distributed import client_for, close_client, local_split
+from wsi_medcam.errors import WsiMedcamError
+from wsi_medcam.inputs import expand_slides
 
 
 def main() -> int:
@@ -32,14 +34,25 @@ def main() -> int:
     cluster.add_argument("--slurm", type=Path)
     args = ap.parse_args()
 
-    paths, manifests = expand_slides(args.slides)
-    overrides = {"classifier": str(args.classifier), "segmenter": str(args.segmenter) if args.segmenter else None,
-                 "slide.mpp_csv": [str(m) for m in manifests]}
-    cfg = RunConfig.from_yaml(args.config, overrides)
-    client = client_for(dask_spec=args.dask, scheduler=args.scheduler, slurm=args.slurm)
+    try:
+        paths, manifests = expand_slides(args.slides)
+        if not paths:
+            raise WsiMedcamError("no slides matched " + " ".join(args.slides))
+        overrides = {"classifier": str(args.classifier), "segmenter": str(args.segmenter) if args.segmenter else None,
+                     "slide.mpp_csv": [str(m) for m in manifests]}
+        if not (args.scheduler or args.slurm):
+            overrides.update(local_split(args.dask))
+        cfg = RunConfig.from_yaml(args.config, overrides)
+        client = client_for(dask_spec=args.dask, scheduler=args.scheduler, slurm=args.slurm)
+    except WsiMedcamError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         results = run_archive(paths, args.out, cfg, client=client,
                               on_result=lambda r: print(f"{r.status:8} {r.path}  {r.reason}", flush=True))
+    except WsiMedcamError as exc:  # e.g. the output folder cannot be written, or another run holds it
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     finally:
         close_client(client)
     failed = sum(r.status == "failed" for r in results)

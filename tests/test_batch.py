@@ -129,6 +129,48 @@ def test_local_cluster_workers_share_the_gpus():
     assert device(3, 1) == "auto" and device(3, 0) == "auto" and device("SLURMCluster-3", 4) == "auto"
 
 
+def _recorded_task(path: str, out_dir: str, cfg_json: str) -> dict:
+    """Stands in for :func:`wsi_medcam.batch.slide_task`: a "done" slide that names what it was given."""
+    cfg = json.loads(cfg_json)
+    return {"path": path, "status": "done", "output": out_dir, "seconds": 0.0, "tiles": 0,
+            "reason": json.dumps([path, out_dir, cfg["classifier"], cfg["segmenter"], cfg["slide"]["mpp_csv"]]),
+            "report": {}}
+
+
+def test_cluster_tasks_get_absolute_paths_and_a_run_without_workers_says_so(tmp_path, monkeypatch, caplog):
+    """Workers of a scheduler started elsewhere run in a folder of their own: every path a task gets
+    is absolute (relative ones failed every slide: "bundles/clf: not a bundle directory"). With no
+    worker connected the run says so once, then goes on when one comes (it waited without a word)."""
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    from wsi_medcam import batch
+    from wsi_medcam.config import RunConfig
+
+    monkeypatch.setattr(batch, "slide_task", _recorded_task)
+    monkeypatch.setattr(batch, "WORKER_CHECK_S", 0.5)
+    monkeypatch.chdir(tmp_path)
+    cfg = RunConfig.from_dict({"classifier": "bundles/clf", "segmenter": "bundles/seg", "slide": {"mpp_csv": ["m.csv"]}})
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
+        results: list = []
+        run = threading.Thread(target=lambda: results.extend(batch.run_archive([Path("s/a.svs")], Path("out"), cfg,
+                                                                                client=client)))
+        with caplog.at_level("WARNING", logger="wsi_medcam.batch"):
+            run.start()
+            deadline = time.monotonic() + 60
+            while "no dask worker" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert "no dask worker" in caplog.text and "1 slides wait for one" in caplog.text
+            cluster.scale(1)
+            run.join(60)
+    assert not run.is_alive() and [r.status for r in results] == ["done"]
+    assert results[0].path == Path("s/a.svs")  # reported as the user named it
+    given = json.loads(results[0].reason)
+    assert given == [str(tmp_path / "s/a.svs"), str(tmp_path / "out/a"), str(tmp_path / "bundles/clf"),
+                     str(tmp_path / "bundles/seg"), [str(tmp_path / "m.csv")]]
+
+
 def test_slurm_workers_are_non_daemonic_and_run_one_slide_at_a_time(tmp_path):
     """The job script itself must make the worker non-daemonic (this process's dask config does not
     reach a SLURM node) and leave it one thread, whatever ``cores`` says."""
@@ -393,3 +435,20 @@ def test_permission_denied_on_the_output(tmp_path, bundles, cmu_pixels):
     assert not [p for p in out.iterdir() if p.name.endswith(".partial")]
     assert refused.exit_code == 2 and "cannot write to the output folder" in refused.output
     assert "Traceback" not in refused.output and list(locked.iterdir()) == []
+
+
+def test_the_archive_script_refuses_usage_errors_in_one_line(tmp_path, bundles):
+    """pipelines/archive.py, like `run`: no slides, or a bad config, is one line and exit 2 before a
+    cluster starts (a traceback; and an empty folder was "0 ok, 0 failed", exit 0)."""
+    from conftest import ROOT
+
+    clf, _ = bundles
+    (tmp_path / "empty").mkdir()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("inference:\n  batchsize: 4\n")
+    for args, wanted in (([str(tmp_path / "empty")], "no slides matched"),
+                         ([str(CMU), "--config", str(bad)], "inference.batchsize")):
+        proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "archive.py"), *args, "-o", str(tmp_path / "out"),
+                               "--classifier", str(clf)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert proc.stderr.startswith("error: ") and wanted in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr

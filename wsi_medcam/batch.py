@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,11 @@ from .tissue import TissueMask
 
 LOCK_NAME = ".wsi-medcam.lock"
 STATUS_NAME = "status.jsonl"
+WORKER_CHECK_S = 60.0
+"""Seconds without any dask worker, slides pending, before a run says that it waits for one."""
+_POLL_S = 0.25  # how often a run on a cluster looks for finished slides and for workers, s
+
+log = logging.getLogger(__name__)
 
 _WORKER_MODELS: dict[str, Models] = {}
 """Per worker process: models keyed by the config that loaded them (loaded once, reused per slide)."""
@@ -114,6 +120,14 @@ def slide_task(path: str, out_dir: str, cfg_json: str) -> dict[str, Any]:
     return {**asdict(result), "path": str(result.path), "output": str(result.output) if result.output else None}
 
 
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with its bundle and CSV paths made absolute: the workers of a scheduler started
+    elsewhere run in a folder of their own, where relative paths name other files or none."""
+    slide = cfg.slide.model_copy(update={"mpp_csv": tuple(Path(p).absolute() for p in cfg.slide.mpp_csv)})
+    return cfg.model_copy(update={"classifier": cfg.classifier and Path(cfg.classifier).absolute(),
+                                  "segmenter": cfg.segmenter and Path(cfg.segmenter).absolute(), "slide": slide})
+
+
 def _from_dict(d: dict[str, Any]) -> SlideResult:
     return SlideResult(Path(d["path"]), d["status"], Path(d["output"]) if d["output"] else None, d["reason"],
                        d["seconds"], d["tiles"], d["report"])
@@ -154,12 +168,27 @@ def run_archive(
         from distributed import as_completed
 
         resources = {"GPU": 1} if cfg.inference.device.startswith("cuda") else None
-        cfg_json = cfg.model_dump_json()
-        futures = {client.submit(slide_task, str(path), str(out_root / name), cfg_json, key=f"slide-{name}",
-                                 pure=False, resources=resources): path for path, name in names.items()}
-        for future in as_completed(futures):
-            try:
-                record(_from_dict(future.result()))
-            except Exception as exc:  # noqa: BLE001 - a worker died or the task could not run
-                record(SlideResult(futures[future], "failed", None, f"{type(exc).__name__}: {exc}"))
+        cfg_json = absolute_paths(cfg).model_dump_json()
+        futures = {client.submit(slide_task, str(Path(path).absolute()), str((out_root / name).absolute()), cfg_json,
+                                 key=f"slide-{name}", pure=False, resources=resources): path for path, name in names.items()}
+        ready, no_workers_since, warned = as_completed(futures), None, False
+        while not ready.is_empty():
+            finished = ready.next_batch(block=False)
+            for future in finished:
+                try:
+                    record(replace(_from_dict(future.result()), path=futures[future]))  # as the user named it
+                except Exception as exc:  # noqa: BLE001 - a worker died or the task could not run
+                    record(SlideResult(futures[future], "failed", None, f"{type(exc).__name__}: {exc}"))
+            if finished:
+                continue
+            time.sleep(_POLL_S)
+            if client.scheduler_info().get("workers"):
+                no_workers_since, warned = None, False
+            elif no_workers_since is None:
+                no_workers_since = time.monotonic()
+            elif time.monotonic() - no_workers_since > WORKER_CHECK_S and not warned:
+                # every worker died, or a queue has not started them yet (which may take hours): say so, and wait
+                log.warning("no dask worker has been connected to %s for %.0f s: %d slides wait for one (Ctrl-C "
+                            "stops the run)", client.scheduler.address, WORKER_CHECK_S, ready.count())
+                warned = True
     return results

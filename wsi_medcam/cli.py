@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -203,11 +202,10 @@ def run(
             raise WsiMedcamError("no slides matched " + " ".join(slides))
         overrides["slide.mpp_csv"] = [str(p) for p in [*([mpp_csv] if mpp_csv else []), *manifests]] or None
         client = None
-        if dask and threads is None and streams is None:  # the workers share this machine's cores: cores ÷ N single-threaded streams each
-            from .distributed import parse_local
+        if dask and threads is None and streams is None:  # the workers share this machine's cores
+            from .distributed import local_split
 
-            overrides["inference.threads"] = 1
-            overrides["inference.streams"] = max(1, (os.cpu_count() or 1) // parse_local(dask))
+            overrides.update(local_split(dask))
         cfg = RunConfig.from_yaml(config, {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()})
         read_mpp_csvs(cfg.slide.mpp_csv)  # an unreadable or malformed CSV: one line now, not one per slide
         if dask or scheduler or slurm:  # dask is imported only when asked for (memory of plain runs)

@@ -11,6 +11,8 @@ an existing scheduler may be daemonic; slides still run there, without child pro
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 import subprocess
 from contextlib import suppress
@@ -54,6 +56,13 @@ def parse_local(spec: str) -> int:
     if name != "local" or (count and not count.isdigit()) or (count and int(count) < 1):
         raise ConfigError(f"--dask expects 'local' or 'local:N', got '{spec}'")
     return int(count) if count else 2
+
+
+def local_split(spec: str) -> dict[str, int]:
+    """Config overrides for a ``local[:N]`` cluster on this machine, whose N workers share its cores:
+    each runs cores ÷ N model streams of one torch thread (each worker left to its default would
+    run one stream per core, N× as many threads as cores)."""
+    return {"inference.threads": 1, "inference.streams": max(1, (os.cpu_count() or 1) // parse_local(spec))}
 
 
 def local_client(n_workers: int) -> Client:
@@ -142,7 +151,13 @@ def close_client(client: Client) -> None:
     cluster = client.cluster
     client.close()
     if cluster is not None:
-        cluster.close()
+        nanny = logging.getLogger("distributed.nanny")
+        level = nanny.level
+        nanny.setLevel(logging.ERROR)  # "Worker process still alive after 4.0 seconds, killing": what closing asks for
+        try:
+            cluster.close()
+        finally:
+            nanny.setLevel(level)
 
 
 def client_for(*, dask_spec: str | None = None, scheduler: str | None = None, slurm: Path | None = None) -> Client | None:
