@@ -30,7 +30,7 @@ LOCK_NAME = ".wsi-medcam.lock"
 STATUS_NAME = "status.jsonl"
 WORKER_CHECK_S = 60.0
 """Seconds without any dask worker, slides pending, before a run says that it waits for one."""
-_POLL_S = 0.25  # how often a run on a cluster looks for finished slides and for workers, s
+_POLL_S = 1.0  # how often a run on a cluster looks for finished slides and asks the scheduler for workers, s
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def run_archive(
             if finished:
                 continue
             time.sleep(_POLL_S)
-            if client.scheduler_info().get("workers"):
+            if client.scheduler_info(n_workers=1).get("workers"):  # one round trip; one worker will do
                 no_workers_since, warned = None, False
             elif no_workers_since is None:
                 no_workers_since = time.monotonic()
