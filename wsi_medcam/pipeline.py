@@ -5,6 +5,7 @@ skip-if-done, atomic outputs and per-slide failure isolation.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import heapq
 import json
@@ -18,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from multiprocessing.process import BaseProcess
 from itertools import chain
@@ -71,14 +72,19 @@ class Models:
     share_by_name: bool = False
     """Whether readers hand batches over by name (:func:`~wsi_medcam.batching.make_loader`): on CUDA,
     where torch's shared-memory manager could be started."""
+    refine_from: tuple[Bundle, Bundle] | None = None
+    """(classifier, segmenter) for per-image refinement, on the CPU where it runs: the segmenter as
+    trained (batch norms not folded), whose copies it trains; None unless ``inference.refine``."""
 
 
 def load_models(cfg: RunConfig) -> Models:
     """Load the bundles named in ``cfg`` onto the configured device. For a CPU, this process's
     threads share one malloc arena from now on (:func:`~wsi_medcam.heap.use_one_arena`): the models'
     activations are then in host memory, and its peak no longer depends on which thread freed what.
-    The models' batch norms are folded into their convolutions (:mod:`wsi_medcam.folding`), except
-    the segmenter's when ``inference.refine`` trains copies of it."""
+    The models' batch norms are folded into their convolutions (:mod:`wsi_medcam.folding`). With
+    ``inference.refine``, copies are kept on the CPU for per-image refinement (:attr:`Models.refine_from`):
+    the segmenter's unfolded, so the tiles it does not refine get exactly the evidence of a run
+    without it; the classifier's where the models go to a GPU."""
     if cfg.classifier is None:
         raise WsiMedcamError("no classifier bundle given: pass --classifier DIR")
     device = resolve_device(cfg.inference.device)
@@ -95,12 +101,16 @@ def load_models(cfg: RunConfig) -> Models:
     segmenter = load_segmenter(cfg.segmenter) if cfg.segmenter else None
     # the classifier is only ever evaluated here; per-image refinement trains copies of the segmenter
     fold_batchnorms(classifier.model)
-    if segmenter is not None and not cfg.inference.refine:
+    refine_from = None
+    if segmenter is not None:
+        if cfg.inference.refine:
+            on_cpu = classifier if device.type == "cpu" else replace(classifier, model=copy.deepcopy(classifier.model))
+            refine_from = (on_cpu, replace(segmenter, model=copy.deepcopy(segmenter.model)))
         fold_batchnorms(segmenter.model)
     predictor = Predictor(classifier, segmenter, cfg.inference)
     if device.type == "cuda":
         _reserve_pinned_batches(cfg, classifier, predictor)
-    return Models(classifier, segmenter, predictor, share_by_name)
+    return Models(classifier, segmenter, predictor, share_by_name, refine_from)
 
 
 def _reserve_pinned_batches(cfg: RunConfig, classifier: Bundle, predictor: Predictor) -> None:
@@ -546,13 +556,14 @@ def refine_tiles(stitcher: EvidenceStitcher, ref: SlideRef, chosen: list[tuple[i
     written over their streamed evidence; returns how many tiles were refined."""
     from .medcam.explain import PerImageOptions, explain_batch
 
-    if not chosen or models.segmenter is None:
+    if not chosen or models.refine_from is None:
         return 0
     grid = stitcher.grid
     with ref.open() as slide:
         tiles = np.stack([slide.read_region_at(grid.xy_level0(i), grid.tile_size, grid.mpp, tolerance=tolerance)
                           for _, i in chosen])
-    soft, _ = explain_batch(models.classifier, tiles, segmenter=models.segmenter,
+    classifier, segmenter = models.refine_from
+    soft, _ = explain_batch(classifier, tiles, segmenter=segmenter,
                             per_image=PerImageOptions(steps=steps, lr=1e-4, patience=10, min_steps=min(10, steps)))
     for (class_index, i), mask in zip(chosen, soft[:, 0].numpy()):
         stitcher.replace(i, mask, class_index)
