@@ -43,8 +43,8 @@ def trained(tmp_path_factory, sources):
     result = train_classifier(data.images, data.labels, cfg, epochs=6, lr=3e-3, seed=0)
     clf_dir = save_bundle(result.model, cfg.model_copy(update={"val_accuracy": result.val_accuracy}), root / "clf")
     classifier = load_classifier(clf_dir)
-    seg_dir, summary = train_segmenter(classifier, data.images, CamTrainConfig(steps=120, val_every=60,
-                                                                                checkpoint_every=60), root / "cam")
+    seg_dir, summary = train_segmenter(classifier, data.images, CamTrainConfig(steps=90, val_every=45,
+                                                                                checkpoint_every=45), root / "cam")
     return classifier, load_segmenter(seg_dir), summary, result.val_accuracy, root
 
 
