@@ -152,8 +152,14 @@ def test_a_batchnorm_in_training_mode_is_kept():
 
 @pytest.mark.parametrize("refine", [0, 2])
 def test_load_models_keeps_the_segmenters_batchnorms_for_refinement(bundles, refine):
-    """Per-image refinement trains copies of the segmenter, so its batch norms must stay."""
+    """Per-image refinement trains copies of the segmenter, so its copy keeps its batch norms; the
+    models that stream every tile are folded either way (a refined run's other tiles are a plain
+    run's, exactly)."""
     clf, seg = bundles
     models = load_models(RunConfig(classifier=Path(clf), segmenter=Path(seg), inference={"device": "cpu", "refine": refine}))
-    assert _batchnorms(models.classifier.model) == 0
-    assert (_batchnorms(models.segmenter.model) > 0) == bool(refine)
+    assert _batchnorms(models.classifier.model) == 0 and _batchnorms(models.segmenter.model) == 0
+    assert (models.refine_from is not None) == bool(refine)
+    if refine:
+        classifier, segmenter = models.refine_from
+        assert _batchnorms(segmenter.model) > 0 and segmenter.model is not models.segmenter.model
+        assert next(classifier.model.parameters()).device.type == "cpu"
