@@ -185,10 +185,16 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     return loaded
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    """Turn a pydantic error into ``field.path: message`` lines a user can act on."""
+def validation_lines(exc: ValidationError, *, prefix: str = "", unknown: str = "unknown key") -> list[str]:
+    """One ``prefix + field.path: message`` line per pydantic error; ``unknown`` for a key the model
+    does not have."""
     lines = []
     for err in exc.errors():
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-        lines.append(f"{'.'.join(str(p) for p in err['loc'])}: {msg}" if err["loc"] else msg)
-    return "invalid config: " + "; ".join(lines)
+        msg = unknown if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        lines.append(f"{prefix}{'.'.join(str(p) for p in err['loc'])}: {msg}" if err["loc"] else msg)
+    return lines
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """Turn a pydantic error into ``field.path: message`` lines a user can act on."""
+    return "invalid config: " + "; ".join(validation_lines(exc))

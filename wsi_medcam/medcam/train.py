@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from ..bundles import Bundle, SegmenterConfig, build_segmenter, check_bundle_target, check_encoder, save_bundle
 from ..classifier_training import augment, normalise
-from ..config import check_device_name
+from ..config import check_device_name, validation_lines
 from ..errors import BundleError
 from ..inference import bf16_supported, resolve_device
 from .fills import FILL_KINDS
@@ -81,11 +81,8 @@ class CamTrainConfig(BaseModel):
         try:
             return LossWeights.model_validate({**preset.model_dump(), **self.weights})
         except ValidationError as exc:
-            raise ValueError("; ".join(
-                f"weights.{'.'.join(map(str, err['loc']))}: "
-                + (f"unknown loss weight, expected one of {', '.join(LossWeights.model_fields)}"
-                   if err["type"] == "extra_forbidden" else err["msg"])
-                for err in exc.errors())) from None
+            unknown = f"unknown loss weight, expected one of {', '.join(LossWeights.model_fields)}"
+            raise ValueError("; ".join(validation_lines(exc, prefix="weights.", unknown=unknown))) from None
 
     def layer_specs(self, model: torch.nn.Module, arch: str) -> list[LayerSpec]:
         specs = layer_preset(model, arch)
