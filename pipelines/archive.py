@@ -5,7 +5,8 @@
 
 The same as ``wsi-medcam run`` with a cluster flag, as a script to copy and adapt for a study
 (e.g. to choose slides by a clinical table before submitting). It only composes the package's API.
-Exit status: 0 when every slide is done or skipped, 1 when any failed, 2 for a usage error.
+Exit status: 0 when every slide is done or skipped, 1 when any failed, 2 for a usage error, 130
+when interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from wsi_medcam.batch import run_archive
+from wsi_medcam.batch import INTERRUPTED, run_archive
 from wsi_medcam.config import RunConfig
-from wsi_medcam.distributed import client_for, close_client, local_split
+from wsi_medcam.distributed import client_for, close_client, split_local_cores
 from wsi_medcam.errors import WsiMedcamError
 from wsi_medcam.inputs import expand_slides
 
@@ -40,9 +41,9 @@ def main() -> int:
             raise WsiMedcamError("no slides matched " + " ".join(args.slides))
         overrides = {"classifier": str(args.classifier), "segmenter": str(args.segmenter) if args.segmenter else None,
                      "slide.mpp_csv": [str(m) for m in manifests]}
-        if not (args.scheduler or args.slurm):
-            overrides.update(local_split(args.dask))
         cfg = RunConfig.from_yaml(args.config, overrides)
+        if not (args.scheduler or args.slurm):
+            cfg = split_local_cores(args.dask, cfg)
         client = client_for(dask_spec=args.dask, scheduler=args.scheduler, slurm=args.slurm)
     except WsiMedcamError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -53,6 +54,9 @@ def main() -> int:
     except WsiMedcamError as exc:  # e.g. the output folder cannot be written, or another run holds it
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
     finally:
         close_client(client)
     failed = sum(r.status == "failed" for r in results)

@@ -35,6 +35,27 @@ def test_info_table():
     result = runner.invoke(app, ["info", str(SLIDES / "CMU-1-Small-Region.svs")])
     assert result.exit_code == 0
     assert "2220 × 2967" in result.stdout and "metadata" in result.stdout
+    # --json is a list also for one slide: a script need not ask how many the glob matched
+    result = runner.invoke(app, ["info", str(SLIDES / "CMU-1-Small-Region.svs"), "--json"])
+    assert [d["vendor"] for d in json.loads(result.stdout)] == ["aperio"]
+
+
+def test_wide_tables_are_whole_when_piped(capsys):
+    """Piped into a file, rich assumed 80 columns and cut eval's 12-column table to '0.…' cells."""
+    from wsi_medcam import cli
+
+    fills = ["mean", "white", "blur"]
+    method = {"area": 0.123456, "sufficiency": {f: 0.987 for f in fills}, "necessity_drop": 0.456789,
+              "deletion_auc": 0.234567, "insertion_auc": 0.876543, "iou": 0.345678, "pointing_game": 0.75,
+              "seconds_per_tile": 1.234567}
+    report = {"tiles": 3, "fills": fills, "null_mask_keeps": {f: 0.25 for f in fills},
+              "methods": {"medcam-per-image": method, "gradcam++": method}}
+    cli.out_console.print(cli.metrics_table(report))
+    out = capsys.readouterr().out
+    assert "…" not in out
+    for cell in ("medcam-per-image", "0.123", "0.457", "0.235", "0.877", "0.346", "0.75", "1.235", "suff white", "pointing"):
+        assert cell in out, cell
+    assert len([line for line in out.splitlines() if "0.123" in line]) == 2  # one line per method
 
 
 def test_import_classifier_cli(tmp_path):

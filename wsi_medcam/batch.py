@@ -30,6 +30,8 @@ LOCK_NAME = ".wsi-medcam.lock"
 STATUS_NAME = "status.jsonl"
 WORKER_CHECK_S = 60.0
 """Seconds without any dask worker, slides pending, before a run says that it waits for one."""
+INTERRUPTED = "interrupted: finished slides are kept; the same command again does the rest"
+"""What a driver says on Ctrl-C (exit status 130): outputs are complete or under a temporary name."""
 _POLL_S = 1.0  # how often a run on a cluster looks for finished slides and asks the scheduler for workers, s
 
 log = logging.getLogger(__name__)

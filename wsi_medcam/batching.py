@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -102,14 +104,25 @@ def _as_read(batch: tuple[torch.Tensor, np.ndarray]) -> tuple[torch.Tensor, np.n
     return batch
 
 
-def _share_by_name(_worker: int) -> None:
-    """In a reader process: share batches through named shared memory (torch's ``file_system``
-    strategy) rather than by passing a file descriptor. The model process then maps a batch by its
-    name. By descriptor, it fetched each one over a socket from the reader, an authenticated
-    handshake of several round trips, each of which must win back the GIL from the model and
-    stitching threads: with another thread busy in Python, one reader's batches of 256 arrived at
-    10.6 per second, by name at 29-30 (2-core VM, batches read in 20 ms)."""
-    torch.multiprocessing.set_sharing_strategy("file_system")
+def _start_reader(parent: int, share_by_name: bool, _worker: int) -> None:
+    """First thing in a reader process: leave at once if ``parent`` (the process that started it)
+    is gone, else set how batches are shared.
+
+    torch's readers notice a parent that dies *after* they start (they compare the parent's pid with
+    the one they saw at start). One whose parent dies while it starts saw init's pid instead, and
+    waited for work for good: readers started by spawn (dask's workers start them so) import torch
+    for seconds, and a worker closed then (Ctrl-C on ``run --dask local``) left them behind.
+
+    ``share_by_name``: share batches through named shared memory (torch's ``file_system`` strategy)
+    rather than by passing a file descriptor. The model process then maps a batch by its name. By
+    descriptor, it fetched each one over a socket from the reader, an authenticated handshake of
+    several round trips, each of which must win back the GIL from the model and stitching threads:
+    with another thread busy in Python, one reader's batches of 256 arrived at 10.6 per second, by
+    name at 29-30 (2-core VM, batches read in 20 ms)."""
+    if os.getppid() != parent:
+        os._exit(0)
+    if share_by_name:
+        torch.multiprocessing.set_sharing_strategy("file_system")
 
 
 def start_shared_memory_manager() -> bool:
@@ -148,13 +161,13 @@ def make_loader(dataset: Dataset, *, batch_size: int, workers: int, pin_memory: 
                 share_by_name: bool = False) -> DataLoader:
     """Batches in the dataset's order (the stitcher's: it streams strip by strip, row by row), read
     ahead by ``workers`` processes. With ``share_by_name`` they reach this process by the name of
-    their shared memory (see :func:`_share_by_name`; this process's own setting is left alone): for
+    their shared memory (see :func:`_start_reader`; this process's own setting is left alone): for
     a GPU, where ~20 batches a second reach a process whose threads compete for the GIL. It costs a
     manager process (:func:`start_shared_memory_manager`), which a CPU's few batches do not repay."""
     kwargs: dict[str, Any] = {}
     if workers > 0:
         kwargs.update(prefetch_factor=PREFETCH_BATCHES, persistent_workers=False,
-                      worker_init_fn=_share_by_name if share_by_name else None)
+                      worker_init_fn=partial(_start_reader, os.getpid(), share_by_name))
     return DataLoader(
         dataset,
         batch_size=batch_size,

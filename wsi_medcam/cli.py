@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -31,7 +33,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
-out_console = Console()
+# results on stdout: piped or redirected, rich assumes 80 columns and folds or cuts wider tables
+# (eval's has 12 columns); there they take the width they need. COLUMNS, where set, still decides
+out_console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200)
 
 
 
@@ -123,7 +127,7 @@ def info(
             if not as_json:
                 console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
     if as_json:
-        out_console.print_json(json.dumps(described if len(described) > 1 else described[0]))
+        out_console.print_json(json.dumps(described))  # a list however many slides matched, for scripts
     else:
         for d in described:
             if "error" in d:
@@ -177,9 +181,9 @@ def run(
 ) -> None:
     """Tissue → tiles → classifier (+ segmenter) → OME-Zarr evidence, GeoJSON, CSV, overview and report per slide.
 
-    Finished slides are skipped on a rerun; a failed slide is reported and the others go on; the exit status is 1 if any slide failed.
+    Finished slides are skipped on a rerun; a failed slide is reported and the others go on; the exit status is 1 if any slide failed, 130 after Ctrl-C.
     """
-    from .batch import run_archive
+    from .batch import INTERRUPTED, run_archive
     from .pipeline import load_models, start_tissue_ahead
     from .slide import read_mpp_csvs
 
@@ -202,14 +206,13 @@ def run(
             raise WsiMedcamError("no slides matched " + " ".join(slides))
         overrides["slide.mpp_csv"] = [str(p) for p in [*([mpp_csv] if mpp_csv else []), *manifests]] or None
         client = None
-        if dask and threads is None and streams is None:  # the workers share this machine's cores
-            from .distributed import local_split
-
-            overrides.update(local_split(dask))
         cfg = RunConfig.from_yaml(config, {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()})
         read_mpp_csvs(cfg.slide.mpp_csv)  # an unreadable or malformed CSV: one line now, not one per slide
         if dask or scheduler or slurm:  # dask is imported only when asked for (memory of plain runs)
-            from .distributed import client_for, close_client
+            from .distributed import client_for, close_client, split_local_cores
+
+            if dask:  # the workers share this machine's cores
+                cfg = split_local_cores(dask, cfg)
 
             logging.getLogger("distributed").setLevel(logging.WARNING)  # importing it applied dask's INFO
             client = client_for(dask_spec=dask, scheduler=scheduler, slurm=slurm)
@@ -241,6 +244,9 @@ def run(
                                   on_result=on_result, ahead=ahead)
     except WsiMedcamError as exc:
         raise _fail(_error_line(exc)) from None
+    except KeyboardInterrupt:
+        console.print(f"[yellow]{INTERRUPTED}[/yellow]", highlight=False)
+        raise typer.Exit(130) from None
     finally:
         if ahead is not None:  # where the slides did not start (run_slides closes it)
             ahead.close()

@@ -1,0 +1,85 @@
+"""Ctrl-C and the processes a run starts: one line and exit status 130, cluster workers that leave the
+interrupt to the run, readers that do not outlive a parent that died while they started; and how
+local cluster workers split the machine."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import write_pyramid
+from wsi_medcam import batch, pipeline
+from wsi_medcam.batching import _start_reader
+from wsi_medcam.cli import app
+from wsi_medcam.config import RunConfig
+from wsi_medcam.distributed import ctrl_c_spares_children, split_local_cores
+
+IGNORES_SIGINT = [sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)"]
+
+
+def test_processes_started_for_a_cluster_leave_ctrl_c_to_the_run():
+    """Ctrl-C reaches every process of the terminal's group: a LocalCluster's workers and their
+    readers each printed a traceback (about 70 lines) while the run closed the cluster anyway."""
+    before = signal.getsignal(signal.SIGINT)
+    with ctrl_c_spares_children():
+        inside = subprocess.run(IGNORES_SIGINT, capture_output=True, text=True, check=True).stdout.strip()
+    assert inside == "True"
+    assert signal.getsignal(signal.SIGINT) is before  # this process still stops on Ctrl-C
+    after = subprocess.run(IGNORES_SIGINT, capture_output=True, text=True, check=True).stdout.strip()
+    assert after == "False"
+
+
+def test_an_interrupted_run_says_what_is_kept_and_exits_130(tmp_path, monkeypatch):
+    slide = write_pyramid(tmp_path / "s.tif", np.full((256, 256, 3), 200, np.uint8), mpp=0.5)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch, "run_archive", interrupted)
+    monkeypatch.setattr(pipeline, "load_models", lambda cfg: None)
+    monkeypatch.setattr(pipeline, "start_tissue_ahead", lambda *args, **kwargs: None)
+    result = CliRunner().invoke(app, ["run", str(slide), "--classifier", str(tmp_path / "clf"), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 130, result.output
+    assert batch.INTERRUPTED in result.output and "Traceback" not in result.output
+
+
+def _reader_start(parent: int) -> None:
+    _start_reader(parent, False, 0)
+    os._exit(3)  # went on to read
+
+
+@pytest.mark.parametrize("parent_alive", [True, False])
+def test_a_reader_whose_parent_died_while_it_started_leaves(parent_alive):
+    """torch's readers compare their parent's pid with the one they saw at start: one whose parent died
+    while it imported torch (spawned readers of a dask worker closed by Ctrl-C) saw init's and waited
+    for work for good. _start_reader, their first step, leaves where the parent is not the one that
+    started it."""
+    parent = os.getpid() if parent_alive else os.getpid() + 10_000_000  # beyond any pid: gone
+    proc = multiprocessing.get_context("fork").Process(target=_reader_start, args=(parent,))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == (3 if parent_alive else 0)
+
+
+def test_local_workers_split_the_cores_on_a_cpu_only(monkeypatch):
+    cores = os.cpu_count() or 1
+    cpu = split_local_cores("local:2", RunConfig.from_yaml(None, {"inference.device": "cpu"}))
+    assert (cpu.inference.threads, cpu.inference.streams) == (1, max(1, cores // 2))
+    # set in the config (or by flags): kept
+    own = RunConfig.from_yaml(None, {"inference.device": "cpu", "inference.streams": 3})
+    assert split_local_cores("local:2", own) == own
+    # on CUDA a stream is a CUDA stream, two by default: 8 per worker on a 16-core node overloaded the GPU
+    cuda = RunConfig.from_yaml(None, {"inference.device": "cuda:1"})
+    assert split_local_cores("local:2", cuda) == cuda
+    auto = RunConfig.from_yaml(None, {})
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert split_local_cores("local:2", auto) == auto
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert split_local_cores("local:2", auto).inference.threads == 1
