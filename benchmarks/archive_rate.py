@@ -19,6 +19,7 @@ import json
 import multiprocessing
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 
@@ -94,8 +95,10 @@ def main() -> None:
         cold: dict[str, list[dict[str, float]]] = {"after the models": [], "beside the models": []}
         for _ in range(args.cold):  # alternated, so a drifting load hits both
             for beside, key in ((False, "after the models"), (True, "beside the models")):
-                with spawn.Pool(1) as pool:
-                    cold[key].append(pool.apply(cold_start, (args.slides[0].resolve(), cfg.model_dump_json(), beside)))
+                # not multiprocessing.Pool: its daemonic workers may not start processes, so load_models
+                # would skip the forkserver and shared-memory manager that a run starts on a GPU
+                with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+                    cold[key].append(pool.submit(cold_start, args.slides[0].resolve(), cfg.model_dump_json(), beside).result())
         figures["cold start"] = cold
         for key, runs in cold.items():
             print(f"{'first tissue ' + key:>32}: models " + " ".join(f"{r['models_s']:.2f}" for r in runs)

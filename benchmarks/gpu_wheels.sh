@@ -37,5 +37,5 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 -d "$tmp" py-spy==0.4.3
 unzip -p "$tmp"/py_spy-*.whl '*/scripts/py-spy' | gzip -9 >.whl/py-spy.gz  # a static binary: 8 MB, 2.8 gzipped
 rm -rf "$tmp"
-cp "$(dirname "$0")/../../shared/data/slides/CMU-1-Small-Region.svs" .whl/  # the H&E source of make_slide.py
+cp ../shared/data/slides/CMU-1-Small-Region.svs .whl/  # the H&E source of make_slide.py
 du -sh .whl

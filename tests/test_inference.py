@@ -10,7 +10,7 @@ import torch
 from wsi_medcam.bundles import load_classifier, load_segmenter
 from wsi_medcam.config import InferenceConfig
 from wsi_medcam.cpus import usable_cores
-from wsi_medcam.inference import Predictor, default_streams
+from wsi_medcam.inference import Predictor, bf16_supported, default_streams, resolve_precision
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +90,18 @@ def test_default_streams():
     assert default_streams(cpu, 2) == max(1, usable_cores() // 2)
     assert default_streams(cuda, None) == 2
     assert default_streams(torch.device("mps"), None) == 1
+
+
+@pytest.mark.parametrize("capability, dtype", [((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_auto_precision_on_cuda_takes_bf16_from_ampere_only(monkeypatch, capability, dtype):
+    """torch.cuda.is_bf16_supported() says yes on a T4 or V100 (7.x), where bf16 is only emulated:
+    "auto" took it there, slower than fp32, and train-cam's autocast with it."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    device = torch.device("cuda:1")
+    assert resolve_precision("auto", device) is dtype
+    assert bf16_supported(device) is (dtype is torch.bfloat16)
+    assert asked == [device, device]  # the device the models are on, not the current one
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -55,9 +55,16 @@ def cpu_supports_bf16() -> bool:
     return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
 
 
+def cuda_bf16(device: torch.device) -> bool:
+    """Whether the GPU ``device`` computes bf16 natively: from Ampere (compute capability 8.0) on.
+    ``torch.cuda.is_bf16_supported()`` also says yes where bf16 is only emulated (T4, V100: slower
+    than fp32), and answers for the current device rather than ``device``."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def bf16_supported(device: torch.device) -> bool:
     """Whether bf16 autocast pays on ``device``: CPUs with AMX/AVX512-BF16, CUDA GPUs from Ampere."""
-    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_supports_bf16()
+    return cuda_bf16(device) if device.type == "cuda" else cpu_supports_bf16()
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -69,7 +76,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "bf16":
         return torch.bfloat16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_bf16(device) else torch.float16
     return torch.bfloat16 if cpu_supports_bf16() else None
 
 
@@ -211,13 +218,16 @@ class Predictor:
                    else type(tiles_uint8).__name__)
             raise TypeError(f"predict takes uint8 tiles (B, 3, H, W) as read from the slide, got {got}")
         graph = self._graph(tiles_uint8) if self._graph_batch and len(tiles_uint8) == self._graph_batch else None
-        if graph is not None:
-            probs, levels, kept = graph.replay(tiles_uint8)
-        else:
-            probs, levels, kept = self.forward(tiles_uint8.to(self.device, non_blocking=True))
-        self._wait_asleep()
-        return (probs.cpu().numpy(), None if levels is None else levels.cpu().numpy(),
-                {fill: v.cpu().numpy() for fill, v in kept.items()})
+        # a graph's outputs are its own tensors: a second run of this Predictor at once (two slides of
+        # one worker sharing its models) numbers its threads alike and must not replay it before they are copied out
+        with graph.lock if graph is not None else nullcontext():
+            if graph is not None:
+                probs, levels, kept = graph.replay(tiles_uint8)
+            else:
+                probs, levels, kept = self.forward(tiles_uint8.to(self.device, non_blocking=True))
+            self._wait_asleep()
+            return (probs.cpu().numpy(), None if levels is None else levels.cpu().numpy(),
+                    {fill: v.cpu().numpy() for fill, v in kept.items()})
 
     def forward(self, tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
         """:meth:`predict`'s work on the device, for uint8 tiles (B, 3, H, W) already there; its
@@ -254,8 +264,9 @@ class Predictor:
         number = getattr(self._thread, "stream", 0)
         if number not in self._graphs:
             with self._graph_lock:
-                stream = self._cuda_streams[number] if self._cuda_streams else None
-                self._graphs[number] = _Graph(self.forward, tiles, self.device, stream)
+                if number not in self._graphs:  # another run's thread of this number may have captured it meanwhile
+                    stream = self._cuda_streams[number] if self._cuda_streams else None
+                    self._graphs[number] = _Graph(self.forward, tiles, self.device, stream)
         graph = self._graphs[number]
         return graph if graph.takes(tiles) else None
 
@@ -360,6 +371,7 @@ class _Graph:
 
     def __init__(self, forward: Callable[[torch.Tensor], tuple], example: torch.Tensor, device: torch.device,
                  stream: torch.cuda.Stream | None):
+        self.lock = threading.Lock()  # held from a replay until its outputs are copied out
         self.input = torch.empty_like(example, device=device)  # the loader's channels-last strides kept
         self.input.copy_(example)
         side = stream or torch.cuda.Stream(device)
@@ -369,9 +381,16 @@ class _Graph:
                 forward(self.input)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        # thread_local: the other model thread and the loader's pin-memory thread go on meanwhile
-        with torch.cuda.graph(self.graph, stream=side, capture_error_mode="thread_local"):
-            self.outputs = forward(self.input)
+        # what torch.cuda.graph does, less the cache emptying it starts with: that handed the pinned
+        # host blocks kept for the loader's batches (batching.reserve_pinned_batches) back to the
+        # system, each to be made again for 28-80 ms. thread_local: the other model thread and the
+        # loader's pin-memory thread go on meanwhile
+        with torch.cuda.stream(side):
+            self.graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                self.outputs = forward(self.input)
+            finally:
+                self.graph.capture_end()
 
     def takes(self, tiles: torch.Tensor) -> bool:
         """Whether ``tiles`` has the captured input's shape, strides and dtype."""

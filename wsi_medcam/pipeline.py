@@ -88,6 +88,10 @@ def load_models(cfg: RunConfig) -> Models:
     if cfg.classifier is None:
         raise WsiMedcamError("no classifier bundle given: pass --classifier DIR")
     device = resolve_device(cfg.inference.device)
+    if device.type == "cuda" and device.index is not None:
+        # made this thread's current device, on which the loader's pin-memory thread works: left at
+        # GPU 0, each dask worker given cuda:k (batch.spread_over_gpus) would open a CUDA context there too
+        torch.cuda.set_device(device)
     if stitching_processes(cfg, device.type):
         start_server()  # its imports (~3.4 s on an H200 machine) overlap the models' loading
     if device.type == "cpu":
