@@ -23,7 +23,7 @@ from ..errors import WsiMedcamError
 from ..classifier_training import to_input
 from .layers import deep_only, layer_preset
 from .loss import MedCamObjective, preset_weights
-from .metrics import sufficiency
+from .metrics import in_batches, sufficiency
 from .per_image import optimise_masks
 
 EVAL_FILLS = ("mean", "white", "blur")
@@ -87,8 +87,7 @@ def explain_batch(
     clf = classifier.model.eval()
     x = to_input(images, ccfg)
     start = time.perf_counter()
-    with torch.no_grad():
-        probs = torch.softmax(clf(x), 1)
+    probs = torch.softmax(in_batches(clf, x), 1)
     pred = probs.argmax(1)
     steps = torch.zeros(len(x), dtype=torch.long)
     if per_image is not None:
@@ -101,8 +100,7 @@ def explain_batch(
                                 init=_segmenter_on(segmenter, classifier) if segmenter else None)
         soft, steps = result.soft, result.steps
     elif segmenter is not None:
-        with torch.no_grad():
-            soft = torch.sigmoid(_segmenter_on(segmenter, classifier).eval()(x))
+        soft = torch.sigmoid(in_batches(_segmenter_on(segmenter, classifier).eval(), x))
     else:
         raise ValueError("give a segmenter, per-image mode, or both")
     seconds = (time.perf_counter() - start) / max(len(x), 1)

@@ -102,7 +102,10 @@ def optimise_masks(
     """Optimise one mask network per image of the normalised batch ``x`` (B, 3, H, W).
 
     ``init``: an amortised segmenter to refine (each image gets its own copy, optimised one by
-    one); otherwise fresh grouped U-Nets for the whole batch.
+    one, in train mode: its batch norms normalise by the image's own statistics, so the first mask
+    is not quite the amortised one; in eval mode, which starts from it, 8 planted tiles took 35
+    steps each to settle instead of 14, for the same localisation: 16.3× vs 16.9× chance, coverage
+    0.999 vs 1.000); otherwise fresh grouped U-Nets for the whole batch.
     """
     start = time.perf_counter()
     if init is not None:
