@@ -10,6 +10,7 @@ import timm
 import torch
 from pydantic import ValidationError
 
+from wsi_medcam.medcam.fills import make_fill
 from wsi_medcam.medcam.layers import ActivationRecorder, LayerSpec, deep_only, layer_preset
 from wsi_medcam.medcam.loss import (
     WEIGHT_PRESETS,
@@ -23,6 +24,7 @@ from wsi_medcam.medcam.loss import (
     kl_loss,
     necessity_loss,
     oracle_losses,
+    random_fill,
     robustness_loss,
     std_mse,
     straight_through,
@@ -386,3 +388,78 @@ def test_threshold_noise_flips_uncertain_pixels_only_and_keeps_the_identity_grad
     (m * w).sum().backward()
     assert torch.equal(p.grad, w)
     assert torch.equal(straight_through(p.detach()), (p.detach() > 0.5).float())
+
+
+# -------------------------------------------------------------- what the terms are given (mutation audit)
+
+
+def _rgb(fill: torch.Tensor) -> torch.Tensor:
+    """A normalised fill back in 0–1 RGB."""
+    return fill * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+
+
+def test_fills_are_the_colours_they_are_named_after():
+    """'white' came out as (0.51, 0.48, 0.44) under a mutant and no test saw it: sufficiency tests use
+    a classifier indifferent to every fill. White is a default certification fill of every run."""
+    x = torch.zeros(4, 3, 40, 40)
+    x[:, :, :, 20:] = 2.0  # a vertical edge
+    x[:, :, 20:, :] += 1.0  # and a horizontal one
+    assert torch.equal(make_fill("mean", x, mean=MEAN, std=STD), torch.zeros_like(x))
+    assert torch.allclose(_rgb(make_fill("white", x, mean=MEAN, std=STD)), torch.ones_like(x), atol=1e-6)
+    colour = _rgb(make_fill("colour", x, mean=MEAN, std=STD, generator=torch.Generator().manual_seed(0)))
+    assert colour.min() >= 0 and colour.max() <= 1  # a flat RGB colour per tile, in range
+    assert torch.equal(colour, colour[:, :, :1, :1].expand_as(colour)) and colour[:, :, 0, 0].std(0).min() > 0.05
+    uniform = make_fill("uniform", x, mean=MEAN, std=STD, generator=torch.Generator().manual_seed(0))
+    assert uniform.min() >= -1 and uniform.max() <= 1 and uniform.min() < -0.99 and uniform.max() > 0.99
+    blur = make_fill("blur", x, mean=MEAN, std=STD, blur_sigma_px=3.0)[0, 0]
+    # both edges are spread, each across its own axis, and the total is kept
+    assert 0.2 < blur[5, 19] < blur[5, 20] < 1.8 and 0.1 < blur[19, 5] < blur[20, 5] < 0.9
+    assert blur.mean() == pytest.approx(float(x[0, 0].mean()), rel=0.02)
+
+
+def test_random_fill_draws_each_kind_a_third_of_the_time():
+    fills = random_fill(torch.zeros(3000, 1, 8, 8), generator=torch.Generator().manual_seed(0)).flatten(1)
+    zeros = (fills == 0).all(1)
+    noise = fills.abs().amax(1) > 1  # 64 normal draws: some beyond 1 but for 1e-11 of tiles
+    uniform = ~zeros & ~noise
+    for kind in (zeros, noise, uniform):
+        assert kind.float().mean() == pytest.approx(1 / 3, abs=0.04)
+
+
+def test_cosine_distance_of_a_silenced_location_is_not_a_match():
+    """Zero activation (masked-out ReLU) against a positive one is orthogonal, distance 1; only two
+    zero vectors count as identical."""
+    a, b = torch.zeros(1, 4, 1, 1), torch.ones(1, 4, 1, 1)
+    assert cosine_distance(a, b).item() == pytest.approx(1)
+    assert cosine_distance(b, a).item() == pytest.approx(1)
+
+
+def test_every_preset_has_the_published_weights():
+    """The method document's sets (act/CE/KL/area/bin/tv/rob) and the presets built on them; T = 2."""
+    doc = {"cam-efficientnet": (1, 4, 0.4, 15, 0.3, 15, 6), "cam-vit": (4.5, 15, 5, 55, 1.5, 57, 45),
+           "notebook": (10, 15, 5, 100, 1, 500, 100), "paper-bach-vit": (10, 15, 5, 100, 1, 500, 10),
+           "paper-ham-convnext": (10, 15, 5, 150, 1.5, 750, 20), "minimal": (2, 15, 5, 300, 1, 100, 20)}
+    assert set(doc) == set(WEIGHT_PRESETS)
+    for name, values in doc.items():
+        scaled = WEIGHT_PRESETS[name].scaled()
+        assert [scaled[k] for k in ("act", "ce", "kl", "area", "bin", "tv", "rob")] == pytest.approx(values), name
+        assert scaled["nec"] == 0 and WEIGHT_PRESETS[name].temperature == 2 and WEIGHT_PRESETS[name].rob_kind == "kl"
+
+
+def test_the_objective_gives_each_term_what_the_method_says(resnet, x):
+    """TV acts on the soft p (not the hard mask); the evidence pass sees m·x + (1−m)·b and the
+    necessity pass (1−m)·x + m·b, with m the hard mask."""
+    obj = _objective(resnet, nec=1, rob=0)
+    ref = obj.reference(x)
+    p = torch.sigmoid(_mask_logits()).detach()
+    hard = (p > 0.5).float()
+    seen: list[torch.Tensor] = []
+    handle = resnet.register_forward_hook(lambda module, args, out: seen.append(args[0].detach()))
+    try:
+        _, terms, _ = obj.evaluate(x, p, ref)
+    finally:
+        handle.remove()
+    assert terms["tv"].item() == pytest.approx(tv_loss(p).item()) and tv_loss(p) < tv_loss(hard)
+    assert terms["area"].item() == pytest.approx(p.mean().item())
+    assert len(seen) == 2  # mean fill: b = 0
+    assert torch.allclose(seen[0], x * hard) and torch.allclose(seen[1], x * (1 - hard))

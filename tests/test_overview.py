@@ -59,6 +59,43 @@ def test_thumbnails_written_in_their_process_from_arrays_handed_over_as_files(tm
     assert not list(handed.iterdir())
 
 
+def test_class_heatmap_colours_each_cell_by_its_most_likely_class():
+    """Each cell takes its argmax class's colour, scaled by that class's probability; a cell with no
+    tile (all zeros) is black."""
+    colors = [(200, 0, 0), (0, 100, 0), (0, 0, 250)]
+    cells = {(0, 0): ((0.7, 0.2, 0.1), 0), (0, 1): ((0.1, 0.3, 0.6), 2), (0, 2): ((0.25, 0.5, 0.25), 1),
+             (1, 0): ((0.0, 0.0, 1.0), 2), (1, 1): ((0.4, 0.35, 0.25), 0), (1, 2): ((0.0, 0.0, 0.0), None)}
+    probs = np.zeros((3, 2, 3), np.float32)
+    for (r, c), (p, _) in cells.items():
+        probs[:, r, c] = p
+    heat = class_heatmap(probs, colors)
+    assert heat.shape == (2, 3, 3) and heat.dtype == np.uint8
+    for (r, c), (p, cls) in cells.items():
+        expected = np.zeros(3) if cls is None else np.asarray(colors[cls]) * p[cls]
+        assert np.abs(heat[r, c].astype(int) - expected).max() <= 1, ((r, c), heat[r, c], expected)
+
+
+def test_evidence_panel_reddens_the_evidence_and_leaves_the_rest_as_the_slide(tmp_path):
+    """The fourth panel is the thumbnail blended towards red by 0.6 · evidence: where the evidence is
+    full, 0.4 · slide + 0.6 · red; where there is none, the slide's own pixels."""
+    h, w = 40, 60  # under the panel size: nothing is shrunk
+    thumb = np.zeros((h, w, 3), np.uint8)
+    thumb[:] = (200, 180, 160)
+    thumb[:, w // 2:] = (60, 120, 240)  # two colours, and the evidence box lies on both
+    evidence = np.zeros((h, w), np.uint8)
+    evidence[10:30, 20:45] = 255
+    write_overview(tmp_path / "overview.png", thumb, np.ones((h, w), bool), np.zeros((2, 3, 3), np.uint8), evidence)
+    image = np.asarray(Image.open(tmp_path / "overview.png").convert("RGB")).astype(int)
+    header, gap = 18, 8  # the layout write_overview draws: titles above, panels side by side
+    assert image.shape == (header + h, 4 * w + 3 * gap, 3)
+    np.testing.assert_array_equal(image[header:, :w], thumb)  # the first panel, to place the others by
+    panel = image[header:, 3 * (w + gap):]
+    on = evidence == 255
+    reddened = 0.4 * thumb.astype(float) + 0.6 * np.array([255, 0, 0])
+    assert np.abs(panel[on] - reddened[on]).max() <= 1
+    np.testing.assert_array_equal(panel[~on], thumb[~on])
+
+
 def test_thumbnails_that_cannot_be_written_fail_in_one_line(tmp_path):
     from wsi_medcam.errors import OutputError
     from wsi_medcam.export.overview import write_thumbnails

@@ -76,6 +76,13 @@ def test_stores_validate_as_ngff_04_and_overlay_the_slide(cmu_run):
     assert max(root[paths[-1]].shape[1:]) < 512
     label = ImageLabel.from_zarr(root["labels"]["evidence"])
     assert label.attributes.image_label.version == "0.4"
+    # the labels overlay the evidence: the same µm/px (and placement) at every level, not level 0's throughout
+    label_ms = root["labels"]["evidence"].attrs["multiscales"][0]["datasets"]
+    image_ms = root.attrs["multiscales"][0]["datasets"]
+    assert len(label_ms) == len(image_ms) == len(paths) >= 3
+    for lab, img in zip(label_ms, image_ms):
+        assert lab["path"] == img["path"]
+        assert lab["coordinateTransformations"] == img["coordinateTransformations"], f"level {img['path']}"
     assert root["labels"]["evidence"][paths[0]].shape == level0.shape
     nodes = list(Reader(parse_url(str(folder / "evidence.ome.zarr")))())
     assert nodes[0].data[0].shape == (1, height, width)
@@ -85,6 +92,39 @@ def test_stores_validate_as_ngff_04_and_overlay_the_slide(cmu_run):
     grid_scale = pimg.attributes.multiscales[0].datasets[0].coordinateTransformations[0].scale
     assert grid_scale[1] == pytest.approx(224 * 0.5)
     assert probs["0"].shape[0] == 3
+
+
+def test_probability_store_holds_each_tiles_probabilities_at_its_cell(cmu_run):
+    """probabilities.ome.zarr channel k at the cell under a tile's centre (placed by the store's own
+    scale and translation) is that tile's prob_<class k> in tiles.csv, for every tile."""
+    import openslide
+
+    folder, _, _ = cmu_run
+    with openslide.OpenSlide(str(CMU)) as s:
+        slide_mpp = float(s.properties[openslide.PROPERTY_NAME_MPP_X])
+    probs = zarr.open_group(str(folder / "probabilities.ome.zarr"), mode="r")
+    transforms = {t["type"]: t for t in probs.attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"]}
+    sy, sx = transforms["scale"]["scale"][1:]
+    ty, tx = transforms.get("translation", {"translation": [0.0, 0.0, 0.0]})["translation"][1:]
+    names = [c["label"] for c in probs.attrs["omero"]["channels"]]
+    grid = probs["0"][:]
+    tiles = _tiles(folder)
+    assert names == [k[len("prob_"):] for k in tiles[0] if k.startswith("prob_")]
+    table = np.array([[float(t[f"prob_{n}"]) for n in names] for t in tiles])
+    assert len(tiles) > 10 and np.abs(table[:, 0] - table[:, -1]).max() > 0.01  # channels in another order must show
+    cells = set()
+    for t in tiles:
+        cx_um = (int(t["x"]) + float(t["size"]) / 2) * slide_mpp  # the tile's centre, µm
+        cy_um = (int(t["y"]) + float(t["size"]) / 2) * slide_mpp
+        row, col = int(np.floor((cy_um - ty) / sy)), int(np.floor((cx_um - tx) / sx))
+        cells.add((row, col))
+        np.testing.assert_allclose(grid[:, row, col], [float(t[f"prob_{n}"]) for n in names], atol=1e-5,
+                                   err_msg=f"tile {t['tile']}")
+    assert len(cells) == len(tiles)
+    # positions without a tile are 0
+    empty = np.ones(grid.shape[1:], bool)
+    empty[tuple(np.array(sorted(cells)).T)] = False
+    assert not grid[:, empty].any()
 
 
 def test_evidence_only_inside_tissue_tiles(cmu_run):
@@ -228,6 +268,28 @@ def test_rerun_skips_and_overwrite_redoes(cmu_run):
     assert (folder / "report.json").stat().st_mtime_ns != before
 
 
+def test_a_slide_folder_without_its_report_is_redone_not_skipped(tmp_path, monkeypatch):
+    """A slide's folder counts as done only with its report.json: one without (left by an interrupted
+    --overwrite, say) is cleared and the slide redone; one with it is skipped. The slide's work is
+    stubbed: only the resume decision is under test."""
+    from wsi_medcam import pipeline
+    from wsi_medcam.config import RunConfig
+
+    def fake_process(path, work_dir, cfg, models, **kwargs):
+        (work_dir / "report.json").write_text("{}")
+        return {"tiles": {"count": 0}}
+
+    monkeypatch.setattr(pipeline, "process_slide", fake_process)
+    out_dir = tmp_path / "out" / CMU.stem
+    out_dir.mkdir(parents=True)
+    (out_dir / "junk").write_text("from an interrupted run")
+    cfg = RunConfig()
+    result = pipeline.run_slide(CMU, out_dir, cfg, models=None)
+    assert result.status == "done", result.reason
+    assert (out_dir / "report.json").is_file() and not (out_dir / "junk").exists()
+    assert pipeline.run_slide(CMU, out_dir, cfg, models=None).status == "skipped"
+
+
 def test_classify_only_on_a_built_multilevel_pyramid(tmp_path, bundles, built_pyramid):
     clf, _ = bundles
     result = _run(built_pyramid, "--classifier", clf, "-o", tmp_path, "--workers", "0", "--precision", "fp32")
@@ -368,7 +430,26 @@ def test_coarser_mask_mpp_with_overlapping_tiles(tmp_path, bundles, built_pyrami
     assert scale[1:] == [1.0, 1.0]
     assert report["parameters"]["stride"] == 224 - 32
     assert root["0"][0].any()
-    check_qupath_geojson(folder / "evidence.geojson", width=width, height=height)
+    evidence = check_qupath_geojson(folder / "evidence.geojson", width=width, height=height)
+    # areas in µm² at the slide's 0.25 µm/px (built_pyramid), not the tiles' 0.5: coordinates are level-0 px
+    from shapely.geometry import shape
+
+    slide_mpp = 0.25
+    assert evidence
+    polygons = [shape(f["geometry"]) for f in evidence]
+    areas_px = np.array([p.area for p in polygons])
+    areas_um2 = np.array([f["properties"]["measurements"]["Area µm^2"] for f in evidence])
+    # the file's coordinates are rounded to 0.1 px: within 0.1 px times the perimeter of the exact area
+    slack_px = np.array([0.1 * p.length for p in polygons])
+    assert np.all(np.abs(areas_um2 / slide_mpp**2 - areas_px) <= slack_px + 1e-6)
+    assert areas_um2.sum() == pytest.approx(areas_px.sum() * slide_mpp**2, rel=0.01)
+    # the probability grid: one cell per stride, its pixels centred on the tiles' centres (overlap / 2 in)
+    tile_mpp, tile_size, overlap = report["parameters"]["tile_mpp"], 224, 32
+    assert tile_mpp == pytest.approx(0.5) and report["parameters"]["tile_size"] == tile_size
+    probs = zarr.open_group(str(folder / "probabilities.ome.zarr"), mode="r")
+    transforms = {t["type"]: t for t in probs.attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"]}
+    assert transforms["scale"]["scale"] == pytest.approx([1.0, (tile_size - overlap) * tile_mpp, (tile_size - overlap) * tile_mpp])
+    assert transforms["translation"]["translation"] == pytest.approx([0.0, overlap / 2 * tile_mpp, overlap / 2 * tile_mpp])
     # the grid's last row reaches past the slide (the CSV keeps the square read), its QuPath tiles are cut to it
     tiles = _tiles(folder)
     assert max(int(t["y"]) + float(t["size"]) for t in tiles) > height

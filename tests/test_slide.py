@@ -102,6 +102,27 @@ def test_outside_the_slide_is_white_not_black(name, backend):
         assert region[5:, 5:].min() == 255
 
 
+@pytest.mark.parametrize("xy_level0,size", [((120, 80), (60, 40)),  # inside, level-0 x beyond level 1's width
+                                             ((200, 40), (80, 40)),  # over the right edge
+                                             ((240, 200), (40, 40))])  # over the bottom-right corner
+def test_tiffslide_reads_a_coarser_level_as_openslide_does(xy_level0, size):
+    """boxes.tiff has 4 levels (the shared slides read by tiffslide have one): at level 1 (2× down)
+    tiffslide's region, its padding made white where it lies beyond the level, is OpenSlide's own
+    read_region composited on white, pixel for pixel, inside the slide and over its edges."""
+    import openslide
+
+    path = SLIDES / "format-fixtures" / "boxes.tiff"
+    with openslide.OpenSlide(str(path)) as ref:
+        assert ref.level_downsamples[1] == 2.0
+        rgba = np.asarray(ref.read_region(xy_level0, 1, size))
+    assert set(np.unique(rgba[..., 3])) <= {0, 255}  # opaque inside, transparent beyond: no blending
+    expected = np.where(rgba[..., 3:] == 255, rgba[..., :3], 255).astype(np.uint8)
+    assert (expected < 255).any(axis=2).sum() > 100, "the region holds some of the boxes, not glass only"
+    with open_slide(path, backend="tiffslide", overrides=MppOverrides(run=0.5)) as slide:
+        assert slide.backend == "tiffslide" and len(slide.level_dimensions) > 1
+        np.testing.assert_array_equal(slide.read_level(xy_level0, 1, size), expected)
+
+
 def test_mpp_from_resolution_tags():
     assert _mpp_from_resolution_tags({"tiff.ResolutionUnit": "centimeter", "tiff.XResolution": "40000",
                                       "tiff.YResolution": "20000"}) == (0.25, 0.5)

@@ -57,6 +57,32 @@ def test_overlap_and_overhanging_last_tile():
         plan_tiles((1000, 1000), 1.0, tissue, TilingConfig(overlap=224), mpp=0.5, tile_size=224)
 
 
+def test_overlapping_tiles_measure_tissue_over_their_whole_footprint():
+    """With overlap each tile's fraction is its tissue over its own tile_size² footprint (not the
+    stride's), the overhanging last column and row counting the missing part as background; tiles at
+    exactly ``min_tissue`` are kept (>=, as TilingConfig documents). Brute force by slicing the mask."""
+    # level-0 3000 × 2100 at downsample 2 → canvas 1500 × 1050 px; mask 150 × 105 px: 0.1 mask px per
+    # canvas px, so a 100 px tile is 10 mask px and the 60 px stride 6 (footprints overlap by 4 px)
+    rng = np.random.default_rng(7)
+    tissue = ndimage.binary_opening(rng.random((105, 150)) < 0.45)  # blobs, not aligned with the grid
+    tissue[18:28, 0:10] = False  # tile (row 3, col 0) reads mask rows 18:28, cols 0:10 ...
+    tissue[18:23, 0:5] = True  # ... exactly 25 of its 100 px are tissue: the boundary tile
+    tile, stride, step, min_tissue = 100, 60, 6, 0.25
+    grid = plan_tiles((3000, 2100), 2.0, tissue, TilingConfig(overlap=tile - stride, min_tissue=min_tissue),
+                      mpp=0.5, tile_size=tile)
+    # ceil((1050 - 100) / 60) + 1 = 17 rows, ceil((1500 - 100) / 60) + 1 = 25 columns, the last ones overhanging
+    assert grid.stride == stride and grid.grid_shape == (17, 25)
+    expected = np.array([[tissue[r * step : r * step + 10, c * step : c * step + 10].sum() / 100 for c in range(25)]
+                         for r in range(17)])
+    assert expected[3, 0] == min_tissue
+    assert expected[:, -1].max() > 0 and expected[-1].max() > 0  # the overhanging tiles are in the check
+    kept = {(int(r), int(c)) for r, c in zip(grid.rows, grid.cols)}
+    assert kept == {(int(r), int(c)) for r, c in zip(*np.nonzero(expected >= min_tissue))}
+    assert (3, 0) in kept
+    assert 0 < len(kept) < expected.size
+    np.testing.assert_allclose(grid.tissue_fraction, expected[grid.rows, grid.cols], atol=1e-6)
+
+
 def test_slide_smaller_than_a_tile_gives_no_tile():
     grid = plan_tiles((16, 16), 1.0, np.ones((2, 2), bool), TilingConfig(), mpp=0.5, tile_size=224)
     assert grid.grid_shape == (1, 1) and len(grid) == 0
