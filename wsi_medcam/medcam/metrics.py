@@ -45,8 +45,8 @@ FORWARD_BATCH = 64
 
 def in_batches(model: nn.Module, x: torch.Tensor, size: int = FORWARD_BATCH) -> torch.Tensor:
     """``model(x)`` without gradients, ``size`` tiles at a time: the activations are then those of
-    ``size`` tiles however many are evaluated (a U-Net/resnet18 takes ~17.5 MiB a tile at 224 px:
-    ``eval`` on a folder of 1,000 tiles needed ~17 GiB for one pass)."""
+    ``size`` tiles however many are evaluated (a U-Net/resnet18 takes ~17.5 MiB a tile at 224 px,
+    so ``eval`` on a folder of 1,000 tiles would take ~17 GiB in one pass)."""
     with torch.no_grad():
         if len(x) <= size:
             return model(x)
