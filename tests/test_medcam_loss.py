@@ -463,3 +463,25 @@ def test_the_objective_gives_each_term_what_the_method_says(resnet, x):
     assert terms["area"].item() == pytest.approx(p.mean().item())
     assert len(seen) == 2  # mean fill: b = 0
     assert torch.allclose(seen[0], x * hard) and torch.allclose(seen[1], x * (1 - hard))
+
+
+def test_configured_temperature_target_and_groups_reach_their_terms(resnet, x):
+    """LossWeights.temperature reaches the KL term, the robustness CE is to the given target, and
+    nec belongs to no group (the min multiplier leaves it alone)."""
+    assert LossWeights(nec=3, min=2, am=2, robust=2).scaled()["nec"] == 3
+    p = torch.sigmoid(_mask_logits()).detach()
+    for T in (1.0, 4.0):
+        obj = MedCamObjective(resnet, layer_preset(resnet, "resnet18"), LossWeights(temperature=T, rob=0), mean=MEAN, std=STD)
+        ref = obj.reference(x)
+        _, terms, logits_e = obj.evaluate(x, p, ref)
+        assert terms["kl"].item() == pytest.approx(kl_loss(ref.logits_x, logits_e, T).item())
+        assert terms["kl"].item() != pytest.approx(kl_loss(ref.logits_x, logits_e, 2.0).item())
+    logits_x = resnet(x).detach()
+    other = (logits_x.argmax(1) + 1) % logits_x.shape[1]
+    m = torch.ones(2, 1, 64, 64)
+
+    def ce(target):
+        return robustness_loss(resnet, x, m, logits_x, kind="ce", target=target,
+                               generator=torch.Generator().manual_seed(0)).item()
+
+    assert ce(other) != pytest.approx(ce(None)) and ce(logits_x.argmax(1)) == pytest.approx(ce(None))
