@@ -120,6 +120,17 @@ class _SharedConv(nn.Module):
         return self.bn1(self.conv(x)) + self.bn2(self.conv(x))
 
 
+class _SharedBN(nn.Module):
+    """One BN called after two convolutions: folded into the first, the second would lose it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv1(x)) + self.bn(self.conv2(x))
+
+
 class _DataDependent(nn.Module):
     """Python control flow on a tensor's value: torch.fx cannot trace it."""
 
@@ -132,7 +143,7 @@ class _DataDependent(nn.Module):
         return y if y.sum() > 0 else -y
 
 
-@pytest.mark.parametrize("model_type", [_SharedOutput, _SharedConv, _DataDependent])
+@pytest.mark.parametrize("model_type", [_SharedOutput, _SharedConv, _SharedBN, _DataDependent])
 def test_folds_nothing_where_the_result_would_differ(model_type, he_tiles):
     torch.manual_seed(0)
     model = _calibrated(model_type(), he_tiles[:4])
