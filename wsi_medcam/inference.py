@@ -55,29 +55,22 @@ def cpu_supports_bf16() -> bool:
     return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
 
 
-def cuda_bf16(device: torch.device) -> bool:
-    """Whether the GPU ``device`` computes bf16 natively: from Ampere (compute capability 8.0) on.
-    ``torch.cuda.is_bf16_supported()`` also says yes where bf16 is only emulated (T4, V100: slower
-    than fp32), and answers for the current device rather than ``device``."""
-    return torch.cuda.get_device_capability(device)[0] >= 8
-
-
 def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 autocast pays on ``device``: CPUs with AMX/AVX512-BF16, CUDA GPUs from Ampere."""
-    return cuda_bf16(device) if device.type == "cuda" else cpu_supports_bf16()
+    """Whether bf16 autocast pays on ``device``: CPUs with AMX/AVX512-BF16, CUDA GPUs from Ampere
+    (compute capability 8.0). ``torch.cuda.is_bf16_supported()`` also says yes where bf16 is only
+    emulated (T4, V100: slower than fp32), and answers for the current device rather than ``device``."""
+    return torch.cuda.get_device_capability(device)[0] >= 8 if device.type == "cuda" else cpu_supports_bf16()
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
+    """The autocast dtype, or None for plain fp32; ``auto``: bf16 where it pays, else fp16 on CUDA."""
     if precision == "fp32":
         return None
     if precision == "fp16":
         return torch.float16
-    if precision == "bf16":
+    if precision == "bf16" or bf16_supported(device):
         return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if cuda_bf16(device) else torch.float16
-    return torch.bfloat16 if cpu_supports_bf16() else None
+    return torch.float16 if device.type == "cuda" else None
 
 
 def default_batch_size(device: torch.device) -> int:
