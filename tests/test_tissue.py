@@ -250,6 +250,20 @@ def test_small_holes_are_filled_and_large_ones_kept():
     assert not mask[80:120, 80:120].any()
 
 
+def test_holes_are_4_connected_as_the_tissue_is_8_connected():
+    """A one-pixel diagonal crack does not cut tissue that touches across its corners (8-connected),
+    so it is not one 60-px hole but 60 holes of one pixel (4-connected), each far below the minimum
+    and filled; a hole of the same 60 px in a straight line is kept."""
+    cfg = TissueConfig(median_um=0.0, close_um=0.0, min_object_um2=0.0, min_hole_um2=1000.0)  # 15.6 px
+    rgb = canvas(colour=EOSIN_PINK)
+    diagonal = (np.arange(50, 110), np.arange(50, 110))
+    rgb[diagonal] = WHITE
+    rgb[20, 50:110] = WHITE
+    mask = tissue_mask_from_rgb(rgb, THUMB_MPP, cfg)
+    assert mask[diagonal].all()
+    assert not mask[20, 50:110].any()
+
+
 def test_closing_bridges_gaps_narrower_than_the_disk():
     cfg = TissueConfig(median_um=0.0, close_um=32.0, min_object_um2=0.0, min_hole_um2=0.0)
     rgb = canvas()
