@@ -38,16 +38,29 @@ def built_pyramid(tmp_path_factory, cmu_pixels) -> Path:
     return write_pyramid(tmp_path_factory.mktemp("pyr") / "cmu-pyramid.svs", cmu_pixels, mpp=0.25, levels=3)
 
 
-@pytest.fixture(scope="session")
-def bundles(tmp_path_factory) -> tuple[Path, Path]:
-    """Untrained resnet18 classifier (3 classes, 0.5 µm/px, 224 px) and U-Net/resnet18 segmenter bundles."""
+def _untrained_bundles(root: Path, mpp: float, tile_size: int) -> tuple[Path, Path]:
+    """Untrained resnet18 classifier (3 classes) and U-Net/resnet18 segmenter bundles for tiles of
+    ``tile_size`` px at ``mpp`` µm/px, seeded so every run makes the same weights."""
     import torch
 
     from wsi_medcam.bundles import ClassifierConfig, SegmenterConfig, import_classifier, make_segmenter
 
     torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("bundles")
-    clf = import_classifier(ClassifierConfig(arch="resnet18", class_names=["tumor", "stroma", "other"], mpp=0.5,
-                                             tile_size=224), root / "classifier")
-    seg = make_segmenter(SegmenterConfig(encoder="resnet18", tile_size=224), root / "segmenter")
+    clf = import_classifier(ClassifierConfig(arch="resnet18", class_names=["tumor", "stroma", "other"], mpp=mpp,
+                                             tile_size=tile_size), root / "classifier")
+    seg = make_segmenter(SegmenterConfig(encoder="resnet18", tile_size=tile_size), root / "segmenter")
     return clf, seg
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory) -> tuple[Path, Path]:
+    """Untrained resnet18 classifier (3 classes, 0.5 µm/px, 224 px) and U-Net/resnet18 segmenter bundles."""
+    return _untrained_bundles(tmp_path_factory.mktemp("bundles"), 0.5, 224)
+
+
+@pytest.fixture(scope="session")
+def small_bundles(tmp_path_factory) -> tuple[Path, Path]:
+    """The same models for 112-px tiles at 1.0 µm/px: the same tissue per tile as :func:`bundles`
+    with a quarter of the pixels (a real slide's run about 4× faster), for tests of what happens
+    around the models (resume, failures, clusters, tile order) rather than of their outputs."""
+    return _untrained_bundles(tmp_path_factory.mktemp("small-bundles"), 1.0, 112)

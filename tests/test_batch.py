@@ -68,19 +68,19 @@ def _model_args(bundles: tuple[Path, Path]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, bundles, slide_set) -> Path:
+def reference(tmp_path_factory, small_bundles, slide_set) -> Path:
     """Outputs of one uninterrupted run over the first three slides, against which interrupted and
     failed runs are checked (per slide folder, so any of them may check one slide of the three)."""
     out = tmp_path_factory.mktemp("reference")
-    result = runner.invoke(app, ["run", *map(str, slide_set[:3]), "-o", str(out), *_model_args(bundles)])
+    result = runner.invoke(app, ["run", *map(str, slide_set[:3]), "-o", str(out), *_model_args(small_bundles)])
     assert result.exit_code == 0, result.output
     return out
 
 
-def test_local_cluster_matches_one_process(tmp_path, bundles, slide_set, reference):
+def test_local_cluster_matches_one_process(tmp_path, small_bundles, slide_set, reference):
     """Four slides over a LocalCluster of 2 workers give the one-process reference's outputs for
     the three it ran; the two part.tif get distinct folders."""
-    common = _model_args(bundles)
+    common = _model_args(small_bundles)
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     start = time.perf_counter()
     result = runner.invoke(app, ["run", *map(str, slide_set), "-o", str(tmp_path / "dask"), *common, "--dask", "local:2"])
@@ -98,14 +98,14 @@ def test_local_cluster_matches_one_process(tmp_path, bundles, slide_set, referen
     assert {r["status"] for r in _status(tmp_path / "dask").values()} == {"done"}
 
 
-def test_a_gpu_task_on_a_local_cluster_is_scheduled(tmp_path, bundles):
+def test_a_gpu_task_on_a_local_cluster_is_scheduled(tmp_path, small_bundles):
     """Slide tasks for --device cuda ask for a GPU resource, so local workers must offer one: without
     it the run waited forever. Here (no CUDA) the slide is scheduled and fails in one line."""
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    clf, _ = bundles
+    clf, _ = small_bundles
     proc = subprocess.run([sys.executable, "-m", "wsi_medcam.cli", "run", str(CMU), "--classifier", str(clf),
                            "-o", str(tmp_path), "--device", "cuda", "--dask", "local:1"],
                           capture_output=True, text=True, timeout=300)
@@ -196,13 +196,13 @@ def _run_cli(args: list[str], results) -> None:
     results.put((result.exit_code, result.output + (repr(result.exception) if result.exception else "")))
 
 
-def test_a_daemonic_dask_worker_runs_slides_without_child_processes(tmp_path, bundles):
+def test_a_daemonic_dask_worker_runs_slides_without_child_processes(tmp_path, small_bundles):
     """An existing dask cluster's workers are daemonic unless configured otherwise, and Python forbids
     daemonic processes children: asked for a reader and a stitching process, a slide there still
     runs, reading and stitching in the process itself, and says so in its report."""
     import multiprocessing
 
-    clf, seg = bundles
+    clf, seg = small_bundles
     ctx = multiprocessing.get_context("forkserver")
     results = ctx.Queue()
     args = ["run", str(CMU), "-o", str(tmp_path), "--classifier", str(clf), "--segmenter", str(seg),
@@ -218,9 +218,9 @@ def test_a_daemonic_dask_worker_runs_slides_without_child_processes(tmp_path, bu
     assert (tmp_path / CMU.stem / "evidence.ome.zarr").is_dir()
 
 
-def test_kill_9_then_rerun_redoes_only_the_interrupted_slide(tmp_path, bundles, slide_set, reference):
+def test_kill_9_then_rerun_redoes_only_the_interrupted_slide(tmp_path, small_bundles, slide_set, reference):
     slides = [str(p) for p in slide_set[:3]]
-    args = [sys.executable, "-m", "wsi_medcam.cli", "run", *slides, *_model_args(bundles)]
+    args = [sys.executable, "-m", "wsi_medcam.cli", "run", *slides, *_model_args(small_bundles)]
     out = tmp_path / "out"
     proc = subprocess.Popen([*args, "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -248,8 +248,8 @@ def test_kill_9_then_rerun_redoes_only_the_interrupted_slide(tmp_path, bundles, 
         _same_outputs(reference / name, out / name)
 
 
-def test_hostile_inputs_each_fail_alone_with_one_line(tmp_path, bundles, cmu_pixels):
-    clf, _ = bundles
+def test_hostile_inputs_each_fail_alone_with_one_line(tmp_path, small_bundles, cmu_pixels):
+    clf, _ = small_bundles
     d = tmp_path / "in put ünïcode"
     d.mkdir()
     truncated = d / "truncated.svs"
@@ -279,8 +279,8 @@ def test_hostile_inputs_each_fail_alone_with_one_line(tmp_path, bundles, cmu_pix
     assert report["tiles"]["count"] == 0
 
 
-def test_second_run_on_a_locked_output_is_refused(tmp_path, bundles):
-    clf, _ = bundles
+def test_second_run_on_a_locked_output_is_refused(tmp_path, small_bundles):
+    clf, _ = small_bundles
     out = tmp_path / "out"
     with output_lock(out):
         result = runner.invoke(app, ["run", str(CMU), "--classifier", str(clf), "-o", str(out)])
@@ -288,8 +288,8 @@ def test_second_run_on_a_locked_output_is_refused(tmp_path, bundles):
     assert not (out / CMU.stem).exists()
 
 
-def test_unwritable_output_fails_the_slide_cleanly(tmp_path, bundles):
-    clf, _ = bundles
+def test_unwritable_output_fails_the_slide_cleanly(tmp_path, small_bundles):
+    clf, _ = small_bundles
     out = tmp_path / "out"
     out.mkdir()
     (out / CMU.stem).write_text("not a folder")  # the slide's folder cannot be created
@@ -301,8 +301,8 @@ def test_unwritable_output_fails_the_slide_cleanly(tmp_path, bundles):
     assert (out / CMU.stem).read_text() == "not a folder"  # nothing marked done, nothing clobbered
 
 
-def test_manifest_csv_with_mpp(tmp_path, bundles, cmu_pixels):
-    clf, _ = bundles
+def test_manifest_csv_with_mpp(tmp_path, small_bundles, cmu_pixels):
+    clf, _ = small_bundles
     write_pyramid(tmp_path / "nompp.tif", cmu_pixels[:900, :900], mpp=None, levels=1, aperio=False)
     manifest = tmp_path / "slides.csv"
     manifest.write_text(f"path,mpp\nnompp.tif,0.5\n{CMU},\n")
@@ -314,10 +314,10 @@ def test_manifest_csv_with_mpp(tmp_path, bundles, cmu_pixels):
     assert (tmp_path / "out" / CMU.stem / "report.json").is_file()
 
 
-def test_every_manifest_and_the_mpp_csv_give_mpps(tmp_path, bundles, cmu_pixels):
+def test_every_manifest_and_the_mpp_csv_give_mpps(tmp_path, small_bundles, cmu_pixels):
     """Two manifests and --mpp-csv: each slide takes its mpp from whichever lists it, --mpp-csv first
     (only the first manifest's column counted before, and none of them with --mpp-csv)."""
-    clf, _ = bundles
+    clf, _ = small_bundles
     for name in ("a", "b", "c"):
         write_pyramid(tmp_path / f"{name}.tif", cmu_pixels[:600, :600], mpp=None, levels=1, aperio=False)
     (tmp_path / "m1.csv").write_text("path,mpp\na.tif,0.5\nb.tif,\n")
@@ -332,8 +332,8 @@ def test_every_manifest_and_the_mpp_csv_give_mpps(tmp_path, bundles, cmu_pixels)
 
 
 def test_read_error_in_the_middle_of_a_slide_fails_that_slide_only(tmp_path, bundles, cmu_pixels):
-    """A corrupt JPEG tile deep inside level 0: OpenSlide latches the error, the slide fails with the
-    position in its reason, and the next slide still runs."""
+    """A corrupt JPEG tile deep inside level 0 (which 224-px tiles at 0.5 µm/px read): OpenSlide
+    latches the error, the slide fails with the position in its reason, and the next slide still runs."""
     import tifffile
 
     clf, _ = bundles
@@ -370,7 +370,7 @@ def _private_mount_prefix(probe_dir: Path) -> list[str] | None:
     return None
 
 
-def test_disk_full_fails_the_slide_cleanly_and_a_rerun_with_space_completes(tmp_path, bundles, reference):
+def test_disk_full_fails_the_slide_cleanly_and_a_rerun_with_space_completes(tmp_path, small_bundles, reference):
     """A real full filesystem (a 256 KiB tmpfs): the slide fails with ENOSPC in one line, nothing is
     left half-written or marked done; after the filesystem grows, the rerun redoes it and matches a
     run that never ran out of space."""
@@ -380,7 +380,7 @@ def test_disk_full_fails_the_slide_cleanly_and_a_rerun_with_space_completes(tmp_
     prefix = _private_mount_prefix(out)
     if prefix is None:
         pytest.skip("needs a private mount namespace (root or user namespaces) to mount a small tmpfs")
-    args = [sys.executable, "-m", "wsi_medcam.cli", "run", str(CMU), *_model_args(bundles)]
+    args = [sys.executable, "-m", "wsi_medcam.cli", "run", str(CMU), *_model_args(small_bundles)]
     run = " ".join(f"'{a}'" for a in args) + f" -o '{out}'"
     script = f"""
 mount -t tmpfs -o size=256k tmpfs '{out}' || exit 99
@@ -409,11 +409,11 @@ def _chattr(flag: str, *paths: Path) -> bool:
         ["chattr", flag, *map(str, paths)], capture_output=True).returncode == 0
 
 
-def test_permission_denied_on_the_output(tmp_path, bundles, cmu_pixels):
+def test_permission_denied_on_the_output(tmp_path, small_bundles, cmu_pixels):
     """Root ignores mode bits, so the immutable attribute (chattr +i) makes the denial real for anyone.
     A leftover slide folder that cannot be cleared fails that slide only, untouched and not marked done;
     an output folder that cannot be written stops the run with one line."""
-    clf, _ = bundles
+    clf, _ = small_bundles
     other = write_pyramid(tmp_path / "other.tif", cmu_pixels[:1200, :1000], mpp=0.5, levels=2)
     out, locked = tmp_path / "out", tmp_path / "locked"
     stale = out / CMU.stem
@@ -437,12 +437,12 @@ def test_permission_denied_on_the_output(tmp_path, bundles, cmu_pixels):
     assert "Traceback" not in refused.output and list(locked.iterdir()) == []
 
 
-def test_the_archive_script_refuses_usage_errors_in_one_line(tmp_path, bundles):
+def test_the_archive_script_refuses_usage_errors_in_one_line(tmp_path, small_bundles):
     """pipelines/archive.py, like `run`: no slides, or a bad config, is one line and exit 2 before a
     cluster starts (a traceback; and an empty folder was "0 ok, 0 failed", exit 0)."""
     from conftest import ROOT
 
-    clf, _ = bundles
+    clf, _ = small_bundles
     (tmp_path / "empty").mkdir()
     bad = tmp_path / "bad.yaml"
     bad.write_text("inference:\n  batchsize: 4\n")

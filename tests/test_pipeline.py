@@ -327,7 +327,7 @@ def test_a_mask_finer_than_the_scan_fails_that_slide_in_one_line(tmp_path, bundl
     assert not [p for p in (tmp_path / "out").iterdir() if p.is_dir()]  # neither the slide's folder nor a .partial
 
 
-def test_tissue_found_a_slide_ahead_gives_the_same_outputs(tmp_path, monkeypatch, bundles, built_pyramid):
+def test_tissue_found_a_slide_ahead_gives_the_same_outputs(tmp_path, monkeypatch, small_bundles, built_pyramid):
     """With ``tissue_ahead`` a slide's tissue is found while the slide before it streams, and used
     when its turn comes: the same outputs as without (the last slide, found ahead, differs from the
     one before it, so another slide's tissue would show). A slide whose work ahead fails still
@@ -356,7 +356,7 @@ def test_tissue_found_a_slide_ahead_gives_the_same_outputs(tmp_path, monkeypatch
     find_tissue = pipeline.find_tissue
     monkeypatch.setattr(pipeline, "find_tissue", find_and_watch)
 
-    clf, _ = bundles
+    clf, _ = small_bundles
     bad = tmp_path / "broken.svs"
     bad.write_bytes(b"II*\x00garbage")
     copy = tmp_path / "copy" / CMU.name
@@ -384,14 +384,14 @@ def test_tissue_found_a_slide_ahead_gives_the_same_outputs(tmp_path, monkeypatch
             assert (plain.output / "tissue.png").read_bytes() == (ahead.output / "tissue.png").read_bytes()
 
 
-def test_the_first_slides_tissue_is_found_while_the_models_load(tmp_path, monkeypatch, bundles):
+def test_the_first_slides_tissue_is_found_while_the_models_load(tmp_path, monkeypatch, small_bundles):
     """run_slides without models finds the first slide's tissue beside load_models (on a GPU, by
     default): the slide takes it from there, and its outputs are those of a run that found it itself."""
     from wsi_medcam import pipeline
     from wsi_medcam.config import RunConfig
     from wsi_medcam.pipeline import run_slides, start_tissue_ahead
 
-    clf, _ = bundles
+    clf, _ = small_bundles
     cfg = RunConfig.from_dict({"classifier": str(clf), "inference": {"device": "cpu", "workers": 0, "precision": "fp32"}})
     assert start_tissue_ahead([CMU], tmp_path / "cpu", cfg) is None  # a CPU's cores are the models'
     started, seen_by_models = threading.Event(), []
@@ -456,13 +456,14 @@ def test_coarser_mask_mpp_with_overlapping_tiles(tmp_path, bundles, built_pyrami
     assert len(check_qupath_geojson(folder / "tiles.geojson", width=width, height=height)) == len(tiles)
 
 
-def test_narrow_strips_change_the_tile_order_not_the_outputs(tmp_path, bundles):
-    """The stitcher finishes the slide in vertical strips (memory bounded by their width): 256-px
-    strips, about 9 across the real slide with chunks of 256, must give the outputs of one strip,
-    and so must those strips stitched in 2 processes (every other strip each)."""
-    clf, seg = bundles
+def test_narrow_strips_change_the_tile_order_not_the_outputs(tmp_path, small_bundles):
+    """The stitcher finishes the slide in vertical strips (memory bounded by their width): strips of
+    128 px at the tiles' 1 µm/px, about 9 across the real slide with chunks of 256 (at its 0.5 µm/px),
+    must give the outputs of one strip, and so must those strips stitched in 2 processes (every
+    other strip each)."""
+    clf, seg = small_bundles
     runs = {}
-    for name, strip_px, stitchers in (("one", 4096, 0), ("many", 256, 0), ("processes", 256, 2)):
+    for name, strip_px, stitchers in (("one", 4096, 0), ("many", 128, 0), ("processes", 128, 2)):
         config = tmp_path / f"{name}.yaml"
         config.write_text(f"output:\n  chunk_size: 256\n  strip_px: {strip_px}\n  stitchers: {stitchers}\n")
         result = _run(CMU, "--classifier", clf, "--segmenter", seg, "-o", tmp_path / name, "--workers", "0",
