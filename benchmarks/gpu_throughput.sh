@@ -7,7 +7,7 @@
 # OUTDIR as soon as it ends (at most 8 files, what the device tool returns); a failed step does not
 # stop the rest.
 # 0. tests/test_inference.py (model streams on CUDA give the results of one batch at a time; the loader's
-#    pinned blocks are reserved), beside
+#    pinned blocks are reserved) and explain/eval/--refine on CUDA (the CPU's results), beside
 # 1. a MID² slide at 0.5 µm/px (default 32768: ~10k tissue tiles at 224 px); then a resnet18
 #    classifier and a Med-CAM U-Net/resnet18 trained STEPS steps on the device (masks with Med-CAM's
 #    structure, not speckle; the log has its seconds per step), while a BIG² slide (default 100000:
@@ -83,7 +83,9 @@ throughput() {  # throughput CAP NAME SLIDE ARGS...: benchmarks/throughput.py in
   step "$cap" python3 benchmarks/throughput.py "$slide" "${models[@]}" --out "$out/$name.json" "$@" >>"$log" \
     && python3 -c "$summary" "$out/$name.json" >>"$log" 2>&1
 }
-python3 -m pytest -q -p no:cacheprovider tests/test_inference.py >"$out/pytest.txt" 2>&1 &  # model streams and pinned blocks on CUDA
+# model streams and pinned blocks on CUDA; explain, eval and --refine on the models' device
+python3 -m pytest -q -p no:cacheprovider tests/test_inference.py \
+  tests/test_medcam_metrics.py::test_explain_and_evaluate_run_on_the_models_device >"$out/pytest.txt" 2>&1 &
 tests=$!
 source=.whl/CMU-1-Small-Region.svs
 step 60 python3 benchmarks/make_slide.py --source "$source" --width $((mid * side)) --height $((mid * side)) "${scan[@]}" \

@@ -4,7 +4,7 @@ Prints, per method: hard-mask area, sufficiency under the training fill (mean) a
 in training (white, blur, colour), necessity, deletion/insertion AUC, IoU and pointing game against
 the planted truth, seconds per tile, and the speed ratio amortised : per-image — all from one run.
 
-    python benchmarks/medcam_methods.py [--work DIR] [--tiles 32] [--per-image-steps 300]
+    python benchmarks/medcam_methods.py [--work DIR] [--tiles 32] [--per-image-steps 300] [--device auto]
 
 Without ``--classifier``/``--segmenter`` it first trains both on real H&E from ../shared/data
 (the same recipe as the demo: resnet10t at 96 px, 200 label-free Med-CAM steps).
@@ -22,7 +22,8 @@ from wsi_medcam.bundles import ClassifierConfig, load_classifier, load_segmenter
 from wsi_medcam.classifier_training import train_classifier
 from wsi_medcam.demo import demo_sources
 from wsi_medcam.medcam.evaluate import evaluate
-from wsi_medcam.medcam.explain import PerImageOptions
+from wsi_medcam.inference import resolve_device
+from wsi_medcam.medcam.explain import PerImageOptions, models_to
 from wsi_medcam.medcam.planted import planted_tiles
 from wsi_medcam.medcam.train import CamTrainConfig, train_segmenter
 
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, default=32, help="held-out tiles (half carry the marker)")
     ap.add_argument("--per-image-steps", type=int, default=300)
     ap.add_argument("--baselines", default="gradcam,gradcam++,hirescam,layercam")
+    ap.add_argument("--device", default="auto", help="where the evaluation runs: auto (CUDA if present), cpu, cuda, cuda:N")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -51,6 +53,7 @@ def main() -> None:
         data = planted_tiles(sources, 400, tile_size=TILE, seed=0)
         args.segmenter, _ = train_segmenter(classifier, data.images, CamTrainConfig(steps=200), args.work / "cam")
     segmenter = load_segmenter(args.segmenter)
+    models_to(resolve_device(args.device), classifier, segmenter)
 
     held = planted_tiles(sources, args.tiles, tile_size=TILE, seed=2024)
     baselines = [b for b in args.baselines.split(",") if b]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -205,6 +206,12 @@ def test_bad_explain_and_eval_input_is_one_line_before_any_work(tmp_path, tiny_c
     nothing = runner.invoke(app, ["eval", "--classifier", str(tiny_classifier), "--tiles", str(tmp_path / "a"),
                                   "-o", str(tmp_path / "r.json"), "--baselines", ""])
     _one_error_line(nothing, "nothing to evaluate")
+    for command in (["explain", *one], ["eval", "--classifier", str(tiny_classifier), "--tiles", str(tmp_path / "a"),
+                                        "-o", str(tmp_path / "r.json")]):
+        _one_error_line(runner.invoke(app, [*command, "--device", "tpu"]), "'tpu' is not auto, cpu, cuda or cuda:N")
+        if not torch.cuda.is_available():
+            _one_error_line(runner.invoke(app, [*command, "--device", "cuda"]), "--device cuda: no CUDA device here")
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "out").exists()
 
 
 def test_validation_errors_name_the_field(tmp_path):

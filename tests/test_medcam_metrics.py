@@ -351,6 +351,32 @@ def test_evaluate_runs_the_models_a_bounded_batch_at_a_time():
     assert seen and max(seen) <= FORWARD_BATCH
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_explain_and_evaluate_run_on_the_models_device(monkeypatch):
+    """explain, eval and run --refine work where the models are (``--device auto`` puts them on a
+    GPU): the same predictions and masks as on the CPU, per-image mode's random draws from a
+    generator on the GPU, and the masks handed back on the CPU."""
+    from wsi_medcam.medcam.evaluate import evaluate
+    from wsi_medcam.medcam.explain import PerImageOptions, explain_batch, models_to
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 on both
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    clf, seg = _small_bundles()
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    per_image = PerImageOptions(steps=3, min_steps=1, patience=1)
+    runs = {}
+    for device in ("cpu", "cuda"):
+        models_to(torch.device(device), clf, seg)
+        runs[device] = [explain_batch(clf, images, segmenter=seg, fills=("mean", "colour")),
+                        explain_batch(clf, images, segmenter=seg, per_image=per_image, fills=("mean",))]
+        report = evaluate(clf, images, segmenter=seg, baselines=("gradcam",), fills=("mean", "colour"), auc_steps=2)
+        assert set(report["methods"]) == {"medcam", "gradcam"}
+    for (cpu_soft, cpu_records), (gpu_soft, gpu_records) in zip(runs["cpu"], runs["cuda"]):
+        assert gpu_soft.device.type == "cpu" and gpu_soft.shape == cpu_soft.shape
+        assert [r["prediction"] for r in gpu_records] == [r["prediction"] for r in cpu_records]
+    torch.testing.assert_close(runs["cuda"][0][0], runs["cpu"][0][0], atol=1e-4, rtol=0)
+
+
 def test_train_cam_validation_in_batches_gives_the_one_pass_figures():
     """train-cam validated its whole held-out set in one pass on the device (10 % of 10 slides'
     tiles: ~17 GiB); batch by batch, from the host, it gives the same figures."""

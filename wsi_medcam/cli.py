@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .config import RunConfig, format_validation_error
+from .config import RunConfig, check_device_name, format_validation_error
 from .errors import WsiMedcamError
 from .inputs import expand_slides
 
@@ -420,16 +420,20 @@ def explain(
     steps: Annotated[int, typer.Option(help="per-image: maximum steps")] = 880,
     lr: Annotated[float, typer.Option(help="per-image: Adam learning rate")] = 5e-5,
     preset: Annotated[str, typer.Option(help="per-image: loss weight preset")] = "minimal",
+    device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N")] = "auto",
 ) -> None:
     """Explain single tiles: evidence masks plus whether the evidence alone keeps the prediction."""
     from .bundles import load_classifier, load_segmenter
-    from .medcam.explain import PerImageOptions, explain_files
+    from .inference import resolve_device
+    from .medcam.explain import PerImageOptions, explain_files, models_to
 
     if segmenter is None and not per_image:
         raise _fail("give --segmenter DIR, --per-image, or both")
     try:
+        where = resolve_device(check_device_name(device))
         clf = load_classifier(classifier)
         seg = load_segmenter(segmenter) if segmenter else None
+        models_to(where, clf, seg)
         options = PerImageOptions(steps=steps, lr=lr, preset=preset) if per_image else None
         missing = [str(p) for p in images if not p.is_file()]
         if missing:
@@ -452,20 +456,24 @@ def eval_cmd(
     baselines: Annotated[str, typer.Option(help="comma-separated: gradcam, gradcam++, hirescam, layercam, scorecam; empty for none")] = "gradcam,gradcam++",
     per_image: Annotated[bool, typer.Option("--per-image", help="also run per-image Med-CAM (slow): refining the segmenter when one is given, else from scratch")] = False,
     steps: Annotated[int, typer.Option(help="per-image: maximum steps")] = 880,
+    device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N")] = "auto",
 ) -> None:
     """Area, sufficiency under several fills, necessity, deletion/insertion AUC and runtime per method."""
     from .bundles import load_classifier, load_segmenter
+    from .inference import resolve_device
     from .medcam.data import tiles_from_folder
     from .medcam.evaluate import evaluate
-    from .medcam.explain import PerImageOptions
+    from .medcam.explain import PerImageOptions, models_to
 
     methods = [b for b in baselines.split(",") if b]
     if segmenter is None and not per_image and not methods:
         raise _fail("nothing to evaluate: give --segmenter, --per-image or --baselines")
     try:
+        where = resolve_device(check_device_name(device))
         out.parent.mkdir(parents=True, exist_ok=True)  # an unusable -o is refused before the evaluation, not after
         clf = load_classifier(classifier)
         seg = load_segmenter(segmenter) if segmenter else None
+        models_to(where, clf, seg)
         images = tiles_from_folder(tiles, clf.config.tile_size)
         report = evaluate(clf, images, segmenter=seg, baselines=methods,
                           per_image=PerImageOptions(steps=steps) if per_image else None)

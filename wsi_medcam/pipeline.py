@@ -73,8 +73,9 @@ class Models:
     """Whether readers hand batches over by name (:func:`~wsi_medcam.batching.make_loader`): on CUDA,
     where torch's shared-memory manager could be started."""
     refine_from: tuple[Bundle, Bundle] | None = None
-    """(classifier, segmenter) for per-image refinement, on the CPU where it runs: the segmenter as
-    trained (batch norms not folded), whose copies it trains; None unless ``inference.refine``."""
+    """(classifier, segmenter) for per-image refinement, on the run's device, in float32: the
+    segmenter as trained (batch norms not folded), whose copies it trains; None unless
+    ``inference.refine``."""
 
 
 def load_models(cfg: RunConfig) -> Models:
@@ -82,9 +83,9 @@ def load_models(cfg: RunConfig) -> Models:
     threads share one malloc arena from now on (:func:`~wsi_medcam.heap.use_one_arena`): the models'
     activations are then in host memory, and its peak no longer depends on which thread freed what.
     The models' batch norms are folded into their convolutions (:mod:`wsi_medcam.folding`). With
-    ``inference.refine``, copies are kept on the CPU for per-image refinement (:attr:`Models.refine_from`):
-    the segmenter's unfolded, so the tiles it does not refine get exactly the evidence of a run
-    without it; the classifier's where the models go to a GPU."""
+    ``inference.refine``, copies are kept for per-image refinement (:attr:`Models.refine_from`): the
+    segmenter's unfolded, so the tiles it does not refine get exactly the evidence of a run without
+    it; the classifier's on a GPU, where the predictor's may be running another slide's batches."""
     if cfg.classifier is None:
         raise WsiMedcamError("no classifier bundle given: pass --classifier DIR")
     device = resolve_device(cfg.inference.device)
@@ -108,8 +109,8 @@ def load_models(cfg: RunConfig) -> Models:
     refine_from = None
     if segmenter is not None:
         if cfg.inference.refine:
-            on_cpu = classifier if device.type == "cpu" else replace(classifier, model=copy.deepcopy(classifier.model))
-            refine_from = (on_cpu, replace(segmenter, model=copy.deepcopy(segmenter.model)))
+            own = classifier if device.type == "cpu" else replace(classifier, model=copy.deepcopy(classifier.model).to(device))
+            refine_from = (own, replace(segmenter, model=copy.deepcopy(segmenter.model).to(device)))
         fold_batchnorms(segmenter.model)
     predictor = Predictor(classifier, segmenter, cfg.inference)
     if device.type == "cuda":

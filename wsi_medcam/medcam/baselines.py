@@ -22,7 +22,7 @@ from timm.models.resnet import ResNet
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .metrics import binarise_at_area
+from .metrics import binarise_at_area, model_device
 
 
 class QuietScoreCAM(ScoreCAM):
@@ -181,7 +181,7 @@ def cam_heatmaps(
     target_layers, reshape = cam_target(model, arch)
     modes = {m: m.training for m in model.modules()}
     grads = {p: p.grad for p in model.parameters()}
-    device = next(model.parameters()).device
+    device = model_device(model)
     out = []
     try:
         with CAM_METHODS[method](model=model, target_layers=target_layers, reshape_transform=reshape) as cam:

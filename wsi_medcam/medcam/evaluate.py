@@ -23,6 +23,7 @@ from .metrics import (
     binarise_at_area,
     deletion_insertion_auc,
     iou,
+    model_device,
     necessity,
     null_mask_sufficiency,
     pointing_game,
@@ -39,7 +40,7 @@ def _mean(a: np.ndarray) -> float:
 
 def _scores(clf: torch.nn.Module, x: torch.Tensor, hard: np.ndarray, saliency: np.ndarray, tiebreak: np.ndarray | None,
             target: np.ndarray, gt: np.ndarray | None, *, mean: Any, std: Any, fills: Sequence[str], auc_steps: int) -> dict[str, Any]:
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(x.device).manual_seed(0)
     suff = sufficiency(clf, x, hard, fills, mean=mean, std=std, target=target, generator=gen)
     nec = necessity(clf, x, hard, "mean", mean=mean, std=std, target=target)
     deletion, insertion = deletion_insertion_auc(clf, x, saliency, steps=auc_steps, mean=mean, std=std,
@@ -71,12 +72,14 @@ def evaluate(
     fills: Sequence[str] = FILLS,
     auc_steps: int = 20,
 ) -> dict[str, Any]:
-    """Metrics per method on uint8 tiles (N, S, S, 3); ``gt_masks`` (N, S, S) bool enables IoU and pointing game."""
+    """Metrics per method on uint8 tiles (N, S, S, 3); ``gt_masks`` (N, S, S) bool enables IoU and
+    pointing game. Runs on the device of the classifier's weights (and the segmenter's, which must
+    be the same: :func:`~wsi_medcam.medcam.explain.models_to`)."""
     ccfg = classifier.config
     clf = classifier.model.eval()
-    x = to_input(images, ccfg)
+    x = to_input(images, ccfg).to(model_device(clf))
     _, pred = predict(clf, x)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(x.device).manual_seed(0)
     report: dict[str, Any] = {
         "tiles": len(images),
         "fills": list(fills),

@@ -23,7 +23,7 @@ from ..errors import WsiMedcamError
 from ..classifier_training import to_input
 from .layers import deep_only, layer_preset
 from .loss import MedCamObjective, preset_weights
-from .metrics import in_batches, sufficiency
+from .metrics import in_batches, model_device, sufficiency
 from .per_image import optimise_masks
 
 EVAL_FILLS = ("mean", "white", "blur")
@@ -68,7 +68,8 @@ def _segmenter_on(segmenter: Bundle, classifier: Bundle) -> nn.Module:
     scfg, ccfg = segmenter.config, classifier.config
     if scfg.mean is None or scfg.std is None:
         return segmenter.model
-    return _Renormalised(segmenter.model, (ccfg.mean, ccfg.std), (scfg.mean, scfg.std))
+    net = _Renormalised(segmenter.model, (ccfg.mean, ccfg.std), (scfg.mean, scfg.std))
+    return net.to(model_device(segmenter.model))
 
 
 def explain_batch(
@@ -79,13 +80,16 @@ def explain_batch(
     per_image: PerImageOptions | None = None,
     fills: Sequence[str] = EVAL_FILLS,
 ) -> tuple[torch.Tensor, list[dict]]:
-    """Soft masks (B, 1, S, S) and one record per image for uint8 tiles (B, S, S, 3) at the tile size.
+    """Soft masks (B, 1, S, S), on the CPU, and one record per image for uint8 tiles (B, S, S, 3) at
+    the tile size.
 
-    A segmenter whose bundle gives its own ``mean``/``std`` sees the tiles normalised with them (as
-    in ``run``), also when per-image mode refines it."""
+    The work runs on the device of the classifier's weights (see :func:`models_to`); the segmenter
+    must be there too. A segmenter whose bundle gives its own ``mean``/``std`` sees the tiles
+    normalised with them (as in ``run``), also when per-image mode refines it."""
     ccfg = classifier.config
     clf = classifier.model.eval()
-    x = to_input(images, ccfg)
+    device = model_device(clf)
+    x = to_input(images, ccfg).to(device)
     start = time.perf_counter()
     probs = torch.softmax(in_batches(clf, x), 1)
     pred = probs.argmax(1)
@@ -106,7 +110,7 @@ def explain_batch(
     seconds = (time.perf_counter() - start) / max(len(x), 1)
     hard = (soft > 0.5).float()
     kept = sufficiency(clf, x, hard[:, 0], fills, mean=ccfg.mean, std=ccfg.std, target=pred,
-                       generator=torch.Generator().manual_seed(0))
+                       generator=torch.Generator(device).manual_seed(0))
     records = [{
         "prediction": ccfg.class_names[int(pred[i])],
         "probability": float(probs[i, pred[i]]),
@@ -115,7 +119,16 @@ def explain_batch(
         "steps": int(steps[i]),
         "seconds": seconds,
     } for i in range(len(x))]
-    return soft, records
+    return soft.cpu(), records
+
+
+def models_to(device: torch.device, classifier: Bundle, segmenter: Bundle | None = None) -> None:
+    """Move the bundles' networks to ``device`` (in place, as :meth:`torch.nn.Module.to` does), where
+    :func:`explain_batch` and :func:`~wsi_medcam.medcam.evaluate.evaluate` then run: per-image mode's
+    880 steps a tile are minutes on a CPU."""
+    classifier.model.to(device)
+    if segmenter is not None:
+        segmenter.model.to(device)
 
 
 def explain_files(

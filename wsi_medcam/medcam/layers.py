@@ -35,6 +35,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .metrics import model_device
+
 Distance = Literal["cosine", "std_mse"]
 
 
@@ -132,8 +134,7 @@ def _probe_channels_last(model: nn.Module, dicts: Sequence[dict[str, Any]]) -> l
     """
     specs = [LayerSpec(d["module"], 1.0, "cosine") for d in dicts]
     size = tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
-    param = next(model.parameters(), None)
-    x = torch.zeros((1, *size), device=param.device if param is not None else None)
+    x = torch.zeros((1, *size), device=model_device(model))
     was_training = model.training
     model.eval()
     try:

@@ -14,6 +14,7 @@ Conventions
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -37,6 +38,13 @@ def _mask_like(masks: ArrayLike, x: torch.Tensor) -> torch.Tensor:
     if m.shape != (x.shape[0], *x.shape[2:]):
         raise ValueError(f"masks of shape {tuple(m.shape)} do not match images {tuple(x.shape)}")
     return m.to(device=x.device, dtype=x.dtype)[:, None]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s weights are; the CPU for a module without any (a fixed function)."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 FORWARD_BATCH = 64

@@ -116,7 +116,7 @@ def optimise_masks(
     else:
         with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
             torch.manual_seed(seed)
-            net = GroupedUNet(len(x), widths, mask_bias)
+            net = GroupedUNet(len(x), widths, mask_bias).to(x.device)  # made on the CPU: the same start anywhere
         soft, used = _optimise(objective, x, net, steps, lr, patience, area_tol, target, seed, min_steps)
     return PerImageResult(soft, used, time.perf_counter() - start)
 
@@ -124,17 +124,20 @@ def optimise_masks(
 def _optimise(objective: MedCamObjective, x: torch.Tensor, net: nn.Module, steps: int, lr: float, patience: int,
               area_tol: float, target: torch.Tensor | None, seed: int, min_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Optimise ``net``'s masks for ``x``; per image, return the latest mask whose hard version kept the
-    target (a mask that later collapses below sufficiency is not returned), frozen once settled."""
-    gen = torch.Generator().manual_seed(seed)
+    target (a mask that later collapses below sufficiency is not returned), frozen once settled.
+    Everything stays on ``x``'s device (with ``net``): the random fills and threshold noise come
+    from a generator there."""
+    device = x.device
+    gen = torch.Generator(device).manual_seed(seed)
     ref = objective.reference(x, target)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     b = len(x)
-    frozen = torch.zeros(b, dtype=torch.bool)
-    ever_kept = torch.zeros(b, dtype=torch.bool)
-    result = torch.zeros(b, 1, *x.shape[-2:])
-    used = torch.full((b,), steps, dtype=torch.long)
-    streak = torch.zeros(b, dtype=torch.long)
-    streak_area = torch.zeros(b)
+    frozen = torch.zeros(b, dtype=torch.bool, device=device)
+    ever_kept = torch.zeros(b, dtype=torch.bool, device=device)
+    result = torch.zeros(b, 1, *x.shape[-2:], device=device)
+    used = torch.full((b,), steps, dtype=torch.long, device=device)
+    streak = torch.zeros(b, dtype=torch.long, device=device)
+    streak_area = torch.zeros(b, device=device)
     for step in range(1, steps + 1):
         logits = net(x)
         total, _ = objective(x, logits, ref, generator=gen)

@@ -35,7 +35,7 @@ from ..inference import bf16_supported, resolve_device
 from .fills import FILL_KINDS
 from .layers import LayerSpec, deep_only, layer_preset
 from .loss import LossWeights, MedCamObjective, preset_weights
-from .metrics import null_mask_sufficiency, sufficiency
+from .metrics import model_device, null_mask_sufficiency, sufficiency
 
 log = logging.getLogger("wsi_medcam")
 
@@ -122,7 +122,7 @@ def validate(segmenter: torch.nn.Module, classifier: torch.nn.Module, x: torch.T
     null-mask control (what the fill alone keeps). ``x`` may be on the host: it goes to the models'
     device ``batch_size`` tiles at a time: a U-Net/resnet18 takes ~17.5 MiB of activations a tile
     at 224 px, so the 1,000 tiles held out of 10 slides at the defaults would take ~17 GiB at once."""
-    device = next(segmenter.parameters()).device
+    device = model_device(segmenter)
     kept_gen, null_gen = (torch.Generator(device).manual_seed(seed) for _ in range(2))
     area, kept, null = [], [], []
     training = segmenter.training
