@@ -98,6 +98,46 @@ def test_local_cluster_matches_one_process(tmp_path, small_bundles, slide_set, r
     assert {r["status"] for r in _status(tmp_path / "dask").values()} == {"done"}
 
 
+def test_a_worker_killed_mid_slide_leaves_nothing_half_written(tmp_path, small_bundles):
+    """A dask worker killed while it writes a slide (the OOM killer, a job's time limit): once dask
+    gives up on the slide (here at once: allowed-failures 0) it fails in one line, and its
+    half-written folder is removed then, not at the next run."""
+    import threading
+
+    import dask
+    from distributed import Client, LocalCluster
+
+    from wsi_medcam.batch import run_archive
+    from wsi_medcam.config import RunConfig
+
+    clf, seg = small_bundles
+    cfg = RunConfig.from_dict({"classifier": str(clf), "segmenter": str(seg),
+                               "inference": {"device": "cpu", "workers": 0, "precision": "fp32"}})
+    out = tmp_path / "out"
+    killed = threading.Event()
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
+            LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+        pid, = client.run(os.getpid).values()
+
+        def kill_once_half_written() -> None:
+            deadline = time.time() + 300
+            while time.time() < deadline and not killed.is_set():
+                if out.is_dir() and any(p.name.endswith(".partial") for p in out.iterdir()):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.set()
+                time.sleep(0.02)
+
+        killer = threading.Thread(target=kill_once_half_written, daemon=True)
+        killer.start()
+        results = run_archive([CMU], out, cfg, client=client)
+        killed.set()
+        killer.join()
+    assert [r.status for r in results] == ["failed"], results
+    assert results[0].reason.startswith("KilledWorker: the dask worker running this slide died") and "\n" not in results[0].reason
+    assert _status(out)[CMU.name]["status"] == "failed"
+    assert sorted(p.name for p in out.iterdir()) == [".wsi-medcam.lock", "status.jsonl"]  # nothing half-written
+
+
 def test_a_gpu_task_on_a_local_cluster_is_scheduled(tmp_path, small_bundles):
     """Slide tasks for --device cuda ask for a GPU resource, so local workers must offer one: without
     it the run waited forever. Here (no CUDA) the slide is scheduled and fails in one line."""

@@ -23,7 +23,18 @@ from typing import Any
 from .ahead import Ahead
 from .config import RunConfig
 from .errors import OutputError, WsiMedcamError
-from .pipeline import Models, ProgressHook, SlideResult, failure_reason, load_models, output_names, run_slide, run_slides
+from .pipeline import (
+    Models,
+    ProgressHook,
+    SlideResult,
+    failure_reason,
+    load_models,
+    output_names,
+    partial_dir,
+    remove_output,
+    run_slide,
+    run_slides,
+)
 from .tissue import TissueMask
 
 LOCK_NAME = ".wsi-medcam.lock"
@@ -130,6 +141,17 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
                                   "segmenter": cfg.segmenter and Path(cfg.segmenter).absolute(), "slide": slide})
 
 
+def _task_failure(exc: BaseException) -> str:
+    """One line for a slide whose dask task failed: a worker that died running it (dask's own
+    message is a paragraph), or whatever kept the task from running."""
+    from distributed import KilledWorker
+
+    if isinstance(exc, KilledWorker):
+        return (f"KilledWorker: the dask worker running this slide died ({exc.allowed_failures + 1} attempt(s), the last "
+                f"on {exc.last_worker.address}); out of memory, or its job was ended? The worker's log says which")
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _from_dict(d: dict[str, Any]) -> SlideResult:
     return SlideResult(Path(d["path"]), d["status"], Path(d["output"]) if d["output"] else None, d["reason"],
                        d["seconds"], d["tiles"], d["report"])
@@ -177,10 +199,17 @@ def run_archive(
         while not ready.is_empty():
             finished = ready.next_batch(block=False)
             for future in finished:
+                path = futures[future]
                 try:
-                    record(replace(_from_dict(future.result()), path=futures[future]))  # as the user named it
+                    record(replace(_from_dict(future.result()), path=path))  # as the user named it
                 except Exception as exc:  # noqa: BLE001 - a worker died or the task could not run
-                    record(SlideResult(futures[future], "failed", None, f"{type(exc).__name__}: {exc}"))
+                    # dask has given up on the slide: no worker writes its folder any more, and what a
+                    # worker that died left half-written goes now rather than at the next run
+                    try:
+                        remove_output(partial_dir(out_root / names[path]))
+                    except OSError as err:  # the next run removes it
+                        log.warning("%s: could not remove its half-written outputs: %s", path, err)
+                    record(SlideResult(path, "failed", None, _task_failure(exc)))
             if finished:
                 continue
             time.sleep(_POLL_S)

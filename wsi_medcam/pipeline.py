@@ -584,7 +584,12 @@ def failure_reason(exc: BaseException) -> str:
     return first if isinstance(exc, WsiMedcamError) else f"{type(exc).__name__}: {first}"
 
 
-def _remove(path: Path) -> None:
+def partial_dir(out_dir: Path) -> Path:
+    """Where a slide's outputs are written before they are renamed to ``out_dir``."""
+    return out_dir.with_name(f".{out_dir.name}{PARTIAL_SUFFIX}")
+
+
+def remove_output(path: Path) -> None:
     """Delete a half-written output (folder or stray file); nothing if absent."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -607,22 +612,22 @@ def run_slide(
     Errors of this package are caught and reported in the result, never raised.
     """
     start = time.perf_counter()
-    partial = out_dir.with_name(f".{out_dir.name}{PARTIAL_SUFFIX}")
+    partial = partial_dir(out_dir)
     if is_complete(out_dir) and not cfg.output.overwrite:
-        _remove(partial)
+        remove_output(partial)
         return SlideResult(path, "skipped", out_dir, "already done (use --overwrite to redo)")
     if out_dir.exists() and not out_dir.is_dir():
         return SlideResult(path, "failed", None, f"{out_dir} exists and is not a folder; move it or choose another --out")
     try:
-        _remove(partial)  # left by an interrupted run
+        remove_output(partial)  # left by an interrupted run
         if out_dir.is_dir() and not is_complete(out_dir):  # unfinished: clear it now, not after the work
-            _remove(out_dir)
+            remove_output(out_dir)
         partial.mkdir(parents=True)
     except OSError as exc:
         return SlideResult(path, "failed", None, str(OutputError(f"cannot prepare {out_dir}: {exc}")))
     try:
         report = process_slide(path, partial, cfg, models, progress=progress, ahead=ahead)
-        _remove(out_dir)
+        remove_output(out_dir)
         os.replace(partial, out_dir)
     except Exception as exc:  # noqa: BLE001 - one bad slide must not stop the others
         log.debug("%s failed", path, exc_info=True)
