@@ -214,6 +214,29 @@ def test_bad_explain_and_eval_input_is_one_line_before_any_work(tmp_path, tiny_c
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "out").exists()
 
 
+def test_explain_and_eval_show_their_progress_on_stderr(tmp_path, tiny_classifier):
+    """Per-image mode takes minutes a tile on a CPU: explain counts images (in batches of 16), eval
+    counts methods, on stderr; the results stay alone on stdout."""
+    from PIL import Image
+
+    from wsi_medcam.bundles import SegmenterConfig, make_segmenter
+
+    seg = make_segmenter(SegmenterConfig(encoder="resnet18", tile_size=32), tmp_path / "seg")
+    (tmp_path / "tiles").mkdir()
+    for i in range(20):
+        Image.new("RGB", (32, 32), (200, 100 + i, 150)).save(tmp_path / "tiles" / f"x{i}.png")
+    models = ["--classifier", str(tiny_classifier), "--segmenter", str(seg)]
+    explained = runner.invoke(app, ["explain", *map(str, sorted((tmp_path / "tiles").glob("*.png"))), *models,
+                                    "-o", str(tmp_path / "out")])
+    assert explained.exit_code == 0, explained.output
+    assert "images" in explained.stderr and "20/20" in explained.stderr
+    assert len(explained.stdout.splitlines()) == 20 and "20/20" not in explained.stdout
+    evaluated = runner.invoke(app, ["eval", *models, "--tiles", str(tmp_path / "tiles"), "-o", str(tmp_path / "r.json"),
+                                    "--baselines", "gradcam"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "gradcam done" in evaluated.stderr and "2/2" in evaluated.stderr
+
+
 def test_validation_errors_name_the_field(tmp_path):
     line = _one_error_line(runner.invoke(app, ["make-segmenter", "-o", str(tmp_path / "s"), "--tile-size", "0"]))
     assert "tile_size" in line

@@ -39,6 +39,13 @@ out_console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.envir
 
 
 
+def _bar(*, time_left: bool = True) -> Progress:
+    """A progress bar on stderr: what it is doing, the bar, done of total, time taken (and the
+    time left, estimated from the rate so far)."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    return Progress(*columns, *([TimeRemainingColumn()] if time_left else []), console=console)
+
+
 def _fail(message: str, code: int = 2) -> typer.Exit:
     console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
@@ -224,10 +231,8 @@ def run(
             ahead.close()
         raise _fail(_error_line(exc)) from None
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())
     try:
-        with Progress(*columns, console=console, transient=False) as bar:
+        with _bar() as bar:
             overall = bar.add_task("slides", total=len(paths))
             tiles_task = bar.add_task("tiles", total=None, visible=client is None)
 
@@ -278,8 +283,7 @@ def export_tiff_cmd(
     jobs = [(s, s.parent / "evidence.ome.tif") for s in stores]
     jobs += [(s / "labels" / "evidence", s.parent / "evidence-labels.ome.tif") for s in stores] if labels else []
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console) as bar:
+        with _bar(time_left=False) as bar:
             for store, target in jobs:
                 task = bar.add_task(f"{target.parent.name[:40]}/{target.name}", total=None)
                 write_ome_tiff(store, target,
@@ -337,8 +341,7 @@ def train_classifier_cmd(
         check_bundle_target(out)  # refused before training, not after it
         images, labels, classes = load_image_folder(data, tile_size)
         cfg = ClassifierConfig(arch=arch, class_names=classes, mpp=mpp, tile_size=tile_size)
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console) as bar:
+        with _bar(time_left=False) as bar:
             task = bar.add_task("epochs", total=epochs)
 
             def on_epoch(rec: dict[str, float]) -> None:
@@ -397,8 +400,7 @@ def train_cam_cmd(
             images = tiles_from_slides(paths, mpp=tile_mpp, tile_size=size, per_slide=cfg.tiles_per_slide,
                                        overrides=overrides, seed=cfg.seed)
         console.print(f"{len(images)} tiles of {size} px; training {cfg.steps} steps")
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TimeRemainingColumn(), console=console) as bar:
+        with _bar() as bar:
             task = bar.add_task("train-cam", total=cfg.steps)
 
             def on_step(step: int, terms: dict[str, float]) -> None:
@@ -438,7 +440,10 @@ def explain(
         missing = [str(p) for p in images if not p.is_file()]
         if missing:
             raise WsiMedcamError(f"no such image: {missing[0]}")
-        records = explain_files(clf, images, out, segmenter=seg, per_image=options)
+        with _bar() as bar:
+            task = bar.add_task("images", total=len(images))
+            records = explain_files(clf, images, out, segmenter=seg, per_image=options,
+                                    on_batch=lambda done: bar.update(task, advance=done))
     except (WsiMedcamError, ValueError, OSError) as exc:
         raise _fail(_error_line(exc)) from None
     for rec in records:
@@ -475,8 +480,11 @@ def eval_cmd(
         seg = load_segmenter(segmenter) if segmenter else None
         models_to(where, clf, seg)
         images = tiles_from_folder(tiles, clf.config.tile_size)
-        report = evaluate(clf, images, segmenter=seg, baselines=methods,
-                          per_image=PerImageOptions(steps=steps) if per_image else None)
+        with _bar(time_left=False) as bar:  # methods take from milliseconds (Med-CAM) to minutes (per-image) a tile
+            task = bar.add_task("methods", total=(seg is not None) + per_image + len(methods))
+            report = evaluate(clf, images, segmenter=seg, baselines=methods,
+                              per_image=PerImageOptions(steps=steps) if per_image else None,
+                              on_method=lambda name: bar.update(task, advance=1, description=f"{name} done"))
         out.write_text(json.dumps(report, indent=2) + "\n")
     except (WsiMedcamError, ValueError, OSError) as exc:
         raise _fail(_error_line(exc)) from None

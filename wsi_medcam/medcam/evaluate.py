@@ -10,7 +10,7 @@ seconds per tile.
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -71,10 +71,12 @@ def evaluate(
     gt_masks: np.ndarray | None = None,
     fills: Sequence[str] = FILLS,
     auc_steps: int = 20,
+    on_method: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Metrics per method on uint8 tiles (N, S, S, 3); ``gt_masks`` (N, S, S) bool enables IoU and
     pointing game. Runs on the device of the classifier's weights (and the segmenter's, which must
-    be the same: :func:`~wsi_medcam.medcam.explain.models_to`)."""
+    be the same: :func:`~wsi_medcam.medcam.explain.models_to`). ``on_method(name)`` is called as
+    each method's figures are done."""
     ccfg = classifier.config
     clf = classifier.model.eval()
     x = to_input(images, ccfg).to(model_device(clf))
@@ -105,6 +107,8 @@ def evaluate(
         report["methods"][name] = {**scores, "seconds_per_tile": seconds}
         if reference_area is None:
             reference_area = hard.reshape(len(hard), -1).mean(1)
+        if on_method is not None:
+            on_method(name)
     for method in baselines:
         start = time.perf_counter()
         heat = cam_heatmaps(clf, x, method, [int(p) for p in pred], arch=ccfg.arch)
@@ -115,4 +119,6 @@ def evaluate(
                          mean=ccfg.mean, std=ccfg.std, fills=fills, auc_steps=auc_steps)
         scores["binarised_at"] = "medcam area" if reference_area is not None else "10 % area"
         report["methods"][method] = {**scores, "seconds_per_tile": seconds}
+        if on_method is not None:
+            on_method(method)
     return report

@@ -11,7 +11,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -139,9 +139,11 @@ def explain_files(
     segmenter: Bundle | None = None,
     per_image: PerImageOptions | None = None,
     batch_size: int = 16,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """Write ``<name>.mask.png`` (0/255), ``<name>.soft.png`` (0–255) and ``<name>.json`` per image;
-    images whose names would share those files are refused before anything is written."""
+    images whose names would share those files are refused before anything is written.
+    ``on_batch(n)`` is called once the files of each ``n`` images are written."""
     stems: dict[str, Path] = {}
     for path in paths:
         if (other := stems.setdefault(Path(path).stem, Path(path))) != Path(path):
@@ -165,4 +167,6 @@ def explain_files(
             rec = {"image": str(path), **rec}
             (out_dir / f"{path.stem}.json").write_text(json.dumps(rec, indent=2) + "\n")
             records.append(rec)
+        if on_batch is not None:
+            on_batch(len(chunk))
     return records
