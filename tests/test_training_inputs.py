@@ -93,6 +93,39 @@ def test_train_cam_resumes_only_a_checkpoint_of_the_same_classifier(tmp_path, ti
     assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2]
 
 
+def test_train_cam_killed_while_checkpointing_resumes_from_a_whole_checkpoint(tmp_path, tiles, monkeypatch):
+    """Killed after writing step 3's weights but before its optimizer state (a job's time limit):
+    the checkpoint still names step 2's weights, unchanged, and the resumed run logs each step once
+    (step 3, logged before the kill, is run and logged again)."""
+    from safetensors.torch import load_file
+
+    from wsi_medcam.medcam import train
+
+    small = np.ascontiguousarray(tiles[:, :32, :32])
+    clf, out = _classifier(tmp_path, 0, 32), tmp_path / "cam"
+    cfg = {"batch_size": 2, "checkpoint_every": 1, "val_every": 100, "device": "cpu"}
+    train_segmenter(clf, small, CamTrainConfig(steps=2, **cfg), out)
+    ckpt = out / "checkpoint"
+    state = json.loads((ckpt / "state.json").read_text())
+    at_step_2 = load_file(str(ckpt / state["weights"]))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed while checkpointing")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train.torch, "save", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train_segmenter(clf, small, CamTrainConfig(steps=3, **cfg), out)
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == 2
+    for name, tensor in load_file(str(ckpt / state["weights"])).items():
+        assert torch.equal(tensor, at_step_2[name]), name
+    _, summary = train_segmenter(clf, small, CamTrainConfig(steps=4, **cfg), out)
+    assert summary["steps"] == 4
+    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["optimizer-4.pt", "segmenter-4.safetensors", "state.json"]
+
+
 def test_train_cam_config_refuses_unknown_or_bad_loss_weights(tmp_path):
     with pytest.raises(ValidationError, match=r"weights\.aera: unknown loss weight, expected one of act, ce"):
         CamTrainConfig(weights={"aera": 5})

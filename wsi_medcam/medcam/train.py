@@ -141,9 +141,38 @@ def validate(segmenter: torch.nn.Module, classifier: torch.nn.Module, x: torch.T
                       {f: float(np.concatenate([n[f] for n in null]).mean()) for f in fills})
 
 
-def _checkpoint_paths(out_dir: Path) -> tuple[Path, Path, Path]:
-    ckpt = out_dir / "checkpoint"
-    return ckpt / "segmenter.safetensors", ckpt / "optimizer.pt", ckpt / "state.json"
+def _write_checkpoint(ckpt: Path, step: int, segmenter: torch.nn.Module, opt: torch.optim.Optimizer,
+                      state: dict[str, Any]) -> None:
+    """The step's weights and optimizer state under names of their own, then ``state.json`` naming
+    them (replaced in one rename), then the step before's files removed: a run killed at any point
+    (a job's time limit, the OOM killer) leaves a ``state.json`` that names a complete pair."""
+    ckpt.mkdir(exist_ok=True)
+    files = {"weights": f"segmenter-{step}.safetensors", "optimizer": f"optimizer-{step}.pt"}
+    save_file({k: v.detach().cpu().contiguous() for k, v in segmenter.state_dict().items()}, str(ckpt / files["weights"]))
+    torch.save(opt.state_dict(), ckpt / files["optimizer"])
+    written = ckpt / "state.json.partial"
+    written.write_text(json.dumps({**state, **files}))
+    written.replace(ckpt / "state.json")
+    for old in ckpt.iterdir():
+        if old.name.startswith(("segmenter-", "optimizer-")) and old.name not in files.values():
+            old.unlink()
+
+
+def _log_until(log_path: Path, step: int) -> None:
+    """Cut the training log back to the checkpoint's ``step``: the steps a killed run logged after
+    it are run again on resuming, and would be logged twice (a line cut short by the kill goes too)."""
+    if not log_path.is_file():
+        return
+    kept = []
+    for line in log_path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line + "\n")
+        except ValueError:
+            continue
+    written = log_path.with_name(log_path.name + ".partial")
+    written.write_text("".join(kept))
+    written.replace(log_path)
 
 
 def _check_resumable(state: dict[str, Any], identity: dict[str, Any], state_path: Path) -> None:
@@ -197,22 +226,26 @@ def train_segmenter(
     segmenter, seg_cfg = new_segmenter(cfg.encoder, tile_size, cfg.mask_bias, classifier)
     segmenter.to(device)
     opt = torch.optim.Adam(segmenter.parameters(), lr=cfg.lr)
-    seg_path, opt_path, state_path = _checkpoint_paths(out_dir)
+    ckpt = out_dir / "checkpoint"
+    state_path, log_path = ckpt / "state.json", out_dir / "train_log.jsonl"
     identity = {"classifier_sha256": classifier.sha256, "tile_size": tile_size, "encoder": cfg.encoder}
     step = 0
     if state_path.is_file():
         state = json.loads(state_path.read_text())
         _check_resumable(state, identity, state_path)
-        segmenter.load_state_dict(load_file(str(seg_path)))
-        opt.load_state_dict(torch.load(opt_path, map_location="cpu", weights_only=True))  # made on a GPU, resumed anywhere
+        # (checkpoints written before the files were named by their step had these two names)
+        segmenter.load_state_dict(load_file(str(ckpt / state.get("weights", "segmenter.safetensors"))))
+        opt.load_state_dict(torch.load(ckpt / state.get("optimizer", "optimizer.pt"), map_location="cpu",
+                                       weights_only=True))  # made on a GPU, resumed anywhere
         step = int(state["step"])
+        _log_until(log_path, step)
         gen.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
         if dev_gen is not gen and "device_generator" in state:
             dev_gen.set_state(torch.tensor(state["device_generator"], dtype=torch.uint8))
         log.info("resuming from step %d", step)
     amp = bf16_supported(device)
     segmenter.train()
-    log_file = open(out_dir / "train_log.jsonl", "a")
+    log_file = open(log_path, "a")
     validation = None
     try:
         while step < cfg.steps:
@@ -237,14 +270,11 @@ def train_segmenter(
                 log_file.write(json.dumps({"step": step, "validation": validation.as_dict()}) + "\n")
                 log.info("step %d validation %s", step, validation.as_dict())
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                seg_path.parent.mkdir(exist_ok=True)
-                save_file({k: v.detach().cpu().contiguous() for k, v in segmenter.state_dict().items()}, str(seg_path))
-                torch.save(opt.state_dict(), opt_path)
+                log_file.flush()  # the log holds every step the checkpoint does
                 state = {**identity, "step": step, "generator": gen.get_state().tolist()}
                 if dev_gen is not gen:
                     state["device_generator"] = dev_gen.get_state().tolist()
-                state_path.write_text(json.dumps(state))
-                log_file.flush()
+                _write_checkpoint(ckpt, step, segmenter, opt, state)
     finally:
         log_file.close()
     segmenter.eval()
