@@ -209,6 +209,11 @@ def check_bundle_target(out_dir: Path) -> None:
     raise BundleError(f"{out_dir} exists and is not a bundle ({reason}): refusing to overwrite it; choose another output folder")
 
 
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """``model``'s state dict as safetensors (which wants contiguous host tensors) at ``path``."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
 def save_bundle(model: torch.nn.Module, config: BaseModel, out_dir: Path) -> Path:
     """Write ``config.json`` + ``model.safetensors`` as the folder ``out_dir``, never half-written.
 
@@ -224,8 +229,7 @@ def save_bundle(model: torch.nn.Module, config: BaseModel, out_dir: Path) -> Pat
     try:
         new = work / "new"
         new.mkdir()
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(new / WEIGHTS_NAME))
+        save_weights(model, new / WEIGHTS_NAME)
         (new / CONFIG_NAME).write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
         if target.exists():  # an earlier bundle: moved aside, then deleted with the work folder
             os.replace(target, work / "old")

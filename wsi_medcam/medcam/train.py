@@ -25,9 +25,17 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ..bundles import Bundle, SegmenterConfig, build_segmenter, check_bundle_target, check_encoder, save_bundle
+from ..bundles import (
+    Bundle,
+    SegmenterConfig,
+    build_segmenter,
+    check_bundle_target,
+    check_encoder,
+    save_bundle,
+    save_weights,
+)
 from ..classifier_training import augment, normalise
 from ..config import check_device_name, validation_lines
 from ..errors import BundleError
@@ -148,11 +156,9 @@ def _write_checkpoint(ckpt: Path, step: int, segmenter: torch.nn.Module, opt: to
     (a job's time limit, the OOM killer) leaves a ``state.json`` that names a complete pair."""
     ckpt.mkdir(exist_ok=True)
     files = {"weights": f"segmenter-{step}.safetensors", "optimizer": f"optimizer-{step}.pt"}
-    save_file({k: v.detach().cpu().contiguous() for k, v in segmenter.state_dict().items()}, str(ckpt / files["weights"]))
+    save_weights(segmenter, ckpt / files["weights"])
     torch.save(opt.state_dict(), ckpt / files["optimizer"])
-    written = ckpt / "state.json.partial"
-    written.write_text(json.dumps({**state, **files}))
-    written.replace(ckpt / "state.json")
+    _replace_text(ckpt / "state.json", json.dumps({**state, **files}))
     for old in ckpt.iterdir():
         if old.name.startswith(("segmenter-", "optimizer-")) and old.name not in files.values():
             old.unlink()
@@ -170,9 +176,15 @@ def _log_until(log_path: Path, step: int) -> None:
                 kept.append(line + "\n")
         except ValueError:
             continue
-    written = log_path.with_name(log_path.name + ".partial")
-    written.write_text("".join(kept))
-    written.replace(log_path)
+    _replace_text(log_path, "".join(kept))
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a sibling renamed over it: a kill leaves the old file or
+    the new one, never half of either."""
+    written = path.with_name(path.name + ".partial")
+    written.write_text(text)
+    written.replace(path)
 
 
 def _check_resumable(state: dict[str, Any], identity: dict[str, Any], state_path: Path) -> None:
