@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -235,6 +236,43 @@ def test_explain_and_eval_show_their_progress_on_stderr(tmp_path, tiny_classifie
                                     "--baselines", "gradcam"])
     assert evaluated.exit_code == 0, evaluated.output
     assert "gradcam done" in evaluated.stderr and "2/2" in evaluated.stderr
+
+
+def test_explain_stopped_by_a_full_disk_leaves_whole_files(tmp_path, tiny_classifier, monkeypatch):
+    """A rerun of explain that runs out of disk part-way: one error line; every mask it leaves is a
+    whole PNG (the earlier run's or the new one's), none cut short, and no temporary files."""
+    from PIL import Image
+
+    from wsi_medcam.bundles import SegmenterConfig, make_segmenter
+
+    seg = make_segmenter(SegmenterConfig(encoder="resnet18", tile_size=32), tmp_path / "seg")
+    (tmp_path / "tiles").mkdir()
+    for i in range(3):
+        Image.new("RGB", (32, 32), (200, 100 + 40 * i, 150)).save(tmp_path / "tiles" / f"x{i}.png")
+    command = ["explain", *map(str, sorted((tmp_path / "tiles").glob("*.png"))), "--classifier", str(tiny_classifier),
+               "--segmenter", str(seg), "-o", str(tmp_path / "out")]
+    assert runner.invoke(app, command).exit_code == 0
+    earlier = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    assert len(earlier) == 9
+    save, saved = Image.Image.save, []
+
+    def half_then_full(self, fp, *args, **kwargs):  # the 4th PNG: half its bytes reach the disk
+        saved.append(fp)
+        save(self, fp, *args, **kwargs)
+        if len(saved) == 4:
+            data = Path(fp).read_bytes()
+            Path(fp).write_bytes(data[: len(data) // 2])
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", half_then_full)
+    _one_error_line(runner.invoke(app, command), "No space left on device")
+    monkeypatch.setattr(Image.Image, "save", save)
+    left = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert left == sorted(earlier)
+    for name in left:
+        if name.endswith(".png"):
+            Image.open(tmp_path / "out" / name).load()  # a cut-short PNG raises here
+    assert (tmp_path / "out" / "x1.mask.png").read_bytes() == earlier["x1.mask.png"]  # the 4th save's target
 
 
 def test_validation_errors_name_the_field(tmp_path):

@@ -200,6 +200,28 @@ def test_pyramid_writer_shortcuts_write_the_same_slide(tmp_path, cmu_pixels):
         assert len(slide.level_dimensions) == 3 and "thumbnail" in slide.associated_images
 
 
+def test_a_slide_build_that_fails_leaves_the_earlier_slide_and_no_partial(tmp_path, cmu_pixels):
+    """A 100k² benchmark slide takes minutes to write: stopped part-way (here a read failing in
+    level 1), the earlier file at that name is untouched and no half-written TIFF is left, which
+    OpenSlide would open with blank tiles."""
+    from wsi_medcam import slide_writer
+
+    level0 = cmu_pixels[:1024, :1024]
+    path = write_pyramid(tmp_path / "slide.svs", level0, mpp=0.25, levels=1)
+    before = path.read_bytes()
+    read = slide_writer.array_reader(level0)
+
+    def fails_in_level_1(f):
+        def read_level(x, y, w, h):
+            raise OSError("disk gone")
+        return read_level
+
+    with pytest.raises(OSError, match="disk gone"):
+        slide_writer.write_pyramid(path, read, 1024, 1024, mpp=0.25, levels=3, reduced=fails_in_level_1)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slide.svs"]
+
+
 @pytest.mark.parametrize("size", [(224, 224), (112, 112), (149, 149), (100, 60), (112, 75), (1, 1)])
 def test_shrink_is_the_box_mean_of_real_pixels(cmu_pixels, size):
     """Thumbnail blocks are shrunk by OpenCV's area mean: by an integer factor (448 → 224 or 112;

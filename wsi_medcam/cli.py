@@ -469,6 +469,7 @@ def eval_cmd(
     from .medcam.data import tiles_from_folder
     from .medcam.evaluate import evaluate
     from .medcam.explain import PerImageOptions, models_to
+    from .replaced import replace_text
 
     methods = [b for b in baselines.split(",") if b]
     if segmenter is None and not per_image and not methods:
@@ -485,7 +486,7 @@ def eval_cmd(
             report = evaluate(clf, images, segmenter=seg, baselines=methods,
                               per_image=PerImageOptions(steps=steps) if per_image else None,
                               on_method=lambda name: bar.update(task, advance=1, description=f"{name} done"))
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        replace_text(out, json.dumps(report, indent=2) + "\n")
     except (WsiMedcamError, ValueError, OSError) as exc:
         raise _fail(_error_line(exc)) from None
     out_console.print(metrics_table(report))

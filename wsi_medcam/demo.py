@@ -25,6 +25,7 @@ from .config import RunConfig
 from .medcam.planted import load_sources, plant, planted_tiles
 from .medcam.train import CamTrainConfig, train_segmenter
 from .pipeline import load_models, run_slides
+from .replaced import replace_text
 from .slide import open_slide
 from .slide_writer import array_reader, write_pyramid
 
@@ -132,5 +133,5 @@ def run_demo(out: Path, *, tile_size: int = 96, grid: int = 10, train_tiles: int
         summary["methods"][explainer] = {**score(result.output, truth, tile_size),
                                          "certified": result.report["evidence"]["certified_fraction"],
                                          "output": str(result.output)}
-    (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
+    replace_text(out / "demo.json", json.dumps(summary, indent=2) + "\n")
     return summary

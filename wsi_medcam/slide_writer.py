@@ -6,6 +6,8 @@ matching resolution tags. Used by the demo, the tests and the benchmarks to buil
 pixels. Levels are produced tile by tile from a callable, so a gigapixel slide never exists in
 memory as a whole. Tiles are JPEG-encoded by Pillow (libjpeg-turbo) on a thread pool and handed
 to tifffile as finished segments, so writing needs no imagecodecs and a 100k² slide uses every core.
+Written under a hidden name and renamed when complete: a killed 100k² build leaves no slide that
+opens with half its tiles.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import tifffile
 from PIL import Image
 
 from .cpus import usable_cores
+from .replaced import replaced
 
 TileFn = Callable[[int, int, int, int], np.ndarray]
 """(x, y, width, height) in level-0 px → RGB uint8 (height, width, 3)."""
@@ -153,7 +156,8 @@ def write_pyramid(
 
     seen: dict[bytes, bytes] | None = {} if repeats else None
     threads = min(16, usable_cores())
-    with tifffile.TiffWriter(path, bigtiff=width * height > 2**31) as tif, ThreadPoolExecutor(threads) as pool:
+    with (replaced(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=width * height > 2**31) as tif,
+          ThreadPoolExecutor(threads) as pool):
         for level in range(levels):
             factor = level_factor**level
             lw, lh = max(1, width // factor), max(1, height // factor)

@@ -9,7 +9,6 @@ slide. Written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import tifffile
 import zarr
 
 from ..errors import OutputError
+from ..replaced import replaced
 
 TILE = 512
 
@@ -61,22 +61,16 @@ def write_ome_tiff(store: Path, out: Path, *, progress: Callable[[int, int], Non
     total = sum(level.shape[1] for level, _ in levels)
     done = lambda rows: progress(rows, total) if progress else None  # noqa: E731
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.partial")
     metadata = {"axes": "YX", "Name": group.attrs["multiscales"][0].get("name") or Path(store).name,
                 "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": mpp, "PhysicalSizeYUnit": "µm"}
     options = {"tile": (TILE, TILE), "compression": "zlib", "photometric": "minisblack", "resolutionunit": "CENTIMETER"}
     try:
-        with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
+        with replaced(out) as tmp, tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
             for i, (level, level_mpp) in enumerate(levels):
                 shape, dtype = level.shape[1:], level.dtype
                 extra = {"subifds": len(levels) - 1, "metadata": metadata} if i == 0 else {"subfiletype": 1}
                 tif.write(_tiles(level, done), shape=shape, dtype=dtype,
                           resolution=(1e4 / level_mpp, 1e4 / level_mpp), **extra, **options)
-        os.replace(tmp, out)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return out

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..bundles import Bundle
 from ..errors import WsiMedcamError
+from ..replaced import replace_text, replaced
 from ..classifier_training import to_input
 from .layers import deep_only, layer_preset
 from .loss import MedCamObjective, preset_weights
@@ -162,10 +163,11 @@ def explain_files(
         for path, im, s, rec in zip(chunk, originals, soft[:, 0].numpy(), recs):
             soft_img = Image.fromarray(np.rint(s * 255).astype(np.uint8)).resize(im.size, Image.Resampling.BILINEAR)
             hard_img = Image.fromarray(((s > 0.5) * 255).astype(np.uint8)).resize(im.size, Image.Resampling.NEAREST)
-            soft_img.save(out_dir / f"{path.stem}.soft.png")
-            hard_img.save(out_dir / f"{path.stem}.mask.png")
+            for img, kind in ((soft_img, "soft"), (hard_img, "mask")):
+                with replaced(out_dir / f"{path.stem}.{kind}.png") as tmp:
+                    img.save(tmp, format="PNG")
             rec = {"image": str(path), **rec}
-            (out_dir / f"{path.stem}.json").write_text(json.dumps(rec, indent=2) + "\n")
+            replace_text(out_dir / f"{path.stem}.json", json.dumps(rec, indent=2) + "\n")
             records.append(rec)
         if on_batch is not None:
             on_batch(len(chunk))

@@ -40,6 +40,7 @@ from ..classifier_training import augment, normalise
 from ..config import check_device_name, validation_lines
 from ..errors import BundleError
 from ..inference import bf16_supported, resolve_device
+from ..replaced import replace_text
 from .fills import FILL_KINDS
 from .layers import LayerSpec, deep_only, layer_preset
 from .loss import LossWeights, MedCamObjective, preset_weights
@@ -158,7 +159,7 @@ def _write_checkpoint(ckpt: Path, step: int, segmenter: torch.nn.Module, opt: to
     files = {"weights": f"segmenter-{step}.safetensors", "optimizer": f"optimizer-{step}.pt"}
     save_weights(segmenter, ckpt / files["weights"])
     torch.save(opt.state_dict(), ckpt / files["optimizer"])
-    _replace_text(ckpt / "state.json", json.dumps({**state, **files}))
+    replace_text(ckpt / "state.json", json.dumps({**state, **files}))
     for old in ckpt.iterdir():
         if old.name.startswith(("segmenter-", "optimizer-")) and old.name not in files.values():
             old.unlink()
@@ -176,15 +177,7 @@ def _log_until(log_path: Path, step: int) -> None:
                 kept.append(line + "\n")
         except ValueError:
             continue
-    _replace_text(log_path, "".join(kept))
-
-
-def _replace_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a sibling renamed over it: a kill leaves the old file or
-    the new one, never half of either."""
-    written = path.with_name(path.name + ".partial")
-    written.write_text(text)
-    written.replace(path)
+    replace_text(log_path, "".join(kept))
 
 
 def _check_resumable(state: dict[str, Any], identity: dict[str, Any], state_path: Path) -> None:
