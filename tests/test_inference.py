@@ -223,7 +223,8 @@ def test_cpu_runs_hand_freed_memory_back_once_the_process_grew_by_the_slack(mode
 
 
 def test_certification_reclassifies_the_tile_with_only_its_hard_evidence_kept():
-    """kept[fill]: the classifier's class for the tile with its hard evidence (soft > 0.5) kept and
+    """kept[fill]: the classifier's class for the tile with its hard evidence (soft ≥ 0.5, level ≥ 128:
+    the evidence that is written) kept and
     the rest replaced by the fill, equal to its class for the whole tile. A toy pair with a known
     answer: the classifier says class 1 iff the top-left 64² square is bright (normalised mean > 1),
     and the evidence is fixed per tile. The mean fill is 0 (dark to this classifier), white is
@@ -235,13 +236,14 @@ def test_certification_reclassifies_the_tile_with_only_its_hard_evidence_kept():
             s = x[:, :, :64, :64].mean(dim=(1, 2, 3))
             return torch.stack([torch.zeros_like(s), 8 * (s - 1)], 1)
 
-    tiles = torch.full((4, 3, 224, 224), 128, dtype=torch.uint8)  # 128: normalised ~0.008, dark
-    tiles[:3, :, :64, :64] = 250  # 250: normalised 1.92, bright; tile 3 has no bright square
-    logits = torch.full((4, 1, 224, 224), -10.0)
+    tiles = torch.full((5, 3, 224, 224), 128, dtype=torch.uint8)  # 128: normalised ~0.008, dark
+    tiles[[0, 1, 2, 4], :, :64, :64] = 250  # 250: normalised 1.92, bright; tile 3 has no bright square
+    logits = torch.full((5, 1, 224, 224), -10.0)
     logits[0, :, :64, :64] = 2.2  # soft 0.90 on the square: hard evidence, all of what decides
     logits[1, :, :64, :64] = -0.4  # soft 0.40 on it: no hard evidence at all
     logits[2, :, :64, :64] = 0.4  # soft 0.60: hard, just over the threshold
     logits[3, :, 100:, 100:] = 2.2  # hard evidence away from the (dark) square
+    logits[4, :, :64, :64] = 0.0  # soft exactly 0.5: written as level 128, hard evidence, so certified as such
 
     class Fixed(torch.nn.Module):
         def forward(self, x):
@@ -252,9 +254,9 @@ def test_certification_reclassifies_the_tile_with_only_its_hard_evidence_kept():
                           SimpleNamespace(config=SimpleNamespace(mean=None, std=None), model=Fixed()),
                           InferenceConfig(device="cpu", precision="fp32", streams=1, certify_fills=("mean", "white")))
     probs, evidence, kept = predictor.predict(tiles)
-    assert probs.argmax(1).tolist() == [1, 1, 1, 0]
-    assert (evidence >= 128).any(axis=(1, 2)).tolist() == [True, False, True, True]
+    assert probs.argmax(1).tolist() == [1, 1, 1, 0, 1]
+    assert (evidence >= 128).any(axis=(1, 2)).tolist() == [True, False, True, True, True]
     # 0, 2: the square kept, class 1 under any fill; 1: all fill, class 1 only where the fill is
     # bright (white); 3: the square filled, class 0 only where the fill is dark (mean)
-    assert kept["mean"].tolist() == [True, False, True, True]
-    assert kept["white"].tolist() == [True, True, True, False]
+    assert kept["mean"].tolist() == [True, False, True, True, True]
+    assert kept["white"].tolist() == [True, True, True, False, True]

@@ -26,7 +26,7 @@ from .config import InferenceConfig
 from .cpus import usable_cores
 from .errors import ConfigError
 from .heap import release_freed_memory, resident_bytes
-from .levels import quantise
+from .levels import HARD, quantise
 from .medcam.fills import compose, make_fill
 
 T = TypeVar("T")
@@ -240,15 +240,18 @@ class Predictor:
 
             heat = cam_heatmaps(self.classifier, x_cls, self.explainer, pred.tolist(), arch=self.arch, batch_size=len(x_cls))
             soft = torch.from_numpy(cam_evidence(heat, self.cam_area)).to(self.device)
+        levels = None if soft is None else quantise(soft)
         kept: dict[str, torch.Tensor] = {}
-        if soft is not None and self.certify_fills:
+        if levels is not None and self.certify_fills:
             with torch.no_grad(), self._autocast():
                 gen = torch.Generator(device=self.device).manual_seed(0) if self._random_fills else None
-                hard = (soft > 0.5).float()[:, None]
+                # the hard evidence as written (level >= HARD, soft >= 0.5): a soft 0.5 exactly (a bf16
+                # logit of 0) is hard in the stores and GeoJSON, so it is certified as hard too
+                hard = (levels >= HARD).float()[:, None]
                 for fill in self.certify_fills:
                     b = make_fill(fill, x_cls.float(), mean=self._fill_stats[0], std=self._fill_stats[1], generator=gen)
                     kept[fill] = self.classifier(compose(x_cls, hard, b)).argmax(1) == pred
-        return probs, None if soft is None else quantise(soft), kept
+        return probs, levels, kept
 
     def _graph(self, tiles: torch.Tensor) -> "_Graph | None":
         """This model stream's CUDA graph of :meth:`forward`, captured at its first full batch (one
