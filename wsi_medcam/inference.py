@@ -140,7 +140,11 @@ class BatchResult:
 
 
 class Predictor:
-    """Classifier plus an explainer (Med-CAM segmenter or a Grad-CAM method) on one device."""
+    """Classifier plus an explainer (Med-CAM segmenter or a Grad-CAM method) on one device.
+
+    The bundles' models are used, not copied: they are moved to the device and memory format in
+    place (as :meth:`torch.nn.Module.to` does), so a GPU holds one set of weights; a caller who goes
+    on using ``classifier.model`` elsewhere finds it there."""
 
     def __init__(self, classifier: Bundle, segmenter: Bundle | None, cfg: InferenceConfig):
         self.device = resolve_device(cfg.device)
