@@ -124,6 +124,15 @@ def test_train_cam_killed_while_checkpointing_resumes_from_a_whole_checkpoint(tm
     assert summary["steps"] == 4
     assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     assert sorted(p.name for p in ckpt.iterdir()) == ["optimizer-4.pt", "segmenter-4.safetensors", "state.json"]
+    # a checkpoint of the layout before names had steps (one segmenter.safetensors, one optimizer.pt,
+    # state.json naming neither) is resumed, and its files go with the next checkpoint
+    (ckpt / "segmenter-4.safetensors").rename(ckpt / "segmenter.safetensors")
+    (ckpt / "optimizer-4.pt").rename(ckpt / "optimizer.pt")
+    state = json.loads((ckpt / "state.json").read_text())
+    (ckpt / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k not in ("weights", "optimizer")}))
+    _, summary = train_segmenter(clf, small, CamTrainConfig(steps=5, **cfg), out)
+    assert summary["steps"] == 5
+    assert sorted(p.name for p in ckpt.iterdir()) == ["optimizer-5.pt", "segmenter-5.safetensors", "state.json"]
 
 
 def test_train_cam_config_refuses_unknown_or_bad_loss_weights(tmp_path):

@@ -161,7 +161,8 @@ def _write_checkpoint(ckpt: Path, step: int, segmenter: torch.nn.Module, opt: to
     torch.save(opt.state_dict(), ckpt / files["optimizer"])
     replace_text(ckpt / "state.json", json.dumps({**state, **files}))
     for old in ckpt.iterdir():
-        if old.name.startswith(("segmenter-", "optimizer-")) and old.name not in files.values():
+        # (also the single segmenter.safetensors / optimizer.pt of checkpoints written before names had steps)
+        if old.name.startswith(("segmenter", "optimizer")) and old.name not in files.values():
             old.unlink()
 
 
