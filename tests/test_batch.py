@@ -138,6 +138,63 @@ def test_a_worker_killed_mid_slide_leaves_nothing_half_written(tmp_path, small_b
     assert sorted(p.name for p in out.iterdir()) == [".wsi-medcam.lock", "status.jsonl"]  # nothing half-written
 
 
+def test_an_interrupted_cluster_run_stops_its_slides_before_it_returns(tmp_path, small_bundles, monkeypatch):
+    """Ctrl-C on a run over a cluster: the slide a worker is running stops after its batch, cleans up
+    (no .partial) before the run lets go of OUT, and a slide of that run that had not started leaves
+    the outputs it finds alone. Before, a scheduler's workers went on writing into OUT after the run
+    had released its lock, and a LocalCluster's were killed under their slides."""
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    from wsi_medcam import batch
+    from wsi_medcam.config import RunConfig
+    from wsi_medcam.errors import WsiMedcamError
+
+    clf, seg = small_bundles
+    cfg = RunConfig.from_dict({"classifier": str(clf), "segmenter": str(seg),
+                               "inference": {"device": "cpu", "workers": 0, "precision": "fp32", "batch_size": 8}})
+    out = tmp_path / "out"
+    mid, calls, stopped = threading.Event(), [], []
+    stop_when = batch._stop_when
+
+    def counted(worker, run_id):
+        check = stop_when(worker, run_id)
+
+        def count() -> None:  # stage starts, then one call per batch of 8 of the slide's ~150 tiles
+            calls.append(1)
+            if len(calls) == 9:
+                mid.set()
+            try:
+                check()
+            except WsiMedcamError:
+                stopped.append(len(calls))
+                raise
+        return count
+
+    def interrupted(*args) -> None:  # Ctrl-C while the slide streams
+        assert mid.wait(300)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch, "_stop_when", counted)
+    monkeypatch.setattr(batch, "_collect", interrupted)
+    with LocalCluster(n_workers=1, processes=False, threads_per_worker=1, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        with pytest.raises(KeyboardInterrupt):
+            batch.run_archive([CMU], out, cfg, client=client)
+        assert stopped and len(calls) < 20, (stopped, len(calls))  # stopped a batch or two after the interrupt, not at the end
+        assert sorted(p.name for p in out.iterdir()) == [".wsi-medcam.lock"]  # no .partial: cleaned up before returning
+        # a slide of an interrupted run that had not started yet
+        earlier = out / CMU.stem
+        earlier.mkdir()
+        (earlier / "from-an-earlier-run.txt").write_text("kept")
+        batch._stop_run("run-1")
+        task = client.submit(batch.slide_task, str(CMU), str(earlier), batch.absolute_paths(cfg).model_dump_json(), "run-1")
+        result = task.result(timeout=120)
+    assert result["status"] == "failed" and result["reason"] == "stopped: its run was interrupted"
+    assert [p.name for p in earlier.iterdir()] == ["from-an-earlier-run.txt"]
+
+
 def test_a_gpu_task_on_a_local_cluster_is_scheduled(tmp_path, small_bundles):
     """Slide tasks for --device cuda ask for a GPU resource, so local workers must offer one: without
     it the run waited forever. Here (no CUDA) the slide is scheduled and fails in one line."""
@@ -169,7 +226,7 @@ def test_local_cluster_workers_share_the_gpus():
     assert device(3, 1) == "auto" and device(3, 0) == "auto" and device("SLURMCluster-3", 4) == "auto"
 
 
-def _recorded_task(path: str, out_dir: str, cfg_json: str) -> dict:
+def _recorded_task(path: str, out_dir: str, cfg_json: str, run_id: str) -> dict:
     """Stands in for :func:`wsi_medcam.batch.slide_task`: a "done" slide that names what it was given."""
     cfg = json.loads(cfg_json)
     return {"path": path, "status": "done", "output": out_dir, "seconds": 0.0, "tiles": 0,

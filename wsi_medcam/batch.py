@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, replace
@@ -27,6 +28,7 @@ from .pipeline import (
     Models,
     ProgressHook,
     SlideResult,
+    StopCheck,
     failure_reason,
     load_models,
     output_names,
@@ -43,6 +45,11 @@ WORKER_CHECK_S = 60.0
 """Seconds without any dask worker, slides pending, before a run says that it waits for one."""
 INTERRUPTED = "interrupted: finished slides are kept; the same command again does the rest"
 """What a driver says on Ctrl-C (exit status 130): outputs are complete or under a temporary name."""
+STOP_WAIT_S = 60.0
+"""On Ctrl-C, how long a run on a cluster waits for its running slides to stop and clean up, s (they
+stop after their batch or stage: milliseconds on a GPU, seconds on a CPU)."""
+_STOPPED_RUNS: set[str] = set()
+"""Per worker process: the interrupted runs (:func:`run_archive` calls), whose slides stop."""
 _POLL_S = 1.0  # how often a run on a cluster looks for finished slides and asks the scheduler for workers, s
 
 log = logging.getLogger(__name__)
@@ -117,19 +124,62 @@ def spread_over_gpus(cfg: RunConfig, worker_name: Any, gpus: int) -> RunConfig:
     return cfg.model_copy(update={"inference": inference})
 
 
-def slide_task(path: str, out_dir: str, cfg_json: str) -> dict[str, Any]:
-    """What a dask worker runs for one slide; returns the :class:`SlideResult` as a plain dict."""
+def _stop_when(worker: Any, run_id: str) -> StopCheck:
+    """Stops a slide of run ``run_id`` (between stages, after a batch) once that run was interrupted
+    (:func:`_stop_slides`) or ``worker`` closes (a job's walltime): its readers and stitching
+    processes are then stopped by the slide's own clean-up and its ``.partial`` removed, instead of
+    the worker being killed under them."""
+    from distributed.core import Status
+
+    def check() -> None:
+        if run_id in _STOPPED_RUNS:
+            raise WsiMedcamError("stopped: its run was interrupted")
+        if worker.status in (Status.closing, Status.closed, Status.failed):
+            raise WsiMedcamError("stopped: the dask worker is closing")
+    return check
+
+
+def _stop_run(run_id: str) -> None:
+    """Run on every worker by :func:`_stop_slides`."""
+    _STOPPED_RUNS.add(run_id)
+
+
+def _stop_slides(client: Any, run_id: str, futures: Sequence[Any]) -> None:
+    """Stop run ``run_id``'s slides on the workers, waiting for those running to clean up (at most
+    :data:`STOP_WAIT_S`; a second Ctrl-C ends the wait). Without it, an interrupted run's slides went
+    on writing into ``OUT`` on a scheduler's workers after the run had released its lock, and a
+    LocalCluster's workers were killed under their slides 4 s into closing (their ``.partial`` left,
+    their queues' semaphores reported as leaked by Python's resource tracker)."""
+    from distributed import wait
+
+    pending = [f for f in futures if not f.done()]
+    if not pending:
+        return
+    log.warning("stopping %d slide(s) on the dask workers (Ctrl-C again: at once)", len(pending))
+    try:
+        client.run(_stop_run, run_id)
+        wait(pending, timeout=STOP_WAIT_S)
+    except Exception as exc:  # noqa: BLE001 - the scheduler gone, or slides slower to stop: closing follows anyway
+        log.warning("not all slides stopped on the dask workers (%s); the next run redoes them", failure_reason(exc))
+
+
+def slide_task(path: str, out_dir: str, cfg_json: str, run_id: str) -> dict[str, Any]:
+    """What a dask worker runs for one slide of run ``run_id``; returns the :class:`SlideResult` as
+    a plain dict. A slide of a run that was interrupted before it started leaves its outputs alone."""
     cfg = RunConfig.model_validate_json(cfg_json)
     import torch
     from distributed import get_worker  # here: plain runs do not import dask
 
-    cfg = spread_over_gpus(cfg, get_worker().name, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    worker = get_worker()
+    cfg = spread_over_gpus(cfg, worker.name, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    stop = _stop_when(worker, run_id)
     try:
+        stop()
         models = worker_models(cfg)
     except WsiMedcamError as exc:  # e.g. no GPU on this worker: the slide fails in one line, not a worker traceback
         result = SlideResult(Path(path), "failed", None, failure_reason(exc))
     else:
-        result = run_slide(Path(path), Path(out_dir), cfg, models)
+        result = run_slide(Path(path), Path(out_dir), cfg, models, stop=stop)
     return {**asdict(result), "path": str(result.path), "output": str(result.output) if result.output else None}
 
 
@@ -155,6 +205,41 @@ def _task_failure(exc: BaseException) -> str:
 def _from_dict(d: dict[str, Any]) -> SlideResult:
     return SlideResult(Path(d["path"]), d["status"], Path(d["output"]) if d["output"] else None, d["reason"],
                        d["seconds"], d["tiles"], d["report"])
+
+
+def _collect(client: Any, futures: dict[Any, Path], names: dict[Path, str], out_root: Path,
+             record: Callable[[SlideResult], None]) -> None:
+    """Record each slide of ``futures`` (future → slide path) as its task ends, asking the scheduler
+    for workers while none ends."""
+    from distributed import as_completed
+
+    ready, no_workers_since, warned = as_completed(futures), None, False
+    while not ready.is_empty():
+        finished = ready.next_batch(block=False)
+        for future in finished:
+            path = futures[future]
+            try:
+                record(replace(_from_dict(future.result()), path=path))  # as the user named it
+            except Exception as exc:  # noqa: BLE001 - a worker died or the task could not run
+                # dask has given up on the slide: no worker writes its folder any more, and what a
+                # worker that died left half-written goes now rather than at the next run
+                try:
+                    remove_output(partial_dir(out_root / names[path]))
+                except OSError as err:  # the next run removes it
+                    log.warning("%s: could not remove its half-written outputs: %s", path, err)
+                record(SlideResult(path, "failed", None, _task_failure(exc)))
+        if finished:
+            continue
+        time.sleep(_POLL_S)
+        if client.scheduler_info(n_workers=1).get("workers"):  # one round trip; one worker will do
+            no_workers_since, warned = None, False
+        elif no_workers_since is None:
+            no_workers_since = time.monotonic()
+        elif time.monotonic() - no_workers_since > WORKER_CHECK_S and not warned:
+            # every worker died, or a queue has not started them yet (which may take hours): say so, and wait
+            log.warning("no dask worker has been connected to %s for %.0f s: %d slides wait for one (Ctrl-C "
+                        "stops the run)", client.scheduler.address, WORKER_CHECK_S, ready.count())
+            warned = True
 
 
 def run_archive(
@@ -189,37 +274,15 @@ def run_archive(
         if client is None:
             run_slides(paths, out_root, cfg, models=models, progress=progress, on_result=record, ahead=ahead)
             return results
-        from distributed import as_completed
-
         resources = {"GPU": 1} if cfg.inference.device.startswith("cuda") else None
         cfg_json = absolute_paths(cfg).model_dump_json()
+        run_id = uuid.uuid4().hex  # names this run's tasks (two runs' slides of one name are two tasks) and its stop
         futures = {client.submit(slide_task, str(Path(path).absolute()), str((out_root / name).absolute()), cfg_json,
-                                 key=f"slide-{name}", pure=False, resources=resources): path for path, name in names.items()}
-        ready, no_workers_since, warned = as_completed(futures), None, False
-        while not ready.is_empty():
-            finished = ready.next_batch(block=False)
-            for future in finished:
-                path = futures[future]
-                try:
-                    record(replace(_from_dict(future.result()), path=path))  # as the user named it
-                except Exception as exc:  # noqa: BLE001 - a worker died or the task could not run
-                    # dask has given up on the slide: no worker writes its folder any more, and what a
-                    # worker that died left half-written goes now rather than at the next run
-                    try:
-                        remove_output(partial_dir(out_root / names[path]))
-                    except OSError as err:  # the next run removes it
-                        log.warning("%s: could not remove its half-written outputs: %s", path, err)
-                    record(SlideResult(path, "failed", None, _task_failure(exc)))
-            if finished:
-                continue
-            time.sleep(_POLL_S)
-            if client.scheduler_info(n_workers=1).get("workers"):  # one round trip; one worker will do
-                no_workers_since, warned = None, False
-            elif no_workers_since is None:
-                no_workers_since = time.monotonic()
-            elif time.monotonic() - no_workers_since > WORKER_CHECK_S and not warned:
-                # every worker died, or a queue has not started them yet (which may take hours): say so, and wait
-                log.warning("no dask worker has been connected to %s for %.0f s: %d slides wait for one (Ctrl-C "
-                            "stops the run)", client.scheduler.address, WORKER_CHECK_S, ready.count())
-                warned = True
+                                 run_id, key=f"slide-{name}-{run_id[:8]}", pure=False, resources=resources): path
+                   for path, name in names.items()}
+        try:
+            _collect(client, futures, names, out_root, record)
+        except BaseException:  # Ctrl-C, or this loop failing: the run's slides must not go on unwatched
+            _stop_slides(client, run_id, list(futures))
+            raise
     return results

@@ -59,6 +59,9 @@ REPORT_NAME = "report.json"
 PARTIAL_SUFFIX = ".partial"
 ProgressHook = Callable[[str, int, int], None]
 """Called as (slide name, tiles done so far, total tiles), from the writer thread."""
+StopCheck = Callable[[], None]
+"""Raises to stop a slide (e.g. its dask worker is closing); called as each stage starts and after
+each batch, so the slide's clean-up (processes stopped, ``.partial`` removed) runs within a batch."""
 T = TypeVar("T")
 
 
@@ -212,11 +215,16 @@ def _versions() -> dict[str, str]:
 
 
 class _Timer:
-    def __init__(self) -> None:
+    """Seconds per stage; ``stop()`` (which raises to stop the slide) is called as each stage starts."""
+
+    def __init__(self, stop: StopCheck | None = None) -> None:
         self.seconds: dict[str, float] = {}
+        self.stop = stop
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        if self.stop is not None:
+            self.stop()
         start = time.perf_counter()
         try:
             yield
@@ -254,7 +262,7 @@ def consume_behind(results: Iterable[T], consume: Callable[[T], None], *, depth:
 
 def process_slide(
     path: Path, work_dir: Path, cfg: RunConfig, models: Models, *, progress: ProgressHook | None = None,
-    ahead: Ahead[TissueMask] | None = None,
+    ahead: Ahead[TissueMask] | None = None, stop: StopCheck | None = None,
 ) -> dict[str, Any]:
     """Run the whole flow for one slide, writing every output into ``work_dir``; returns the report.
 
@@ -267,14 +275,15 @@ def process_slide(
     slide's readers have forked, the next slide's is found meanwhile."""
     Image.preinit()  # PIL's format plugins imported here, not on that thread while readers fork
     with ThreadPoolExecutor(1, thread_name_prefix="wsi-medcam-beside") as beside, ExitStack() as cleanup:
-        return _process_slide(path, work_dir, cfg, models, beside, cleanup, progress, ahead)
+        return _process_slide(path, work_dir, cfg, models, beside, cleanup, progress, ahead, stop)
 
 
 def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, beside: ThreadPoolExecutor,
-                   cleanup: ExitStack, progress: ProgressHook | None, ahead: Ahead[TissueMask] | None) -> dict[str, Any]:
+                   cleanup: ExitStack, progress: ProgressHook | None, ahead: Ahead[TissueMask] | None,
+                   stop: StopCheck | None) -> dict[str, Any]:
     """:func:`process_slide`, with ``beside`` for the writes that run beside it and ``cleanup`` for
     the processes to stop if it fails."""
-    timer = _Timer()
+    timer = _Timer(stop)
     start = time.perf_counter()
     ccfg = models.classifier.config
     class_names, colors = list(ccfg.class_names), ccfg.class_colors()
@@ -394,6 +403,8 @@ def _process_slide(path: Path, work_dir: Path, cfg: RunConfig, models: Models, b
             last_at = time.perf_counter()
             if progress:
                 progress(path.name, done, len(grid))
+            if stop:
+                stop()
 
         try:
             batches = iter(loader) if len(grid) else iter(())  # the readers fork and start reading
@@ -604,7 +615,7 @@ def is_complete(out_dir: Path) -> bool:
 
 def run_slide(
     path: Path, out_dir: Path, cfg: RunConfig, models: Models, *, progress: ProgressHook | None = None,
-    ahead: Ahead[TissueMask] | None = None,
+    ahead: Ahead[TissueMask] | None = None, stop: StopCheck | None = None,
 ) -> SlideResult:
     """Process one slide into ``out_dir`` atomically: a ``.partial`` sibling is renamed when complete.
 
@@ -626,7 +637,7 @@ def run_slide(
     except OSError as exc:
         return SlideResult(path, "failed", None, str(OutputError(f"cannot prepare {out_dir}: {exc}")))
     try:
-        report = process_slide(path, partial, cfg, models, progress=progress, ahead=ahead)
+        report = process_slide(path, partial, cfg, models, progress=progress, ahead=ahead, stop=stop)
         remove_output(out_dir)
         os.replace(partial, out_dir)
     except Exception as exc:  # noqa: BLE001 - one bad slide must not stop the others
