@@ -36,14 +36,18 @@ def test_processes_started_for_a_cluster_leave_ctrl_c_to_the_run():
     assert after == "False"
 
 
-def test_an_interrupted_run_says_what_is_kept_and_exits_130(tmp_path, monkeypatch):
+@pytest.mark.parametrize("while_", ["slides run", "models load"])
+def test_an_interrupted_run_says_what_is_kept_and_exits_130(tmp_path, monkeypatch, while_):
     slide = write_pyramid(tmp_path / "s.tif", np.full((256, 256, 3), 200, np.uint8), mpp=0.5)
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(batch, "run_archive", interrupted)
-    monkeypatch.setattr(pipeline, "load_models", lambda cfg: None)
+    if while_ == "slides run":
+        monkeypatch.setattr(batch, "run_archive", interrupted)
+        monkeypatch.setattr(pipeline, "load_models", lambda cfg: None)
+    else:
+        monkeypatch.setattr(pipeline, "load_models", interrupted)
     monkeypatch.setattr(pipeline, "start_tissue_ahead", lambda *args, **kwargs: None)
     result = CliRunner().invoke(app, ["run", str(slide), "--classifier", str(tmp_path / "clf"), "-o", str(tmp_path / "out")])
     assert result.exit_code == 130, result.output

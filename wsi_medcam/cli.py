@@ -204,7 +204,7 @@ def run(
         "inference.streams": streams, "inference.explainer": explainer, "inference.refine": refine,
         "inference.cuda_graphs": cuda_graphs or None, "output.mask_mpp": mask_mpp, "output.stitchers": stitchers, "output.overwrite": overwrite or None,
     }
-    ahead = None
+    ahead = client = None
     try:
         if sum(x is not None for x in (dask, scheduler, slurm)) > 1:
             raise WsiMedcamError("choose one of --dask, --scheduler, --slurm")
@@ -212,7 +212,6 @@ def run(
         if not paths:
             raise WsiMedcamError("no slides matched " + " ".join(slides))
         overrides["slide.mpp_csv"] = [str(p) for p in [*([mpp_csv] if mpp_csv else []), *manifests]] or None
-        client = None
         cfg = RunConfig.from_yaml(config, {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()})
         read_mpp_csvs(cfg.slide.mpp_csv)  # an unreadable or malformed CSV: one line now, not one per slide
         if dask or scheduler or slurm:  # dask is imported only when asked for (memory of plain runs)
@@ -226,9 +225,14 @@ def run(
         # the first slide's tissue found while the models load (on a GPU; see start_tissue_ahead)
         ahead = None if client else start_tissue_ahead(paths, out, cfg)
         models = None if client else load_models(cfg)
-    except WsiMedcamError as exc:
+    except (WsiMedcamError, KeyboardInterrupt) as exc:  # Ctrl-C while the models load: nothing was written yet
         if ahead is not None:
             ahead.close()
+        if client is not None:
+            close_client(client)
+        if isinstance(exc, KeyboardInterrupt):
+            console.print(f"[yellow]{INTERRUPTED}[/yellow]", highlight=False)
+            raise typer.Exit(130) from None
         raise _fail(_error_line(exc)) from None
 
     try:
