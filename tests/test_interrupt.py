@@ -36,6 +36,41 @@ def test_processes_started_for_a_cluster_leave_ctrl_c_to_the_run():
     assert after == "False"
 
 
+CTRL_C_WHILE_THE_CLUSTER_STARTS = """
+import os, signal, subprocess, sys, time
+from wsi_medcam import distributed
+
+class Starting:  # stands in for LocalCluster: its workers start, and Ctrl-C comes meanwhile
+    def __init__(self, **kwargs):
+        Starting.worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2); print('alive')"],
+                                       stdout=subprocess.PIPE, text=True)
+        time.sleep(0.5)  # its Python has started
+        os.killpg(0, signal.SIGINT)  # what the terminal does: to the whole foreground group
+        time.sleep(0.5)  # a Ctrl-C raised here would leave the cluster half-started
+        print("started", flush=True)
+
+    def close(self):
+        print("closed", flush=True)
+
+distributed.LocalCluster = Starting
+try:
+    distributed.local_client(1)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+print(Starting.worker.communicate()[0].strip(), Starting.worker.returncode)
+"""
+
+
+def test_ctrl_c_while_the_cluster_starts_stops_the_run_once_it_has(tmp_path):
+    """A Ctrl-C while a LocalCluster's workers start (seconds: each imports torch) was ignored with
+    them, and the whole archive ran. Now the workers still ignore it, the run is interrupted once the
+    cluster is up, and the cluster is closed again. (In a session of its own: the test sends SIGINT
+    to its whole process group.)"""
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_THE_CLUSTER_STARTS], capture_output=True, text=True,
+                          timeout=300, start_new_session=True)
+    assert proc.stdout.split("\n") == ["started", "closed", "interrupted", "alive 0", ""], proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize("while_", ["slides run", "models load"])
 def test_an_interrupted_run_says_what_is_kept_and_exits_130(tmp_path, monkeypatch, while_):
     slide = write_pyramid(tmp_path / "s.tif", np.full((256, 256, 3), 200, np.uint8), mpp=0.5)

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -79,32 +80,49 @@ def split_local_cores(spec: str, cfg: RunConfig) -> RunConfig:
 
 @contextmanager
 def ctrl_c_spares_children() -> Iterator[None]:
-    """Processes started meanwhile ignore SIGINT (an ignored signal stays ignored across exec).
+    """Processes started meanwhile ignore SIGINT (an ignored signal stays ignored across exec); a
+    Ctrl-C meanwhile is raised here as the block ends.
 
     Ctrl-C goes to every process of the terminal's foreground group: with ``--dask local`` the
     workers, their nannies' processes and the workers' reader and stitching processes each printed a
     traceback (about 70 lines) before this process closed the cluster anyway. Started under this,
     they leave Ctrl-C to this process alone, which closes the cluster, and the workers with it.
-    Outside the main thread, or where SIGINT's handler was not set from Python, nothing changes."""
+    This process ignores SIGINT meanwhile too (the disposition is the process's), so a witness
+    started before, in the same group, takes a Ctrl-C for it: ignored alone, a Ctrl-C while the
+    workers started (seconds: each imports torch) was lost, and the whole archive ran. Outside the
+    main thread, or where SIGINT's handler was not set from Python, nothing changes."""
     previous = signal.getsignal(signal.SIGINT)
     if previous is None or threading.current_thread() is not threading.main_thread():
         yield
         return
+    # exits 0 when its stdin closes; a Ctrl-C (KeyboardInterrupt, or SIGINT before Python's handler) otherwise
+    witness = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        witness.stdin.close()
+        interrupted = witness.wait() != 0
+    if interrupted:
+        signal.raise_signal(signal.SIGINT)  # to the handler that is back: KeyboardInterrupt from Python's
 
 
 def local_client(n_workers: int) -> Client:
     """A LocalCluster of ``n_workers`` non-daemonic processes, one slide at a time each, each with
     one ``GPU`` resource (without it a task asking for a GPU would wait forever), deaf to Ctrl-C
-    (:func:`ctrl_c_spares_children`)."""
-    with dask.config.set({"distributed.worker.daemon": False}), ctrl_c_spares_children():
-        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None, resources={"GPU": 1})
-    return Client(cluster)
+    (:func:`ctrl_c_spares_children`); closed again where Ctrl-C came while it started."""
+    cluster = None
+    try:
+        with dask.config.set({"distributed.worker.daemon": False}), ctrl_c_spares_children():
+            cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                                   dashboard_address=None, resources={"GPU": 1})
+        return Client(cluster)
+    except BaseException:
+        if cluster is not None:
+            _close_cluster(cluster)
+        raise
 
 
 def scheduler_client(address: str) -> Client:
@@ -184,13 +202,18 @@ def close_client(client: Client) -> None:
     cluster = client.cluster
     client.close()
     if cluster is not None:
-        nanny = logging.getLogger("distributed.nanny")
-        level = nanny.level
-        nanny.setLevel(logging.ERROR)  # "Worker process still alive after 4.0 seconds, killing": what closing asks for
-        try:
-            cluster.close()
-        finally:
-            nanny.setLevel(level)
+        _close_cluster(cluster)
+
+
+def _close_cluster(cluster: Any) -> None:
+    """Close a cluster this module started, without the nanny's warning that closing kills workers."""
+    nanny = logging.getLogger("distributed.nanny")
+    level = nanny.level
+    nanny.setLevel(logging.ERROR)  # "Worker process still alive after 4.0 seconds, killing": what closing asks for
+    try:
+        cluster.close()
+    finally:
+        nanny.setLevel(level)
 
 
 def client_for(*, dask_spec: str | None = None, scheduler: str | None = None, slurm: Path | None = None) -> Client | None:
