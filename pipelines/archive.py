@@ -48,6 +48,9 @@ def main() -> int:
     except WsiMedcamError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # e.g. while the local cluster starts: nothing was written yet
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
     try:
         results = run_archive(paths, args.out, cfg, client=client,
                               on_result=lambda r: print(f"{r.status:8} {r.path}  {r.reason}", flush=True))
