@@ -534,3 +534,38 @@ def test_load_models_starts_the_forkserver_when_slides_will_stitch_in_processes(
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-2:] == ["False", "True"]
+
+
+def test_refinement_keeps_the_streamed_evidence_where_its_class_differs(tmp_path, monkeypatch, cmu_pixels):
+    """Refinement explains the class of its float32 copy of the classifier; a tile streamed (bf16)
+    as the other class (a borderline tile among a rare class's top K) keeps its streamed evidence,
+    not a mask that explains one class under the other's label."""
+    from types import SimpleNamespace
+
+    from conftest import write_pyramid
+    from wsi_medcam.medcam import explain
+    from wsi_medcam.pipeline import refine_tiles
+    from wsi_medcam.slide import SlideRef, open_slide
+
+    path = write_pyramid(tmp_path / "s.svs", cmu_pixels[:448, :448], mpp=0.5, levels=1)
+    with open_slide(path) as slide:
+        ref = SlideRef.of(slide)
+        tile_3 = slide.read_region_at((224, 224), 224, 0.5)
+    read = []
+    import torch
+
+    def explained(classifier, tiles, **kwargs):  # per-image Med-CAM, as far as refine_tiles sees it
+        read.append(tiles)
+        return (torch.full((len(tiles), 1, 224, 224), 0.9),
+                [{"prediction": "tumour"}, {"prediction": "tumour"}])
+
+    monkeypatch.setattr(explain, "explain_batch", explained)
+    replaced = []
+    grid = SimpleNamespace(tile_size=224, mpp=0.5, xy_level0=lambda i: (224 * (i % 2), 224 * (i // 2)))
+    stitcher = SimpleNamespace(grid=grid, replace=lambda i, mask, c: replaced.append((i, c)))
+    classifier = SimpleNamespace(config=SimpleNamespace(class_names=["tumour", "normal"]))
+    models = SimpleNamespace(refine_from=(classifier, None))
+    # tile 0 streamed as tumour, tile 3 as normal; refined, both came out tumour
+    assert refine_tiles(stitcher, ref, [(0, 0), (1, 3)], models, steps=1, tolerance=0.02) == 1
+    assert replaced == [(0, 0)]
+    assert np.array_equal(read[0][1], tile_3)  # tile 3's own pixels were refined

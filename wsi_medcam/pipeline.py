@@ -579,11 +579,20 @@ def refine_tiles(stitcher: EvidenceStitcher, ref: SlideRef, chosen: list[tuple[i
         tiles = np.stack([slide.read_region_at(grid.xy_level0(i), grid.tile_size, grid.mpp, tolerance=tolerance)
                           for _, i in chosen])
     classifier, segmenter = models.refine_from
-    soft, _ = explain_batch(classifier, tiles, segmenter=segmenter,
-                            per_image=PerImageOptions(steps=steps, lr=1e-4, patience=10, min_steps=min(10, steps)))
-    for (class_index, i), mask in zip(chosen, soft[:, 0].numpy()):
+    soft, records = explain_batch(classifier, tiles, segmenter=segmenter,
+                                  per_image=PerImageOptions(steps=steps, lr=1e-4, patience=10, min_steps=min(10, steps)))
+    names = classifier.config.class_names
+    refined = 0
+    for (class_index, i), mask, record in zip(chosen, soft[:, 0].numpy(), records):
+        # refinement explains the class of its float32 copy; where that differs from the class the
+        # tile was streamed with (bf16, a borderline tile among a rare class's top K), the refined
+        # mask would explain the other class under this one's label: the streamed evidence stays
+        if record["prediction"] != names[class_index]:
+            log.debug("tile %d: refined as %s, streamed as %s; not refined", i, record["prediction"], names[class_index])
+            continue
         stitcher.replace(i, mask, class_index)
-    return len(chosen)
+        refined += 1
+    return refined
 
 
 def failure_reason(exc: BaseException) -> str:
