@@ -96,15 +96,19 @@ def ctrl_c_spares_children() -> Iterator[None]:
         yield
         return
     # exits 0 when its stdin closes; a Ctrl-C (KeyboardInterrupt, or SIGINT before Python's handler) otherwise
-    witness = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        witness = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:  # no interpreter to start (an embedded Python): Ctrl-C meanwhile is lost, as before
+        witness = None
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-        witness.stdin.close()
-        interrupted = witness.wait() != 0
+        if witness is not None:
+            witness.stdin.close()
+        interrupted = witness is not None and witness.wait() != 0
     if interrupted:
         signal.raise_signal(signal.SIGINT)  # to the handler that is back: KeyboardInterrupt from Python's
 
