@@ -122,3 +122,27 @@ def test_local_workers_split_the_cores_on_a_cpu_only(monkeypatch):
     assert split_local_cores("local:2", auto) == auto
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert split_local_cores("local:2", auto).inference.threads == 1
+
+
+def test_ctrl_c_mid_slide_leaves_no_partial_folder(tmp_path, small_bundles):
+    """Ctrl-C while a slide streams (here from the progress hook, on the writer thread, after the
+    first batch): the slide's readers and stitching stop, its .partial goes, and Ctrl-C goes on up
+    to the run; the next run redoes the slide."""
+    from conftest import CMU
+
+    if not CMU.is_file():
+        pytest.skip(f"{CMU} not found")
+    clf, seg = small_bundles
+    cfg = RunConfig.from_dict({"classifier": str(clf), "segmenter": str(seg),
+                               "inference": {"device": "cpu", "workers": 1, "precision": "fp32", "batch_size": 8}})
+    models = pipeline.load_models(cfg)
+    seen = []
+
+    def ctrl_c(name, done, total):
+        seen.append((done, total))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_slide(CMU, tmp_path / CMU.stem, cfg, models, progress=ctrl_c)
+    assert seen and seen[-1][0] < seen[-1][1]  # mid-slide (the batches already handed to the writer are taken in)
+    assert list(tmp_path.iterdir()) == []

@@ -653,6 +653,9 @@ def run_slide(
         log.debug("%s failed", path, exc_info=True)
         shutil.rmtree(partial, ignore_errors=True)
         return SlideResult(path, "failed", None, failure_reason(exc), time.perf_counter() - start)
+    except BaseException:  # Ctrl-C: the next run redoes the slide; nothing half-written stays meanwhile
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     finally:
         release_freed_memory()  # a worker runs slide after slide
     return SlideResult(path, "done", out_dir, "", time.perf_counter() - start, report["tiles"]["count"], report)
