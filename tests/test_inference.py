@@ -223,9 +223,8 @@ def test_cpu_runs_hand_freed_memory_back_once_the_process_grew_by_the_slack(mode
 
 
 def test_certification_reclassifies_the_tile_with_only_its_hard_evidence_kept():
-    """kept[fill]: the classifier's class for the tile with its hard evidence (soft ≥ 0.5, level ≥ 128:
-    the evidence that is written) kept and
-    the rest replaced by the fill, equal to its class for the whole tile. A toy pair with a known
+    """kept[fill]: the classifier's class for the tile with its hard evidence as written (level ≥ 128,
+    soft ≥ 0.5) kept and the rest replaced by the fill, equal to its class for the whole tile. A toy pair with a known
     answer: the classifier says class 1 iff the top-left 64² square is bright (normalised mean > 1),
     and the evidence is fixed per tile. The mean fill is 0 (dark to this classifier), white is
     (1 - 0.5) / 0.25 = 2 (bright)."""

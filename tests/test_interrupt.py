@@ -61,7 +61,7 @@ print(Starting.worker.communicate()[0].strip(), Starting.worker.returncode)
 """
 
 
-def test_ctrl_c_while_the_cluster_starts_stops_the_run_once_it_has(tmp_path):
+def test_ctrl_c_while_the_cluster_starts_stops_the_run_once_it_has():
     """A Ctrl-C while a LocalCluster's workers start (seconds: each imports torch) was ignored with
     them, and the whole archive ran. Now the workers still ignore it, the run is interrupted once the
     cluster is up, and the cluster is closed again. (In a session of its own: the test sends SIGINT

@@ -542,6 +542,8 @@ def test_refinement_keeps_the_streamed_evidence_where_its_class_differs(tmp_path
     not a mask that explains one class under the other's label."""
     from types import SimpleNamespace
 
+    import torch
+
     from conftest import write_pyramid
     from wsi_medcam.medcam import explain
     from wsi_medcam.pipeline import refine_tiles
@@ -552,7 +554,6 @@ def test_refinement_keeps_the_streamed_evidence_where_its_class_differs(tmp_path
         ref = SlideRef.of(slide)
         tile_3 = slide.read_region_at((224, 224), 224, 0.5)
     read = []
-    import torch
 
     def explained(classifier, tiles, **kwargs):  # per-image Med-CAM, as far as refine_tiles sees it
         read.append(tiles)
