@@ -275,6 +275,41 @@ def test_explain_stopped_by_a_full_disk_leaves_whole_files(tmp_path, tiny_classi
     assert (tmp_path / "out" / "x1.mask.png").read_bytes() == earlier["x1.mask.png"]  # the 4th save's target
 
 
+@pytest.mark.parametrize("command", ["explain", "eval", "train-cam", "train-classifier"])
+def test_ctrl_c_in_a_command_is_one_line_of_what_is_kept(command, tmp_path, tiny_classifier, monkeypatch):
+    """Ctrl-C in the commands that take minutes: exit status 130 and one line saying what stays
+    (typer ended them without a word)."""
+    from PIL import Image
+
+    from wsi_medcam import classifier_training
+    from wsi_medcam.bundles import SegmenterConfig, make_segmenter
+    from wsi_medcam.medcam import evaluate, explain, train
+
+    for name in ("a", "b"):
+        (tmp_path / "tiles" / name).mkdir(parents=True)
+        Image.new("RGB", (32, 32), (200, 100, 150)).save(tmp_path / "tiles" / name / "x.png")
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    seg = make_segmenter(SegmenterConfig(encoder="resnet18", tile_size=32), tmp_path / "seg")
+    clf, out = ["--classifier", str(tiny_classifier)], ["-o", str(tmp_path / "out")]
+    args, kept = {
+        "explain": ([str(tmp_path / "tiles" / "a" / "x.png"), *clf, "--segmenter", str(seg), *out], "the images explained so far"),
+        "eval": ([*clf, "--tiles", str(tmp_path / "tiles"), *out, "--baselines", "gradcam"], "no report written"),
+        "train-cam": ([*clf, "--tiles", str(tmp_path / "tiles"), *out, "--device", "cpu"], "resumes from the last checkpoint"),
+        "train-classifier": (["--data", str(tmp_path / "tiles"), "--tile-size", "32", *out], "no bundle written"),
+    }[command]
+    monkeypatch.setattr(explain, "explain_files", ctrl_c)
+    monkeypatch.setattr(evaluate, "evaluate", ctrl_c)
+    monkeypatch.setattr(train, "train_segmenter", ctrl_c)
+    monkeypatch.setattr(classifier_training, "train_classifier", ctrl_c)
+    result = runner.invoke(app, [command, *args])
+    assert result.exit_code == 130, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("interrupted:")]
+    assert len(lines) == 1 and kept in lines[0] and "Traceback" not in result.output, result.output
+
+
 def test_validation_errors_name_the_field(tmp_path):
     line = _one_error_line(runner.invoke(app, ["make-segmenter", "-o", str(tmp_path / "s"), "--tile-size", "0"]))
     assert "tile_size" in line

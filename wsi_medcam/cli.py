@@ -51,6 +51,12 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _interrupted(kept: str) -> typer.Exit:
+    """Ctrl-C: one line saying what is kept, exit status 130 (typer ended silently)."""
+    console.print(f"[yellow]interrupted:[/yellow] {escape(kept)}", highlight=False, soft_wrap=True)
+    return typer.Exit(130)
+
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -357,6 +363,8 @@ def train_classifier_cmd(
         save_bundle(result.model, cfg, out)
     except (WsiMedcamError, ValueError, OSError) as exc:
         raise _fail(_error_line(exc)) from None
+    except KeyboardInterrupt:
+        raise _interrupted(f"no bundle written to {out}") from None
     console.print(f"{len(labels)} tiles, {len(classes)} classes, {_accuracy(result.val_accuracy)} → {out}")
 
 
@@ -413,6 +421,8 @@ def train_cam_cmd(
             path, summary = train_segmenter(bundle, images, cfg, out, on_step=on_step)
     except (WsiMedcamError, ValueError, OSError) as exc:  # a pydantic ValidationError is a ValueError
         raise _fail(_error_line(exc)) from None
+    except KeyboardInterrupt:
+        raise _interrupted(f"the same command resumes from the last checkpoint in {out / 'checkpoint'}") from None
     console.print(f"segmenter bundle written to {path}; validation: {json.dumps(summary['validation'])}")
 
 
@@ -450,6 +460,8 @@ def explain(
                                     on_batch=lambda done: bar.update(task, advance=done))
     except (WsiMedcamError, ValueError, OSError) as exc:
         raise _fail(_error_line(exc)) from None
+    except KeyboardInterrupt:
+        raise _interrupted(f"the images explained so far are in {out}, each with whole files") from None
     for rec in records:
         kept = ", ".join(f"{f}:{'yes' if v else 'no'}" for f, v in rec["keeps_prediction"].items())
         out_console.print(escape(f"{Path(rec['image']).name}: {rec['prediction']} ({rec['probability']:.2f}), "
@@ -493,6 +505,8 @@ def eval_cmd(
         replace_text(out, json.dumps(report, indent=2) + "\n")
     except (WsiMedcamError, ValueError, OSError) as exc:
         raise _fail(_error_line(exc)) from None
+    except KeyboardInterrupt:
+        raise _interrupted(f"no report written to {out}") from None
     out_console.print(metrics_table(report))
 
 
