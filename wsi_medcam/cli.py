@@ -51,9 +51,9 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _interrupted(kept: str) -> typer.Exit:
-    """Ctrl-C: one line saying what is kept, exit status 130 (typer ended silently)."""
-    console.print(f"[yellow]interrupted:[/yellow] {escape(kept)}", highlight=False, soft_wrap=True)
+def _interrupted(line: str) -> typer.Exit:
+    """Ctrl-C: ``line`` ("interrupted: " and what is kept), exit status 130 (typer ended silently)."""
+    console.print(f"[yellow]{escape(line)}[/yellow]", highlight=False, soft_wrap=True)
     return typer.Exit(130)
 
 
@@ -237,8 +237,7 @@ def run(
         if client is not None:
             close_client(client)
         if isinstance(exc, KeyboardInterrupt):
-            console.print(f"[yellow]{INTERRUPTED}[/yellow]", highlight=False)
-            raise typer.Exit(130) from None
+            raise _interrupted(INTERRUPTED) from None
         raise _fail(_error_line(exc)) from None
 
     try:
@@ -260,8 +259,7 @@ def run(
     except WsiMedcamError as exc:
         raise _fail(_error_line(exc)) from None
     except KeyboardInterrupt:
-        console.print(f"[yellow]{INTERRUPTED}[/yellow]", highlight=False)
-        raise typer.Exit(130) from None
+        raise _interrupted(INTERRUPTED) from None
     finally:
         if ahead is not None:  # where the slides did not start (run_slides closes it)
             ahead.close()
@@ -364,7 +362,7 @@ def train_classifier_cmd(
     except (WsiMedcamError, ValueError, OSError) as exc:
         raise _fail(_error_line(exc)) from None
     except KeyboardInterrupt:
-        raise _interrupted(f"no bundle written to {out}") from None
+        raise _interrupted(f"interrupted: no bundle written to {out}") from None
     console.print(f"{len(labels)} tiles, {len(classes)} classes, {_accuracy(result.val_accuracy)} → {out}")
 
 
@@ -422,7 +420,7 @@ def train_cam_cmd(
     except (WsiMedcamError, ValueError, OSError) as exc:  # a pydantic ValidationError is a ValueError
         raise _fail(_error_line(exc)) from None
     except KeyboardInterrupt:
-        raise _interrupted(f"the same command resumes from the last checkpoint in {out / 'checkpoint'}") from None
+        raise _interrupted(f"interrupted: the same command resumes from the last checkpoint in {out / 'checkpoint'}") from None
     console.print(f"segmenter bundle written to {path}; validation: {json.dumps(summary['validation'])}")
 
 
@@ -461,7 +459,7 @@ def explain(
     except (WsiMedcamError, ValueError, OSError) as exc:
         raise _fail(_error_line(exc)) from None
     except KeyboardInterrupt:
-        raise _interrupted(f"the images explained so far are in {out}, each with whole files") from None
+        raise _interrupted(f"interrupted: the images explained so far are in {out}, each with whole files") from None
     for rec in records:
         kept = ", ".join(f"{f}:{'yes' if v else 'no'}" for f, v in rec["keeps_prediction"].items())
         out_console.print(escape(f"{Path(rec['image']).name}: {rec['prediction']} ({rec['probability']:.2f}), "
@@ -506,7 +504,7 @@ def eval_cmd(
     except (WsiMedcamError, ValueError, OSError) as exc:
         raise _fail(_error_line(exc)) from None
     except KeyboardInterrupt:
-        raise _interrupted(f"no report written to {out}") from None
+        raise _interrupted(f"interrupted: no report written to {out}") from None
     out_console.print(metrics_table(report))
 
 
